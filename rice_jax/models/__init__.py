@@ -1,0 +1,1 @@
+"""Backbone (MLCD/RICE ViT), region layers and the RICE training model."""
