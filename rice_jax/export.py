@@ -135,7 +135,7 @@ def vit_from_hf_state(cfg: ViTConfig, state: dict[str, np.ndarray], source: str 
     vit = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
 
     def put(param, value):
-        param.value = jnp.asarray(value, dtype=pd)
+        param.set_value(jnp.asarray(value, dtype=pd))
 
     put(vit.class_pos_emb, g("class_pos_emb"))
     put(vit.class_embedding, g("embeddings.class_embedding"))
@@ -257,6 +257,8 @@ def main(argv=None):
     src.add_argument("--from-hf", help="local HF MLCDVisionModel directory")
     src.add_argument("--from-hub", help="hub id to download (needs network)")
     src.add_argument("--from-checkpoint", help="a rice_jax training workdir or checkpoint directory")
+    src.add_argument("--from-preset", help="a freshly initialised backbone preset (e.g. vit_tiny)")
+    ap.add_argument("--seed", type=int, default=0, help="init seed for --from-preset")
     ap.add_argument("--to-hf", required=True, help="output directory")
     ap.add_argument("--torch-state-dict", action="store_true", help=f"also write {TORCH_STATE_DICT}")
     ap.add_argument("--verify", action="store_true", help="reload with transformers and compare outputs")
@@ -266,6 +268,10 @@ def main(argv=None):
         from rice_jax import checkpoint
 
         model = checkpoint.load_backbone(args.from_checkpoint)
+    elif args.from_preset:
+        from rice_jax.models.config import get_preset
+
+        model = ViT(get_preset(args.from_preset), rngs=nnx.Rngs(args.seed))
     else:
         model = load_hf(args.from_hub or args.from_hf, from_hub=bool(args.from_hub))
     out = save_hf(model, args.to_hf, torch_state_dict=args.torch_state_dict)

@@ -1,0 +1,217 @@
+"""ViT numerics: HF parity, attention paths, dtype/remat options, sharded forward."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rice_jax import export, sharding
+from rice_jax.models import config as mcfg
+from rice_jax.models.vit import ViT, attention
+from tests.helpers import hf_forward, save_random_hf_model, tiny_hf_config
+
+NON_SQUARE = (56, 84)  # 4 x 6 patches of 14
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_tiny")
+    model = save_random_hf_model(path, seed=0)
+    return path, model
+
+
+def _pixels(b=2, hw=NON_SQUARE, seed=0):
+    return np.random.default_rng(seed).standard_normal((b, *hw, 3)).astype(np.float32)
+
+
+def test_load_hf_matches_transformers_non_square(hf_dir):
+    path, hf_model = hf_dir
+    vit = export.load_hf(path)
+    x = _pixels()
+    ref_last, ref_pool = hf_forward(hf_model, x)
+    out = vit(jnp.asarray(x))
+    assert out.last_hidden_state.shape == (2, 1 + 4 * 6, 64)
+    np.testing.assert_allclose(np.asarray(out.last_hidden_state), ref_last, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.pooler_output), ref_pool, atol=1e-4, rtol=0)
+
+
+def test_same_weights_any_resolution(hf_dir):
+    """2D RoPE has no size-dependent parameter: one model serves square and non-square inputs."""
+    path, hf_model = hf_dir
+    vit = export.load_hf(path)
+    for hw in [(28, 28), (84, 56), (112, 42)]:
+        x = _pixels(1, hw, seed=hw[0])
+        ref_last, _ = hf_forward(hf_model, x)
+        np.testing.assert_allclose(np.asarray(vit(jnp.asarray(x)).last_hidden_state), ref_last, atol=1e-4)
+
+
+def test_prefixed_checkpoint_loads(hf_dir, tmp_path):
+    """Older hub checkpoints carry a ``vision_model.`` prefix on every key."""
+    from safetensors.numpy import load_file, save_file
+
+    path, hf_model = hf_dir
+    state = load_file(path / "model.safetensors")
+    save_file({"vision_model." + k: v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    vit = export.load_hf(tmp_path)
+    x = _pixels(1)
+    np.testing.assert_allclose(np.asarray(vit(jnp.asarray(x)).pooler_output), hf_forward(hf_model, x)[1], atol=1e-4)
+
+
+def test_jax_init_save_hf_roundtrip(tmp_path):
+    """JAX init -> save_hf -> transformers loads with no missing/unexpected keys -> same outputs."""
+    import torch
+    from transformers import MLCDVisionModel
+
+    cfg = mcfg.ViTConfig.from_hf(tiny_hf_config())
+    vit = ViT(cfg, rngs=nnx.Rngs(3))
+    export.save_hf(vit, tmp_path, torch_state_dict=True)
+    hf, info = MLCDVisionModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    x = _pixels()
+    ref_last, ref_pool = hf_forward(hf.eval(), x)
+    out = vit(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(out.last_hidden_state), ref_last, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.pooler_output), ref_pool, atol=1e-4)
+    # The plain torch state dict has the same names and values.
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    hf_sd = hf.state_dict()
+    assert set(sd) == set(hf_sd)
+    for k in sd:
+        np.testing.assert_array_equal(sd[k].numpy(), hf_sd[k].numpy())
+    # And load_hf of our own export gives back identical parameters.
+    again = export.load_hf(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(vit, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mismatched_checkpoint_error_lists_keys_and_shapes(hf_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path, _ = hf_dir
+    state = load_file(path / "model.safetensors")
+    del state["encoder.layers.1.mlp.fc2.bias"]
+    state["encoder.layers.0.mlp.fc1.weight"] = np.zeros((7, 64), np.float32)
+    state["some.extra.tensor"] = np.zeros(3, np.float32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(export.CheckpointMismatchError) as e:
+        export.load_hf(tmp_path)
+    msg = str(e.value)
+    assert "encoder.layers.1.mlp.fc2.bias" in msg and "missing keys" in msg
+    assert "some.extra.tensor" in msg and "unexpected keys" in msg
+    assert "encoder.layers.0.mlp.fc1.weight" in msg and "(7, 64)" in msg
+
+
+def test_corrupted_safetensors_and_missing_files(hf_dir, tmp_path):
+    path, _ = hf_dir
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        export.load_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(Exception):
+        export.load_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export.load_hf(tmp_path / "nope")
+
+
+def test_config_hf_roundtrip_and_presets():
+    hf = tiny_hf_config(image_size=84, layer_norm_eps=1e-6)
+    cfg = mcfg.ViTConfig.from_hf(hf)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.patch_size, cfg.layer_norm_eps) == (64, 2, 4, 14, 1e-6)
+    back = cfg.to_hf()
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+              "image_size", "layer_norm_eps"):
+        assert getattr(back, k) == getattr(hf, k), k
+    l560 = mcfg.get_preset("vit_l14_560")
+    assert (l560.hidden_size, l560.intermediate_size, l560.num_layers, l560.num_heads, l560.image_size) == (1024, 4096, 24, 16, 560)
+    n_params = sum(int(np.prod(v.shape)) for v in export.vit_to_hf_state_abstract(export._AbstractViT(l560)).values())
+    assert 300e6 < n_params < 306e6  # RICE ViT-L/14-560: ~303M
+    with pytest.raises(KeyError, match="vit_b16_224"):
+        mcfg.get_preset("vit_huge")
+    with pytest.raises(ValueError, match="remat_policy"):
+        mcfg.ViTConfig(remat_policy="sometimes")
+
+
+def test_non_multiple_of_patch_is_a_clear_error(hf_dir):
+    vit = export.load_hf(hf_dir[0])
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        vit(jnp.zeros((1, 50, 56, 3)))
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla"])
+def test_attention_paths_agree_with_reference(impl):
+    rng = np.random.default_rng(0)
+    b, h, t, d = 2, 3, 11, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, h, t, d)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.6) | jnp.eye(t, dtype=bool)
+    for m in (None, mask):
+        logits = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(d)
+        if m is not None:
+            logits = np.where(np.asarray(m), logits, -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ref = np.einsum("bhqk,bhkd->bhqd", p, v)
+        np.testing.assert_allclose(np.asarray(attention(q, k, v, m, impl=impl)), ref, atol=2e-6)
+
+
+def test_attention_fully_masked_row_is_finite():
+    q = k = v = jnp.ones((1, 1, 3, 4))
+    mask = jnp.zeros((1, 1, 3, 3), bool)
+    assert np.isfinite(np.asarray(attention(q, k, v, mask, impl="einsum"))).all()
+
+
+def test_bf16_compute_close_to_fp32(hf_dir):
+    path, _ = hf_dir
+    f32 = export.load_hf(path)
+    bf16 = export.load_hf(path, dtype="bfloat16")
+    assert bf16.blocks[0].mlp.fc1_kernel[...].dtype == jnp.float32  # params stay fp32
+    x = jnp.asarray(_pixels())
+    a, b = f32(x).pooler_output, bf16(x).pooler_output
+    assert b.dtype == jnp.bfloat16
+    # Post-LN outputs are O(1); bf16 has ~3 significant digits over 2 blocks.
+    assert float(jnp.max(jnp.abs(a - b.astype(jnp.float32)))) < 0.1
+    cos = jnp.sum(a * b.astype(jnp.float32), -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b.astype(jnp.float32), axis=-1))
+    assert float(jnp.min(cos)) > 0.999
+
+
+def test_remat_same_values_and_grads(hf_dir):
+    path, _ = hf_dir
+    x = jnp.asarray(_pixels())
+
+    def loss_and_grad(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def f(p):
+            return jnp.sum(nnx.merge(graphdef, p)(x).pooler_output ** 2)
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    l0, g0 = loss_and_grad(export.load_hf(path))
+    l1, g1 = loss_and_grad(export.load_hf(path, remat_policy="nothing_saveable"))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_forward_matches_unsharded(hf_dir, mesh):
+    path, _ = hf_dir
+    vit = export.load_hf(path)
+    x = _pixels(8)
+    ref = vit(jnp.asarray(x))
+    graphdef, state = nnx.split(vit)
+    state_sh = jax.device_put(state, sharding.tree_shardings(state, mesh))
+    x_sh = jax.device_put(x, sharding.batch_sharding(mesh, 4))
+
+    @jax.jit
+    def fwd(state, x):
+        out = nnx.merge(graphdef, state)(x)
+        return out.last_hidden_state, out.pooler_output
+
+    last, pool = fwd(state_sh, x_sh)
+    assert last.sharding.spec[0] == sharding.ALL_AXES
+    assert len(last.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(last), np.asarray(ref.last_hidden_state), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(pool), np.asarray(ref.pooler_output), atol=1e-5)
