@@ -1,0 +1,308 @@
+"""Region cluster discrimination: the (multi-label) margin softmax, dense or class-parallel.
+
+For a row with positive set P and negative set N (all other classes, or the
+PartialFC sample), with L2-normalised features and centres and ``c = cos θ``::
+
+    L = log(1 + Σ_{p∈P} exp(−s·φ(c_p))) + log(1 + Σ_{n∈N} exp(s·c_n))
+
+``φ(c) = cos(arccos(c) + m)`` (ArcFace) or ``c − m`` (CosFace). Objects have one
+positive (their cluster), OCR regions up to M (their token ids); this is the
+unified multi-label form of MLCD/RICE (design.md §1.4).
+
+Class-parallel (``mesh`` given): the centre matrix is sharded along K over
+every mesh axis. Inside one ``jax.shard_map`` each device all-gathers the
+features and labels (O(B·D + B·M) communication), scores only its own centre
+shard, and the per-row max / sum of the negative term and the positive
+cosines are combined with ``pmax``/``psum`` (O(B·M) scalars). No device ever
+holds a ``[B, K]`` array: with PartialFC it holds ``[B, capacity]`` with
+``capacity ≈ ρ·K/W``.
+
+PartialFC (``sample_rate`` ρ < 1): each shard keeps every positive class of
+the global batch that lives in it plus uniformly random other classes, up to
+``n_sample = ⌈ρ·K/W⌉`` classes. Shapes are static, so a shard scores
+``capacity = min(K/W, max(n_sample, max_positives_per_shard))`` gathered
+centre rows, where ``max_positives_per_shard`` defaults to ``B·M`` — the
+most distinct positives a batch can have — so positives are *never* dropped.
+Slots beyond ``max(n_sample, #positives in the shard)`` are masked. Pass a
+smaller ``max_positives_per_shard`` to cap the cost for huge batches; positives
+beyond the cap are then dropped and counted in ``aux["positives_dropped"]``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from rice_jax.sharding import ALL_AXES
+
+_COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+    """K rounded up to a multiple of the device count (padded rows are masked)."""
+    return -(-num_classes // num_shards) * num_shards
+
+
+def validate_labels(labels, num_classes: int, name: str = "labels") -> None:
+    """Raise a ValueError naming the first bad entry: labels must be −1 (pad) or in [0, K)."""
+    labels = np.asarray(labels)
+    bad = (labels < -1) | (labels >= num_classes)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name}{list(idx)} = {int(labels[idx])} is outside [-1, {num_classes}); "
+            f"{int(bad.sum())} bad entries in total (K = {num_classes}: raise K or fix the labels)")
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    # rsqrt(max(|x|², eps)) keeps the gradient finite for all-zero (padded) rows.
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
+
+
+def margin_positive(cos: jax.Array, margin: float, margin_type: str) -> jax.Array:
+    if margin_type == "arcface":
+        c = jnp.clip(cos, -1.0 + _COS_EPS, 1.0 - _COS_EPS)
+        return jnp.cos(jnp.arccos(c) + margin)
+    if margin_type == "cosface":
+        return cos - margin
+    raise ValueError(f"margin_type must be 'arcface' or 'cosface', got {margin_type!r}")
+
+
+def dedupe_labels(labels: jax.Array) -> jax.Array:
+    """Repeated ids within a row become −1, so each positive counts once."""
+    m = labels.shape[-1]
+    earlier = jnp.tril(jnp.ones((m, m), bool), k=-1)  # [m, m'] True where m' < m
+    dup = jnp.any((labels[..., :, None] == labels[..., None, :]) & earlier, axis=-1)
+    return jnp.where(dup, -1, labels)
+
+
+def _log1p_sum_exp(z: jax.Array, mask: jax.Array, reduce_max=None, reduce_sum=None) -> jax.Array:
+    """Per row ``log(1 + Σ_{mask} exp(z))``, stable, optionally reduced across shards.
+
+    The shift ``m = max(0, max z)`` is a constant for autodiff (stop_gradient);
+    the "1" is ``exp(0 − m)``.
+    """
+    local_max = jax.lax.stop_gradient(jnp.max(jnp.where(mask, z, -jnp.inf), axis=-1))
+    if reduce_max is not None:
+        local_max = reduce_max(local_max)
+    m = jnp.maximum(local_max, 0.0)
+    s = jnp.sum(jnp.exp(jnp.where(mask, z - m[:, None], -jnp.inf)), axis=-1)
+    if reduce_sum is not None:
+        s = reduce_sum(s)
+    return m + jnp.log(jnp.exp(-m) + s)
+
+
+def sample_classes(labels_local: jax.Array, valid_rows: jax.Array, rng: jax.Array, n_sample: int, capacity: int):
+    """PartialFC selection inside one shard of ``k`` classes.
+
+    ``labels_local [B, M]``: shard-local class ids, or ``k`` when the label is not
+    in this shard / padding. Returns ``(idx [capacity], active [capacity],
+    is_pos_class [k])``: all positives rank first, then a uniformly random
+    subset of the other valid classes; ``active`` marks the first
+    ``max(n_sample, #positives)`` slots (clipped to the valid classes).
+    """
+    k = valid_rows.shape[0]
+    is_pos = jnp.zeros((k,), bool).at[labels_local.reshape(-1)].set(True, mode="drop")
+    u = jax.random.uniform(rng, (k,))
+    score = jnp.where(is_pos, 2.0 + u, jnp.where(valid_rows, u, -1.0))
+    _, idx = jax.lax.top_k(score, capacity)
+    n_active = jnp.minimum(jnp.maximum(n_sample, jnp.sum(is_pos)), jnp.sum(valid_rows))
+    active = jnp.arange(capacity) < n_active
+    return idx, active, is_pos
+
+
+def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, capacity,
+                scale, margin, margin_type):
+    """Loss on one centre shard (or on all centres when ``axis`` is None)."""
+    if axis is not None:
+        features = jax.lax.all_gather(features, axis, tiled=True)
+        labels = jax.lax.all_gather(labels, axis, tiled=True)
+        shard = jax.lax.axis_index(axis)
+        psum = functools.partial(jax.lax.psum, axis_name=axis)
+        pmax = functools.partial(jax.lax.pmax, axis_name=axis)
+    else:
+        shard, psum, pmax = 0, (lambda x: x), (lambda x: x)
+    k = centers.shape[0]
+    b = features.shape[0]
+    f = l2_normalize(features)
+    labels = dedupe_labels(labels.astype(jnp.int32))
+    has_pos = jnp.any(labels >= 0, axis=-1)
+
+    offset = shard * k
+    local = labels - offset
+    in_shard = (labels >= 0) & (local >= 0) & (local < k)
+    local = jnp.where(in_shard, local, k)  # k = "not here": dropped by scatters, clipped by gathers
+    valid_rows = jnp.arange(k) + offset < num_classes
+
+    # Positive cosines: each label lives in exactly one shard, so a psum assembles them.
+    c_pos = l2_normalize(jnp.take(centers, jnp.minimum(local, k - 1), axis=0))
+    pos_cos = psum(jnp.where(in_shard, jnp.einsum("bd,bmd->bm", f, c_pos), 0.0))
+
+    if capacity is None:  # exact: every class of the shard
+        c_s, active = l2_normalize(centers), valid_rows
+        pos_slot = local
+        n_active, n_pos_sampled = jnp.sum(valid_rows), None
+        width = k
+    else:
+        key = jax.random.fold_in(rng, shard)
+        idx, active, is_pos_class = sample_classes(local, valid_rows, key, n_sample, capacity)
+        c_s = l2_normalize(jnp.take(centers, idx, axis=0))
+        slot_of = jnp.full((k + 1,), capacity, jnp.int32).at[idx].set(jnp.arange(capacity, dtype=jnp.int32))
+        slot_of = jnp.where(jnp.arange(k + 1) < k, slot_of, capacity)
+        pos_slot = slot_of[local]
+        # Positives pushed beyond the capacity (only with a small max_positives_per_shard).
+        pos_slot = jnp.where(pos_slot < capacity, pos_slot, capacity)
+        n_active = jnp.sum(active)
+        sampled_pos = jnp.zeros((capacity,), bool).at[pos_slot.reshape(-1)].set(True, mode="drop") & active
+        n_pos_sampled = psum(jnp.sum(sampled_pos))
+        n_pos_total = psum(jnp.sum(is_pos_class))
+        width = capacity
+
+    cos = f @ c_s.T  # [B, width]: the only B x classes array, and only for this shard's subset
+    is_pos_bj = jnp.zeros((b, width), bool).at[jnp.arange(b)[:, None], pos_slot].set(True, mode="drop")
+    neg_mask = active[None, :] & ~is_pos_bj
+    neg_term = _log1p_sum_exp(scale * cos, neg_mask, reduce_max=pmax, reduce_sum=psum)
+
+    pos_valid = labels >= 0
+    if capacity is not None:  # a dropped positive cannot be scored consistently: leave it out
+        pos_valid = pos_valid & psum(jnp.where(in_shard, (pos_slot < capacity).astype(jnp.int32), 0)).astype(bool)
+    z_pos = scale * margin_positive(pos_cos, margin, margin_type)
+    pos_term = _log1p_sum_exp(-z_pos, pos_valid)
+
+    per_row = jnp.where(has_pos, pos_term + neg_term, 0.0)
+    n_rows = jnp.sum(has_pos)
+    loss = jnp.sum(per_row) / jnp.maximum(n_rows, 1)
+    n_pos = jnp.sum(pos_valid)
+    aux = {
+        "pos_cos_mean": jnp.sum(jnp.where(pos_valid, pos_cos, 0.0)) / jnp.maximum(n_pos, 1),
+        "num_rows": n_rows,
+        "num_sampled": psum(n_active),
+    }
+    if capacity is not None:
+        aux["num_positive_classes"] = n_pos_total
+        aux["num_positive_classes_sampled"] = n_pos_sampled
+        aux["positives_dropped"] = n_pos_total - n_pos_sampled
+    return loss, aux
+
+
+def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *,
+                        scale: float = 64.0, margin: float = 0.3, margin_type: str = "arcface",
+                        sample_rate: float = 1.0, rng: Optional[jax.Array] = None,
+                        mesh: Optional[Mesh] = None, num_classes: Optional[int] = None,
+                        max_positives_per_shard: Optional[int] = None, check_labels: bool = False):
+    """Multi-label margin softmax. Returns ``(loss, aux)``.
+
+    Args:
+      features: ``[B, D]`` embeddings (any float dtype; math is fp32).
+      centers: ``[K, D]`` class centres; with a mesh, rows may already be padded
+        to a multiple of the device count (pass ``num_classes`` = the real K).
+      labels: ``[B, M]`` int32 class ids, −1 = padding. Rows without any
+        positive are ignored; the loss is the mean over the others.
+      sample_rate: PartialFC ρ; 1.0 = exact (all classes). Needs ``rng`` if < 1.
+      mesh: class-parallel over all mesh axes when given, dense otherwise.
+      num_classes: number of real classes (rows ≥ it are padding); default K.
+      max_positives_per_shard: static cap on positives kept per shard under
+        sampling; default ``B·M`` (never drops one).
+      check_labels: validate label range (eagerly for concrete labels, via a
+        host callback under jit).
+
+    ``aux``: ``pos_cos_mean``, ``num_rows``, ``num_sampled`` and, with
+    sampling, ``num_positive_classes``, ``num_positive_classes_sampled``,
+    ``positives_dropped``.
+    """
+    if features.ndim != 2 or centers.ndim != 2 or labels.ndim != 2:
+        raise ValueError(f"expected features [B,D], centers [K,D], labels [B,M]; got "
+                         f"{features.shape}, {centers.shape}, {labels.shape}")
+    if features.shape[1] != centers.shape[1] or features.shape[0] != labels.shape[0]:
+        raise ValueError(f"shape mismatch: features {features.shape}, centers {centers.shape}, labels {labels.shape}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    k_total = int(num_classes if num_classes is not None else centers.shape[0])
+    if k_total > centers.shape[0]:
+        raise ValueError(f"num_classes {k_total} > centre rows {centers.shape[0]}")
+    if check_labels:
+        if isinstance(labels, jax.core.Tracer):
+            jax.debug.callback(lambda l: validate_labels(l, k_total), labels)
+        else:
+            validate_labels(labels, k_total)
+
+    num_shards = 1 if mesh is None else mesh.size
+    k_pad = padded_num_classes(centers.shape[0], num_shards)
+    if k_pad != centers.shape[0]:
+        centers = jnp.pad(centers, ((0, k_pad - centers.shape[0]), (0, 0)))
+    k_shard = k_pad // num_shards
+    b, m = labels.shape
+
+    if sample_rate < 1.0:
+        if rng is None:
+            raise ValueError("sample_rate < 1 needs an rng key")
+        n_sample = max(1, math.ceil(sample_rate * k_total / num_shards))
+        pos_bound = b * m if max_positives_per_shard is None else int(max_positives_per_shard)
+        capacity = min(k_shard, max(n_sample, pos_bound))
+    else:
+        n_sample, capacity = k_shard, None
+        rng = jax.random.key(0) if rng is None else rng
+
+    kw = dict(num_classes=k_total, n_sample=n_sample, capacity=capacity,
+              scale=float(scale), margin=float(margin), margin_type=margin_type)
+    if mesh is None:
+        return _shard_loss(features, labels, centers, rng, axis=None, **kw)
+
+    if b % num_shards:
+        raise ValueError(f"batch rows {b} not divisible by the {num_shards} devices of the mesh")
+    fn = jax.shard_map(
+        functools.partial(_shard_loss, axis=ALL_AXES, **kw), mesh=mesh,
+        in_specs=(P(ALL_AXES, None), P(ALL_AXES, None), P(ALL_AXES, None), P()),
+        out_specs=P(), check_vma=False)
+    return fn(features, labels, centers, rng)
+
+
+def rice_loss(region_embed: jax.Array, region_valid: jax.Array, region_kind: jax.Array, labels: jax.Array,
+              centers_obj: jax.Array, centers_ocr: jax.Array, *, object_weight: float = 1.0,
+              ocr_weight: float = 1.0, global_embed: Optional[jax.Array] = None,
+              global_labels: Optional[jax.Array] = None, global_weight: float = 0.0,
+              rng: Optional[jax.Array] = None, num_obj_classes: Optional[int] = None,
+              num_ocr_classes: Optional[int] = None, **loss_kw):
+    """The RICE objective: mean object-region loss + mean OCR-region loss (+ optional image term).
+
+    ``region_embed [B,N,E]``, ``region_valid [B,N]``, ``region_kind [B,N]``
+    (0 object, 1 text), ``labels [B,N,M]`` (−1 pad; objects use column 0).
+    Object regions score against ``centers_obj [K,E]`` with one positive, OCR
+    regions against ``centers_ocr [V,E]`` with all their token ids. Padded
+    regions contribute nothing. ``global_embed [B,E]`` with ``global_labels
+    [B,M]`` adds the image-level (MLCD-style) term against ``centers_obj``.
+    """
+    b, n, e = region_embed.shape
+    flat = region_embed.reshape(b * n, e)
+    valid = region_valid.reshape(b * n)
+    kind = region_kind.reshape(b * n)
+    lab = labels.reshape(b * n, -1)
+    obj_labels = jnp.where((valid & (kind == 0))[:, None], lab[:, :1], -1)
+    ocr_labels = jnp.where((valid & (kind == 1))[:, None], lab, -1)
+    rngs = jax.random.split(rng if rng is not None else jax.random.key(0), 3)
+    total, metrics = 0.0, {}
+    if object_weight:
+        l_obj, a_obj = margin_softmax_loss(flat, centers_obj, obj_labels, rng=rngs[0],
+                                           num_classes=num_obj_classes, **loss_kw)
+        total = total + object_weight * l_obj
+        metrics.update(loss_object=l_obj, **{f"object/{k}": v for k, v in a_obj.items()})
+    if ocr_weight:
+        l_ocr, a_ocr = margin_softmax_loss(flat, centers_ocr, ocr_labels, rng=rngs[1],
+                                           num_classes=num_ocr_classes, **loss_kw)
+        total = total + ocr_weight * l_ocr
+        metrics.update(loss_ocr=l_ocr, **{f"ocr/{k}": v for k, v in a_ocr.items()})
+    if global_weight and global_embed is not None:
+        if global_labels is None:
+            raise ValueError("global_weight > 0 needs global_labels [B, M]")
+        l_g, a_g = margin_softmax_loss(global_embed, centers_obj, global_labels, rng=rngs[2],
+                                       num_classes=num_obj_classes, **loss_kw)
+        total = total + global_weight * l_g
+        metrics.update(loss_global=l_g, **{f"global/{k}": v for k, v in a_g.items()})
+    metrics["loss"] = total
+    return total, metrics

@@ -1,0 +1,224 @@
+"""Margin-softmax loss: numpy reference parity, class-parallel parity, PartialFC properties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rice_jax import losses
+from rice_jax.sharding import make_mesh
+from tests.loss_reference import reference_loss
+
+
+def make_problem(b=16, k=37, d=24, m=3, seed=0, multi=True):
+    r = np.random.default_rng(seed)
+    f = r.standard_normal((b, d)).astype(np.float32)
+    c = r.standard_normal((k, d)).astype(np.float32)
+    labels = np.full((b, m), -1, np.int32)
+    for i in range(b):
+        if i % 5 == 4:
+            continue  # a row with no positive: ignored
+        n = r.integers(1, m + 1) if multi else 1
+        labels[i, :n] = r.integers(0, k, n)
+    if multi:
+        labels[0, :2] = [5, 5]  # duplicate label counts once
+    return f, c, labels
+
+
+def _grads(fn, f, c, labels, **kw):
+    def loss(f, c):
+        return fn(f, c, labels, **kw)[0]
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(jnp.asarray(f), jnp.asarray(c))
+
+
+def assert_close(a, b, rel=1e-5):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.max(np.abs(b)), 1e-12)
+    assert np.max(np.abs(a - b)) <= rel * scale, f"max diff {np.max(np.abs(a - b))} vs scale {scale}"
+
+
+@pytest.mark.parametrize("margin_type", ["arcface", "cosface"])
+@pytest.mark.parametrize("multi", [False, True])
+def test_dense_matches_numpy_reference(margin_type, multi):
+    f, c, labels = make_problem(multi=multi)
+    (loss, (gf, gc)) = _grads(losses.margin_softmax_loss, f, c, labels, margin_type=margin_type)
+    ref, rgf, rgc = reference_loss(f, c, labels, margin_type=margin_type)
+    assert abs(float(loss) - ref) <= 1e-5 * abs(ref)
+    assert_close(gf, rgf)
+    assert_close(gc, rgc)
+
+
+def test_aux_diagnostics_dense():
+    f, c, labels = make_problem()
+    _, aux = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels))
+    fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    pos = [(i, int(l)) for i in range(len(f)) for l in sorted({x for x in labels[i] if x >= 0})]
+    assert int(aux["num_rows"]) == sum((labels >= 0).any(1))
+    np.testing.assert_allclose(float(aux["pos_cos_mean"]), np.mean([fn[i] @ cn[l] for i, l in pos]), rtol=1e-5)
+    assert int(aux["num_sampled"]) == c.shape[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("k", [64, 1003])
+def test_class_parallel_matches_dense(shape, k):
+    mesh = make_mesh(*shape)
+    f, c, labels = make_problem(b=16, k=k, d=32, m=4, seed=k)
+    l0, (gf0, gc0) = _grads(losses.margin_softmax_loss, f, c, labels)
+    l1, (gf1, gc1) = _grads(losses.margin_softmax_loss, f, c, labels, mesh=mesh)
+    ref, rgf, rgc = reference_loss(f, c, labels)
+    assert abs(float(l1) - float(l0)) <= 1e-5 * abs(float(l0))
+    assert abs(float(l1) - ref) <= 1e-5 * abs(ref)
+    assert_close(gf1, gf0)
+    assert_close(gc1, gc0)
+    assert_close(gc1, rgc)
+    assert gc1.shape == c.shape
+
+
+def test_class_parallel_with_prepadded_centers():
+    mesh = make_mesh(1, 8)
+    f, c, labels = make_problem(b=8, k=21, d=16, m=2)
+    c_pad = np.concatenate([c, np.random.default_rng(9).standard_normal((3, 16)).astype(np.float32)])
+    l_pad, _ = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c_pad), jnp.asarray(labels),
+                                          mesh=mesh, num_classes=21)
+    ref, _, _ = reference_loss(f, c, labels)
+    assert abs(float(l_pad) - ref) <= 1e-5 * abs(ref)
+
+
+def _sampled(f, c, labels, rate, seed, mesh=None, **kw):
+    return losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels), sample_rate=rate,
+                                      rng=jax.random.key(seed), mesh=mesh, **kw)
+
+
+@pytest.mark.parametrize("use_mesh", [False, True])
+def test_sampled_loss_bounded_by_full_and_keeps_positives(use_mesh):
+    mesh = make_mesh(2, 4) if use_mesh else None
+    f, c, labels = make_problem(b=16, k=400, d=16, m=3)
+    full, _ = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels), mesh=mesh)
+    n_pos = len({int(x) for x in labels.ravel() if x >= 0})
+    for seed in range(5):
+        loss, aux = _sampled(f, c, labels, 0.1, seed, mesh)
+        assert float(loss) <= float(full) + 1e-4
+        assert int(aux["num_positive_classes"]) == n_pos
+        assert int(aux["num_positive_classes_sampled"]) == n_pos
+        assert int(aux["positives_dropped"]) == 0
+        assert int(aux["num_sampled"]) >= 40  # ceil(0.1*400) overall (per shard at least ceil(40/8))
+
+
+def test_sampled_loss_equals_reference_on_the_sampled_set():
+    """Scoring only the gathered subset gives exactly the loss over that negative set."""
+    f, c, labels = make_problem(b=12, k=300, d=16, m=2, seed=3)
+    rng = jax.random.key(7)
+    loss, _ = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels),
+                                         sample_rate=0.1, rng=rng)
+    lab = np.where(labels >= 0, labels, 300)
+    n_sample = 30
+    idx, active, _ = losses.sample_classes(jnp.asarray(lab), jnp.ones(300, bool), jax.random.fold_in(rng, 0),
+                                           n_sample, min(300, max(n_sample, labels.size)))
+    chosen = np.asarray(idx)[np.asarray(active)]
+    ref, _, _ = reference_loss(f, c, labels, negatives=[chosen] * len(f))
+    assert abs(float(loss) - ref) <= 1e-5 * abs(ref)
+
+
+def test_small_positive_cap_drops_and_counts():
+    f, c, labels = make_problem(b=16, k=400, d=16, m=3)
+    n_pos = len({int(x) for x in labels.ravel() if x >= 0})
+    loss, aux = _sampled(f, c, labels, 0.01, 0, max_positives_per_shard=4)
+    assert int(aux["positives_dropped"]) == n_pos - 4
+    assert np.isfinite(float(loss))
+
+
+def test_negative_sampling_is_uniform():
+    """Chi-square over many draws: each non-positive class is picked equally often."""
+    from scipy import stats
+
+    k, n_sample, draws = 50, 10, 4000
+    lab = jnp.asarray([[3, 17, k], [17, 40, k]])  # positives {3, 17, 40}; k = padding
+    keys = jax.random.split(jax.random.key(0), draws)
+
+    @jax.jit
+    @jax.vmap
+    def pick(key):
+        idx, active, _ = losses.sample_classes(lab, jnp.ones(k, bool), key, n_sample, n_sample)
+        return jnp.zeros(k, jnp.int32).at[idx].add(active.astype(jnp.int32))
+
+    counts = np.asarray(pick(keys)).sum(0)
+    assert (counts[[3, 17, 40]] == draws).all()  # positives always in
+    neg = np.delete(counts, [3, 17, 40])
+    expected = draws * (n_sample - 3) / (k - 3)
+    assert neg.sum() == draws * (n_sample - 3)
+    chi2 = float(((neg - expected) ** 2 / expected).sum())
+    assert stats.chi2.sf(chi2, df=len(neg) - 1) > 1e-3, chi2
+
+
+def test_compiled_flops_scale_with_sample_rate():
+    b, k, d = 32, 20000, 64
+    f = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    c = jax.ShapeDtypeStruct((k, d), jnp.float32)
+    lab = jax.ShapeDtypeStruct((b, 1), jnp.int32)
+
+    def flops(rate):
+        fn = jax.jit(jax.grad(lambda f, c, l: losses.margin_softmax_loss(
+            f, c, l, sample_rate=rate, rng=jax.random.key(0))[0], argnums=(0, 1)))
+        ca = fn.lower(f, c, lab).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return ca["flops"]
+
+    ratio = flops(0.1) / flops(1.0)
+    assert 0.05 < ratio < 0.2, ratio
+
+
+def test_bf16_inputs_close_to_fp32():
+    f, c, labels = make_problem(b=16, k=64, d=32)
+    l32, _ = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels))
+    l16, aux = losses.margin_softmax_loss(jnp.asarray(f, jnp.bfloat16), jnp.asarray(c, jnp.bfloat16),
+                                          jnp.asarray(labels))
+    assert l16.dtype == jnp.float32
+    # bf16 rounds cosines by ~4e-3 relative; times s=64 this moves logits by ~0.1.
+    assert abs(float(l16) - float(l32)) < 0.02 * abs(float(l32))
+
+
+def test_label_errors_are_clear():
+    f, c, labels = make_problem(k=10)
+    labels[3, 1] = 10
+    with pytest.raises(ValueError, match=r"labels\[3, 1\] = 10 is outside \[-1, 10\)"):
+        losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels), check_labels=True)
+    labels[3, 1] = -2
+    with pytest.raises(ValueError, match="outside"):
+        losses.validate_labels(labels, 10)
+    with pytest.raises(ValueError, match="rng"):
+        losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels), sample_rate=0.5)
+
+
+def test_rice_loss_combines_object_and_ocr_and_ignores_padding():
+    r = np.random.default_rng(0)
+    b, n, m, e, k, v = 4, 5, 3, 16, 30, 20
+    emb = r.standard_normal((b, n, e)).astype(np.float32)
+    valid = r.random((b, n)) < 0.8
+    kind = (r.random((b, n)) < 0.4).astype(np.int32)
+    labels = np.full((b, n, m), -1, np.int32)
+    for i in range(b):
+        for j in range(n):
+            if kind[i, j] == 0:
+                labels[i, j, 0] = r.integers(0, k)
+            else:
+                labels[i, j, : r.integers(1, m + 1)] = r.integers(0, v, m)[: 1]
+    c_obj = r.standard_normal((k, e)).astype(np.float32)
+    c_ocr = r.standard_normal((v, e)).astype(np.float32)
+    total, met = losses.rice_loss(jnp.asarray(emb), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+                                  jnp.asarray(c_obj), jnp.asarray(c_ocr))
+    obj = valid & (kind == 0)
+    ocr = valid & (kind == 1)
+    ref_obj, _, _ = reference_loss(emb[obj], c_obj, labels[obj][:, :1])
+    ref_ocr, _, _ = reference_loss(emb[ocr], c_ocr, labels[ocr])
+    np.testing.assert_allclose(float(met["loss_object"]), ref_obj, rtol=1e-5)
+    np.testing.assert_allclose(float(met["loss_ocr"]), ref_ocr, rtol=1e-5)
+    np.testing.assert_allclose(float(total), ref_obj + ref_ocr, rtol=1e-5)
+    # Padded regions: no gradient, and their content does not matter.
+    g = jax.grad(lambda x: losses.rice_loss(x, jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+                                            jnp.asarray(c_obj), jnp.asarray(c_ocr))[0])(jnp.asarray(emb))
+    assert np.all(np.asarray(g)[~valid] == 0)
+    emb2 = emb.copy()
+    emb2[~valid] = 1e3
+    t2, _ = losses.rice_loss(jnp.asarray(emb2), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+                             jnp.asarray(c_obj), jnp.asarray(c_ocr))
+    assert float(t2) == float(total)
