@@ -1,0 +1,51 @@
+"""Region Transformer layer pieces: box -> patch visibility, and the region attention mask.
+
+Token sequence in the region blocks: ``[cls; p_1..p_T; r_1..r_N]``.
+
+Visibility rule (exact): the model input is split into a ``gh x gw`` grid;
+patch (row i, col j) covers ``[j/gw, (j+1)/gw) x [i/gh, (i+1)/gh)`` in
+normalised coordinates. It is visible to box ``(x0, y0, x1, y1)`` when the
+open intersection of cell and box has positive area, i.e.
+``j < x1·gw and j + 1 > x0·gw`` (same for rows): a box edge lying exactly on
+a cell boundary does not pull in the neighbour. The patch containing the box
+centre is always visible, so a box smaller than one patch (or degenerate)
+still sees one patch. Padded regions (``region_valid=False``) see no patch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def box_patch_visibility(boxes: Array, region_valid: Array, grid_h: int, grid_w: int) -> Array:
+    """``boxes [B,N,4]`` normalised xyxy -> visibility ``[B,N,T]`` bool over row-major patches."""
+    boxes = boxes.astype(jnp.float32)
+    x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
+    cols = jnp.arange(grid_w, dtype=jnp.float32)
+    rows = jnp.arange(grid_h, dtype=jnp.float32)
+    col_in = (cols < (x1 * grid_w)[..., None]) & (cols + 1 > (x0 * grid_w)[..., None])   # [B,N,gw]
+    row_in = (rows < (y1 * grid_h)[..., None]) & (rows + 1 > (y0 * grid_h)[..., None])   # [B,N,gh]
+    cx = jnp.clip(jnp.floor((x0 + x1) * 0.5 * grid_w), 0, grid_w - 1)
+    cy = jnp.clip(jnp.floor((y0 + y1) * 0.5 * grid_h), 0, grid_h - 1)
+    col_in = col_in | (cols == cx[..., None])
+    row_in = row_in | (rows == cy[..., None])
+    vis = row_in[..., :, None] & col_in[..., None, :]                                      # [B,N,gh,gw]
+    vis = vis.reshape(*vis.shape[:-2], grid_h * grid_w)
+    return vis & region_valid[..., None].astype(bool)
+
+
+def region_attention_mask(visibility: Array, *, attend_cls: bool = False) -> Array:
+    """Boolean mask ``[B, 1, S, S]`` (broadcast over heads), ``S = 1 + T + N``.
+
+    Image tokens see only image tokens, so the image path is exactly the plain
+    ViT; region token l sees itself and the patches of box l (and cls if asked).
+    """
+    b, n, t = visibility.shape
+    img = 1 + t
+    top = jnp.concatenate([jnp.ones((b, img, img), bool), jnp.zeros((b, img, n), bool)], axis=2)
+    cls_col = jnp.full((b, n, 1), attend_cls, bool)
+    self_only = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
+    bottom = jnp.concatenate([cls_col, visibility.astype(bool), self_only], axis=2)
+    return jnp.concatenate([top, bottom], axis=1)[:, None]

@@ -1,0 +1,105 @@
+"""RICE = the MLCD ViT whose last ``k`` blocks also carry N region tokens.
+
+One forward pass yields the global class embedding and N region embeddings.
+The region blocks reuse the backbone blocks' weights; the region tokens start
+from the class-token state entering the first region block and reuse its
+rotary angles, so the region machinery adds no backbone parameter and
+``export.save_hf`` of a RICE model writes the plain ViT. The optional head (a
+linear projection to the embedding size) is training-only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from rice_jax.models.config import ViTConfig
+from rice_jax.models.region import box_patch_visibility, region_attention_mask
+from rice_jax.models.vit import ViT
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RICEConfig:
+    backbone: ViTConfig = ViTConfig()
+    region_layers: int = 2            # last k blocks run on [cls; patches; regions]
+    region_attend_cls: bool = False   # let region tokens also see the class token
+    embed_dim: Optional[int] = None   # head output E; None or == D means identity (no head)
+
+    def __post_init__(self):
+        if not 1 <= self.region_layers <= self.backbone.num_layers:
+            raise ValueError(f"region_layers must be in [1, {self.backbone.num_layers}], got {self.region_layers}")
+
+
+@struct.dataclass
+class RICEOutput:
+    last_hidden_state: Array   # [B, 1+T, D]   image path, identical to the plain ViT
+    pooler_output: Array       # [B, D]
+    global_embed: Array        # [B, E]        head(post-LN class token)
+    region_embed: Array        # [B, N, E]     head(post-LN region tokens); not normalised
+    region_hidden: Array       # [B, N, D]     region tokens before post-LN
+
+
+class RICEModel(nnx.Module):
+    def __init__(self, cfg: RICEConfig, *, rngs: nnx.Rngs, backbone: Optional[ViT] = None):
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else ViT(cfg.backbone, rngs=rngs)
+        d = cfg.backbone.hidden_size
+        if cfg.embed_dim is None or cfg.embed_dim == d:
+            self.head = None
+        else:
+            self.head = nnx.Linear(d, cfg.embed_dim, use_bias=False, param_dtype=jnp.dtype(cfg.backbone.param_dtype),
+                                   dtype=jnp.dtype(cfg.backbone.dtype),
+                                   kernel_init=nnx.initializers.normal(d**-0.5), rngs=rngs)
+
+    @property
+    def first_region_block(self) -> int:
+        return self.cfg.backbone.num_layers - self.cfg.region_layers
+
+    def _project(self, x: Array) -> Array:
+        return x if self.head is None else self.head(x)
+
+    def region_blocks(self, x: Array, grid: tuple[int, int], boxes: Array, region_valid: Array,
+                      start: Optional[int] = None) -> tuple[Array, Array]:
+        """Run blocks ``start..L-1`` on ``x [B,1+T,D]`` plus region tokens made from ``x[:, 0]``.
+
+        Returns ``(image tokens [B,1+T,D], region tokens [B,N,D])``.
+        """
+        vit = self.backbone
+        start = self.first_region_block if start is None else start
+        b, n = boxes.shape[:2]
+        gh, gw = grid
+        regions = jnp.broadcast_to(x[:, :1], (b, n, x.shape[-1]))
+        xe = jnp.concatenate([x, regions], axis=1)
+        cos, sin = vit.rope(gh, gw, num_extra=n)
+        vis = box_patch_visibility(boxes, region_valid, gh, gw)
+        mask = region_attention_mask(vis, attend_cls=self.cfg.region_attend_cls)
+        for i in range(start, vit.cfg.num_layers):
+            xe = vit.run_block(i, xe, cos, sin, mask)
+        return xe[:, : 1 + gh * gw], xe[:, 1 + gh * gw:]
+
+    def __call__(self, pixels: Array, boxes: Optional[Array] = None,
+                 region_valid: Optional[Array] = None) -> RICEOutput:
+        """``pixels [B,H,W,3]``; ``boxes [B,N,4]`` normalised xyxy; ``region_valid [B,N]``."""
+        vit = self.backbone
+        grid = vit.grid(pixels.shape[1], pixels.shape[2])
+        x = vit.embed(pixels)
+        n = 0 if boxes is None else boxes.shape[1]
+        cos, sin = vit.rope(*grid)
+        stop = self.first_region_block if n else vit.cfg.num_layers
+        for i in range(stop):
+            x = vit.run_block(i, x, cos, sin)
+        if n:
+            if region_valid is None:
+                region_valid = jnp.ones(boxes.shape[:2], bool)
+            x, r = self.region_blocks(x, grid, boxes, region_valid)
+        else:
+            r = jnp.zeros((x.shape[0], 0, x.shape[-1]), x.dtype)
+        pooled = vit.post_norm(x[:, 0])
+        return RICEOutput(
+            last_hidden_state=x, pooler_output=pooled, global_embed=self._project(pooled),
+            region_embed=self._project(vit.post_norm(r)), region_hidden=r)
