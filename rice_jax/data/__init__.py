@@ -1,0 +1,1 @@
+"""Region data: records, synthetic data, importers, tokenizer and the Grain pipeline."""

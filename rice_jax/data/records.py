@@ -1,0 +1,235 @@
+"""Region records: one per image, stored as sharded ArrayRecord files + a JSON manifest.
+
+A record (schema version 1) is a msgpack map::
+
+    image      bytes    encoded image (JPEG/PNG as found)
+    format     str      "jpeg" | "png" | ...
+    height     int      decoded size in pixels
+    width      int
+    image_id   str
+    boxes      [R,4]    float32 xyxy, absolute pixels
+    kind       [R]      int8: 0 object, 1 text
+    cluster    [R]      int32: object cluster id, -1 until clustering assigns it
+    text       [R]      str: OCR transcript ("" for objects)
+    category   [R]      int32: ground-truth category, -1 unknown (evaluation only)
+
+Arrays are raw little-endian bytes; ``R`` is implied by ``len(kind)``. The
+manifest (``manifest.json``) holds counts, the schema version, the shard
+file names, the tokenizer and K, plus import/clustering summaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KIND_OBJECT, KIND_TEXT = 0, 1
+
+
+class RecordError(ValueError):
+    """A record that breaks the schema; the message names file, index and field."""
+
+
+@dataclasses.dataclass
+class RegionRecord:
+    image: bytes
+    format: str
+    height: int
+    width: int
+    image_id: str
+    boxes: np.ndarray                 # [R, 4] float32 xyxy pixels
+    kind: np.ndarray                  # [R] int8
+    cluster: np.ndarray               # [R] int32
+    text: list[str]                   # [R]
+    category: np.ndarray              # [R] int32
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.kind.shape[0])
+
+    @classmethod
+    def new(cls, image: bytes, fmt: str, height: int, width: int, image_id: str, boxes, kind,
+            text=None, category=None, cluster=None) -> "RegionRecord":
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        r = boxes.shape[0]
+        return cls(image=image, format=fmt, height=int(height), width=int(width), image_id=str(image_id),
+                   boxes=boxes, kind=np.asarray(kind, np.int8).reshape(r),
+                   cluster=np.full(r, -1, np.int32) if cluster is None else np.asarray(cluster, np.int32).reshape(r),
+                   text=list(text) if text is not None else [""] * r,
+                   category=np.full(r, -1, np.int32) if category is None else np.asarray(category, np.int32).reshape(r))
+
+
+def encode(rec: RegionRecord) -> bytes:
+    return msgpack.packb({
+        "v": SCHEMA_VERSION, "image": rec.image, "format": rec.format, "height": rec.height,
+        "width": rec.width, "image_id": rec.image_id,
+        "boxes": np.ascontiguousarray(rec.boxes, "<f4").tobytes(),
+        "kind": np.ascontiguousarray(rec.kind, "<i1").tobytes(),
+        "cluster": np.ascontiguousarray(rec.cluster, "<i4").tobytes(),
+        "text": list(rec.text),
+        "category": np.ascontiguousarray(rec.category, "<i4").tobytes(),
+    }, use_bin_type=True)
+
+
+def decode(data: bytes, where: str = "record") -> RegionRecord:
+    """Parse and validate one record; errors name ``where`` (file:index) and the field."""
+    try:
+        d = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a schema violation
+        raise RecordError(f"{where}: not a msgpack record ({e})") from e
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}: record is {type(d).__name__}, expected a map")
+    if d.get("v") != SCHEMA_VERSION:
+        raise RecordError(f"{where}: field 'v' = {d.get('v')!r}, expected schema version {SCHEMA_VERSION}")
+    for field, typ in (("image", bytes), ("format", str), ("height", int), ("width", int), ("image_id", str),
+                       ("boxes", bytes), ("kind", bytes), ("cluster", bytes), ("text", list), ("category", bytes)):
+        if not isinstance(d.get(field), typ):
+            raise RecordError(f"{where}: field '{field}' missing or not {typ.__name__}")
+    kind = np.frombuffer(d["kind"], "<i1").astype(np.int8)
+    r = kind.shape[0]
+
+    def arr(field, dtype, per):
+        a = np.frombuffer(d[field], dtype)
+        if a.size != r * per:
+            raise RecordError(f"{where}: field '{field}' has {a.size} values, expected {r * per} for {r} regions")
+        return a.reshape((r, per) if per > 1 else (r,))
+
+    rec = RegionRecord(image=d["image"], format=d["format"], height=d["height"], width=d["width"],
+                       image_id=d["image_id"], boxes=arr("boxes", "<f4", 4).astype(np.float32), kind=kind,
+                       cluster=arr("cluster", "<i4", 1).astype(np.int32), text=d["text"],
+                       category=arr("category", "<i4", 1).astype(np.int32))
+    validate(rec, where)
+    return rec
+
+
+def validate(rec: RegionRecord, where: str = "record") -> None:
+    """Schema and value checks; raises :class:`RecordError` naming the field (and region)."""
+    if rec.height <= 0 or rec.width <= 0:
+        raise RecordError(f"{where}: field 'height'/'width' = {rec.height}x{rec.width} must be positive")
+    if len(rec.text) != rec.num_regions:
+        raise RecordError(f"{where}: field 'text' has {len(rec.text)} entries for {rec.num_regions} regions")
+    b = rec.boxes
+    finite = np.isfinite(b).all(1)
+    ok = finite & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (b[:, 0] >= 0) & (b[:, 1] >= 0) \
+        & (b[:, 2] <= rec.width + 1e-3) & (b[:, 3] <= rec.height + 1e-3)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        raise RecordError(f"{where}: field 'boxes' region {i} = {b[i].tolist()} is not a valid xyxy box "
+                          f"inside {rec.width}x{rec.height}")
+    if not np.isin(rec.kind, (KIND_OBJECT, KIND_TEXT)).all():
+        i = int(np.argmin(np.isin(rec.kind, (KIND_OBJECT, KIND_TEXT))))
+        raise RecordError(f"{where}: field 'kind' region {i} = {int(rec.kind[i])}, expected 0 (object) or 1 (text)")
+    if (rec.cluster < -1).any():
+        i = int(np.argmax(rec.cluster < -1))
+        raise RecordError(f"{where}: field 'cluster' region {i} = {int(rec.cluster[i])} < -1")
+    for i, (k, t) in enumerate(zip(rec.kind, rec.text)):
+        if not isinstance(t, str):
+            raise RecordError(f"{where}: field 'text' region {i} is {type(t).__name__}, expected str")
+        if k == KIND_TEXT and not t.strip():
+            raise RecordError(f"{where}: field 'text' region {i} is an empty transcript for a text region")
+
+
+# ----------------------------------------------------------------------------- storage
+def _writer(path: Path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    return ArrayRecordWriter(str(path), "group_size:1")
+
+
+def write_records(records: Iterable[RegionRecord], out_dir: str | os.PathLike, *, num_shards: int = 4,
+                  prefix: str = "regions", manifest_extra: dict | None = None) -> dict:
+    """Write records round-robin into ``num_shards`` ArrayRecord files and a manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    writers = [_writer(out / n) for n in names]
+    counts = [0] * num_shards
+    n_img = n_obj = n_txt = 0
+    for i, rec in enumerate(records):
+        validate(rec, f"record {i} ({rec.image_id})")
+        writers[i % num_shards].write(encode(rec))
+        counts[i % num_shards] += 1
+        n_img += 1
+        n_obj += int((rec.kind == KIND_OBJECT).sum())
+        n_txt += int((rec.kind == KIND_TEXT).sum())
+    for w in writers:
+        w.close()
+    manifest = {"schema_version": SCHEMA_VERSION, "shards": names, "shard_counts": counts,
+                "num_images": n_img, "num_object_regions": n_obj, "num_text_regions": n_txt,
+                "tokenizer": None, "num_clusters": None}
+    manifest.update(manifest_extra or {})
+    write_manifest(out, manifest)
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {data_dir} is not a rice_jax region dataset "
+                                "(create one with `python -m rice_jax.data.synthetic --out DIR`)")
+    m = json.loads(path.read_text())
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise RecordError(f"{path}: schema_version {m.get('schema_version')} != {SCHEMA_VERSION}")
+    return m
+
+
+def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
+    path = Path(data_dir) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_paths(data_dir: str | os.PathLike) -> list[str]:
+    m = read_manifest(data_dir)
+    return [str(Path(data_dir) / s) for s in m["shards"]]
+
+
+class RecordSource:
+    """Random access over all shards (a Grain ``RandomAccessDataSource``), decoding on read.
+
+    Index ``i`` is global across shards in manifest order; errors name
+    ``file:local_index``.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self.data_dir = Path(data_dir)
+        self.paths = shard_paths(data_dir)
+        self._src = ArrayRecordDataSource(self.paths)
+        counts = read_manifest(data_dir)["shard_counts"]
+        self._starts = np.cumsum([0] + list(counts))
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def where(self, index: int) -> str:
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return f"{self.paths[shard]}:{index - self._starts[shard]}"
+
+    def raw(self, index: int) -> bytes:
+        return self._src[index]
+
+    def __getitem__(self, index: int) -> RegionRecord:
+        return decode(self._src[index], self.where(int(index)))
+
+    def __iter__(self) -> Iterator[RegionRecord]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def validate_dataset(data_dir: str | os.PathLike) -> dict:
+    """Decode and validate every record; raise on the first violation (it names itself)."""
+    src = RecordSource(data_dir)
+    n = 0
+    for rec in src:
+        n += rec.num_regions
+    return {"num_images": len(src), "num_regions": n}
