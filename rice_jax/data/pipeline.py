@@ -1,0 +1,206 @@
+"""Grain input pipeline: ArrayRecord region records -> fixed-shape batches (design.md §3).
+
+    source -> process slice -> seed -> shuffle (reshuffled each epoch) -> repeat
+      -> random_map(decode, crop/resize with boxes, sample N regions, labels, normalise)
+      -> batch -> IterDataset (threads or worker processes)
+
+Every random choice comes from Grain's per-index RNG, so a batch depends only
+on (seed, step): saving the iterator state and restoring it replays the exact
+same subsequent batches. Bad images are not dropped silently: the example
+keeps its slot with ``image_ok=False`` and no valid region (the loss ignores
+it) and the train loop counts it as a skipped record.
+
+Output per batch: ``image [B,H,W,3] float32`` (CLIP-normalised),
+``boxes [B,N,4]`` (xyxy normalised to the model input), ``region_valid
+[B,N]``, ``region_kind [B,N]`` (0 object, 1 text), ``labels [B,N,M] int32``
+(−1 pad; objects use column 0), ``category [B,N]`` (ground truth, −1 unknown;
+evaluation only), ``image_ok [B]``, ``image_index [B]`` (global record index)
+and ``image_id [B]`` (str).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from rice_jax.data import records
+
+# The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLUSTER_LABELS_FILE = "cluster_labels.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    image_size: int = 224
+    num_regions: int = 10            # N
+    max_labels: int = 10             # M (token ids per OCR region)
+    text_fraction: float = 0.5       # at most this share of the N slots go to text regions
+    fill: str = "pad"                # "pad" (region_valid=False) or "resample" (with replacement)
+    random_crop: bool = True         # random resized crop (training) or plain resize (evaluation)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    min_box_size: float = 4.0        # output pixels: smaller boxes are dropped after the crop
+    min_box_visible: float = 0.5     # keep a box only if this share of its area survives the crop
+    batch_size: int = 32             # per process
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: Optional[int] = None  # None = repeat forever
+    worker_count: int = 0            # 0 = in-process threads; >0 = Grain worker processes
+    prefetch_threads: int = 4
+
+    def __post_init__(self):
+        if self.num_regions < 1:
+            raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
+        if self.fill not in ("pad", "resample"):
+            raise ValueError(f"fill must be 'pad' or 'resample', got {self.fill!r}")
+
+
+def load_cluster_labels(data_dir: str | os.PathLike) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The clustering sidecar, joined by (global record index, region index): ``(offsets, labels)``."""
+    path = Path(data_dir) / CLUSTER_LABELS_FILE
+    if not path.exists():
+        return None
+    z = np.load(path)
+    return z["offsets"], z["labels"]
+
+
+class RegionExampleTransform:
+    """Raw record bytes + index -> one fixed-shape example (pure given the RNG)."""
+
+    def __init__(self, cfg: PipelineConfig, tokenizer=None, cluster_labels=None, where=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.cluster_labels = cluster_labels
+        self.where = where or (lambda i: f"record {i}")
+
+    # -- geometry -------------------------------------------------------------------
+    def _crop(self, w: int, h: int, rng: np.random.Generator):
+        c = self.cfg
+        if not c.random_crop:
+            return 0.0, 0.0, float(w), float(h)
+        area = w * h
+        for _ in range(10):
+            target = area * rng.uniform(*c.crop_scale)
+            ratio = np.exp(rng.uniform(np.log(c.crop_ratio[0]), np.log(c.crop_ratio[1])))
+            cw, ch = np.sqrt(target * ratio), np.sqrt(target / ratio)
+            if cw <= w and ch <= h:
+                x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+                return x0, y0, x0 + cw, y0 + ch
+        return 0.0, 0.0, float(w), float(h)
+
+    @staticmethod
+    def transform_boxes(boxes: np.ndarray, crop, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (pixels) -> clipped to the crop, normalised to [0,1] of the output; and kept area share."""
+        x0, y0, x1, y1 = crop
+        clipped = np.stack([np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
+                            np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)], 1)
+        area = lambda b: np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+        kept = area(clipped) / np.maximum(area(boxes), 1e-9)
+        norm = (clipped - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0]
+        return norm.astype(np.float32), kept
+
+    # -- main -----------------------------------------------------------------------
+    def __call__(self, item, rng: np.random.Generator) -> dict:
+        index, raw = item
+        c = self.cfg
+        s, n, m = c.image_size, c.num_regions, c.max_labels
+        out = {
+            "image": np.zeros((s, s, 3), np.float32), "boxes": np.zeros((n, 4), np.float32),
+            "region_valid": np.zeros(n, bool), "region_kind": np.zeros(n, np.int32),
+            "labels": np.full((n, m), -1, np.int32), "category": np.full(n, -1, np.int32),
+            "image_ok": np.bool_(False), "image_index": np.int64(index), "image_id": "",
+        }
+        rec = records.decode(raw, self.where(index))  # schema violations name themselves
+        out["image_id"] = rec.image_id
+        try:
+            img = Image.open(io.BytesIO(rec.image))
+            img = img.convert("RGB")
+        except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
+            return out
+        w, h = img.size
+        crop = self._crop(w, h, rng)
+        img = img.resize((s, s), Image.BICUBIC, box=crop)
+        out["image"] = ((np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+        out["image_ok"] = np.bool_(True)
+
+        # Scale boxes from the stored size to the decoded size (they agree for valid records).
+        boxes = rec.boxes * np.array([w / rec.width, h / rec.height] * 2, np.float32)
+        nb, kept = self.transform_boxes(boxes, crop, s)
+        size_px = np.minimum(nb[:, 2] - nb[:, 0], nb[:, 3] - nb[:, 1]) * s
+        cluster = rec.cluster
+        if self.cluster_labels is not None:
+            off, lab = self.cluster_labels
+            cluster = lab[off[index]:off[index + 1]]
+        usable = (kept >= c.min_box_visible) & (size_px >= c.min_box_size)
+        obj = np.nonzero(usable & (rec.kind == records.KIND_OBJECT) & (cluster >= 0))[0]
+        txt = np.nonzero(usable & (rec.kind == records.KIND_TEXT))[0] if self.tokenizer is not None else np.zeros(0, int)
+        n_txt = min(len(txt), int(round(n * c.text_fraction)))
+        n_obj = min(len(obj), n - n_txt)
+        n_txt = min(len(txt), n - n_obj)  # give unused object slots back to text
+        chosen = np.concatenate([rng.permutation(obj)[:n_obj], rng.permutation(txt)[:n_txt]]).astype(int)
+        if c.fill == "resample" and 0 < len(chosen) < n:
+            chosen = np.concatenate([chosen, rng.choice(chosen, n - len(chosen))])
+        k = len(chosen)
+        out["boxes"][:k] = nb[chosen]
+        out["region_valid"][:k] = True
+        out["region_kind"][:k] = rec.kind[chosen]
+        out["category"][:k] = rec.category[chosen]
+        for slot, r in enumerate(chosen):
+            if rec.kind[r] == records.KIND_OBJECT:
+                out["labels"][slot, 0] = cluster[r]
+            else:
+                out["labels"][slot] = self.tokenizer.encode(rec.text[r], m)
+        return out
+
+
+class _IndexedSource:
+    """(index, raw bytes) pairs so the transform knows the global record index."""
+
+    def __init__(self, src: records.RecordSource):
+        self._src = src
+
+    def __len__(self):
+        return len(self._src)
+
+    def __getitem__(self, i):
+        return int(i), self._src.raw(int(i))
+
+
+def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None):
+    """The Grain ``IterDataset`` of batches for this process (``iter()`` it; state is checkpointable)."""
+    import grain
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    src = records.RecordSource(data_dir)
+    if tokenizer is None:
+        manifest = records.read_manifest(data_dir)
+        if manifest.get("tokenizer"):
+            from rice_jax.data.tokenizer import OCRTokenizer
+
+            tokenizer = OCRTokenizer(Path(data_dir) / manifest["tokenizer"]["file"])
+    transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
+    ds = grain.MapDataset.source(_IndexedSource(src))
+    ds = ds[process_index::process_count]
+    if len(ds) < cfg.batch_size:
+        raise ValueError(f"{data_dir}: {len(ds)} records for this process, fewer than batch_size {cfg.batch_size}")
+    ds = ds.seed(cfg.seed)
+    if cfg.shuffle:
+        ds = ds.shuffle()
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.random_map(transform)
+    ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.prefetch_threads, prefetch_buffer_size=2 * cfg.batch_size))
+    if cfg.worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return it_ds

@@ -1,0 +1,170 @@
+"""Region records, synthetic data, tokenizer and the Grain pipeline."""
+import io
+
+import msgpack
+import numpy as np
+import pytest
+from PIL import Image
+
+from rice_jax.data import pipeline, records, synthetic, tokenizer
+
+
+@pytest.fixture(scope="module")
+def syn_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn")
+    synthetic.build(str(d), 48, seed=3, num_shards=3)
+    tokenizer.build_for_dataset(d, vocab_size=200)
+    return d
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_synthetic_is_deterministic_and_valid(syn_dir, tmp_path):
+    synthetic.build(str(tmp_path), 5, seed=3, num_shards=1)
+    a = list(records.RecordSource(tmp_path))
+    b = list(synthetic.generate(5, seed=3))
+    assert [r.image_id for r in a] == [r.image_id for r in b]
+    for x, y in zip(a, b):
+        assert x.image == y.image and np.array_equal(x.boxes, y.boxes) and x.text == y.text
+    stats = records.validate_dataset(syn_dir)
+    m = records.read_manifest(syn_dir)
+    assert stats["num_images"] == m["num_images"] == 48
+    assert stats["num_regions"] == m["num_object_regions"] + m["num_text_regions"]
+    assert m["num_text_regions"] > 0 and m["num_object_regions"] > 0
+
+
+def test_category_not_readable_from_colour():
+    """Every category appears in many colours: colour alone cannot identify it."""
+    colours = {}
+    for i in range(60):
+        rng = np.random.default_rng([0, i])
+        img, boxes, kinds, _, cats, sem = synthetic.render_image(rng)
+        arr = np.asarray(img)
+        for c in set(sem[sem >= 0].ravel().tolist()):
+            px = arr[sem == c]
+            colours.setdefault(c, set()).update(map(tuple, np.unique(px // 64, axis=0)))
+    assert len(colours) >= 10
+    assert min(len(v) for v in colours.values()) >= 3
+
+
+def test_validator_names_file_index_and_field(syn_dir, tmp_path):
+    rec = records.RegionRecord.new(_png(np.zeros((20, 30, 3), np.uint8)), "png", 20, 30, "bad",
+                                   [[1, 1, 10, 10], [5, 5, 3, 8]], [0, 0])
+    with pytest.raises(records.RecordError, match=r"field 'boxes' region 1"):
+        records.validate(rec, "x")
+    good = records.RegionRecord.new(_png(np.zeros((20, 30, 3), np.uint8)), "png", 20, 30, "ok", [[1, 1, 10, 10]], [1],
+                                    text=["hi"])
+    data = msgpack.unpackb(records.encode(good))
+    data["kind"] = b"\x01\x01"
+    with pytest.raises(records.RecordError, match=r"shard-3.array_record:7: field 'boxes' has 4 values, expected 8"):
+        records.decode(msgpack.packb(data, use_bin_type=True), "shard-3.array_record:7")
+    with pytest.raises(records.RecordError, match=r"field 'text' region 0 is an empty transcript"):
+        records.validate(records.RegionRecord.new(good.image, "png", 20, 30, "t", [[1, 1, 10, 10]], [1], text=[" "]))
+    with pytest.raises(FileNotFoundError, match="not a rice_jax region dataset"):
+        records.read_manifest(tmp_path)
+    src = records.RecordSource(syn_dir)
+    assert src.where(len(src) - 1).endswith(f"-00002-of-00003.array_record:{len(src) // 3 - 1}")
+
+
+def test_tokenizer_round_trip(syn_dir):
+    tok = tokenizer.OCRTokenizer(syn_dir)
+    ids = tok.encode("Cluster cluster region", 4)
+    assert ids.dtype == np.int32 and ids.shape == (4,)
+    valid = ids[ids >= 0]
+    assert len(set(valid.tolist())) == len(valid)           # deduplicated
+    assert tok.decode(ids).replace(" ", "") == "clusterregion"
+
+
+def test_box_transform_tracks_coloured_rectangles(tmp_path):
+    """Each box is drawn in a unique colour; after crop+resize the box still bounds that colour."""
+    h, w = 120, 160
+    arr = np.full((h, w, 3), 255, np.uint8)
+    boxes = [[10, 10, 60, 50], [70, 20, 150, 90], [30, 60, 100, 115]]
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for (x0, y0, x1, y1), c in zip(boxes, colours):
+        arr[y0:y1, x0:x1] = c
+    rec = records.RegionRecord.new(_png(arr), "png", h, w, "rects", boxes, [0, 0, 0], cluster=[0, 1, 2])
+    records.write_records([rec] * 4, tmp_path, num_shards=1)
+    cfg = pipeline.PipelineConfig(image_size=64, num_regions=3, batch_size=4, crop_scale=(0.3, 1.0),
+                                  min_box_visible=0.0, min_box_size=3.0)
+    checked = 0
+    for seed in range(6):
+        batch = next(iter(pipeline.make_dataset(tmp_path, pipeline.PipelineConfig(**{**cfg.__dict__, "seed": seed}),
+                                                process_index=0, process_count=1)))
+        img = batch["image"] * pipeline.CLIP_STD + pipeline.CLIP_MEAN
+        for b in range(4):
+            for slot in np.nonzero(batch["region_valid"][b])[0]:
+                cid = batch["labels"][b, slot, 0]
+                x0, y0, x1, y1 = batch["boxes"][b, slot] * 64
+                chan = img[b, :, :, cid]
+                others = img[b, :, :, [i for i in range(3) if i != cid]].max(0)
+                pure = (chan > 0.8) & (others < 0.2)
+                ys, xs = np.nonzero(pure)
+                assert len(xs) > 0
+                # Every pixel of that colour lies inside the transformed box (1 px for resampling blur).
+                assert xs.min() >= x0 - 1.5 and xs.max() <= x1 + 0.5 and ys.min() >= y0 - 1.5 and ys.max() <= y1 + 0.5
+                # And the box is tight around the colour.
+                assert xs.min() <= x0 + 1.5 and xs.max() >= x1 - 2.5
+                checked += 1
+    assert checked > 10
+
+
+def test_batches_padding_determinism_and_resume(syn_dir):
+    cfg = pipeline.PipelineConfig(image_size=32, num_regions=5, max_labels=3, batch_size=4, seed=1)
+    ds = pipeline.make_dataset(syn_dir, cfg, process_index=0, process_count=1)
+    it = iter(ds)
+    b0 = next(it)
+    assert b0["image"].shape == (4, 32, 32, 3) and b0["labels"].shape == (4, 5, 3)
+    # Padding: invalid slots carry no label; objects use column 0 only; nothing is unclustered (-1) and valid.
+    assert (b0["labels"][~b0["region_valid"]] == -1).all()
+    obj = b0["region_valid"] & (b0["region_kind"] == 0)
+    assert (b0["labels"][obj][:, 1:] == -1).all()
+    txt = b0["region_valid"] & (b0["region_kind"] == 1)
+    assert (b0["labels"][txt][:, 0] >= 0).all()
+    assert not obj.any()  # not clustered yet: object regions are skipped
+    # Same seed -> same batches; state save/restore -> identical continuation.
+    state = it.get_state()
+    nxt = [next(it) for _ in range(3)]
+    again = iter(pipeline.make_dataset(syn_dir, cfg, process_index=0, process_count=1))
+    assert all(np.array_equal(b0[k], v) for k, v in next(again).items())
+    resumed = iter(pipeline.make_dataset(syn_dir, cfg, process_index=0, process_count=1))
+    resumed.set_state(state)
+    for want in nxt:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    # Process sharding: two processes see disjoint records.
+    p0 = next(iter(pipeline.make_dataset(syn_dir, cfg, process_index=0, process_count=2)))["image_index"]
+    p1 = next(iter(pipeline.make_dataset(syn_dir, cfg, process_index=1, process_count=2)))["image_index"]
+    assert not set(p0) & set(p1)
+
+
+def test_cluster_sidecar_labels_reach_batches(syn_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "ds"
+    shutil.copytree(syn_dir, d)
+    src = records.RecordSource(d)
+    counts = [r.num_regions for r in src]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    labels = np.arange(offsets[-1], dtype=np.int32) % 7
+    np.savez(d / pipeline.CLUSTER_LABELS_FILE, offsets=offsets, labels=labels)
+    cfg = pipeline.PipelineConfig(image_size=32, num_regions=8, batch_size=4, random_crop=False, text_fraction=0.0)
+    b = next(iter(pipeline.make_dataset(d, cfg, process_index=0, process_count=1)))
+    obj = b["region_valid"] & (b["region_kind"] == 0)
+    assert obj.any() and (b["labels"][obj][:, 0] >= 0).all() and (b["labels"][obj][:, 0] < 7).all()
+
+
+def test_corrupt_image_is_counted_not_fatal(tmp_path):
+    good = _png(np.zeros((40, 40, 3), np.uint8))
+    recs = [records.RegionRecord.new(good if i != 2 else good[:60], "png", 40, 40, f"i{i}", [[0, 0, 20, 20]], [0],
+                                     cluster=[1]) for i in range(4)]
+    records.write_records(recs, tmp_path, num_shards=1)
+    cfg = pipeline.PipelineConfig(image_size=16, num_regions=2, batch_size=4, shuffle=False, random_crop=False)
+    b = next(iter(pipeline.make_dataset(tmp_path, cfg, process_index=0, process_count=1)))
+    assert b["image_ok"].tolist() == [True, True, False, True]
+    assert not b["region_valid"][2].any()
