@@ -202,5 +202,9 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.prefetch_threads, prefetch_buffer_size=2 * cfg.batch_size))
     if cfg.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; scripts may not use absl.app
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     return it_ds
