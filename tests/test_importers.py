@@ -77,3 +77,28 @@ def test_folder_import(tmp_path):
     assert sorted(r.image_id for r in recs) == ["sub/y.jpg", "x.jpg"]
     x = [r for r in recs if r.image_id == "x.jpg"][0]
     np.testing.assert_array_equal(x.boxes, [[0, 0, 30, 20]])
+
+
+def test_tfds_builder_on_local_coco_source(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from rice_jax.data.tfds_builder import RiceRegions, to_records
+
+    manual = tmp_path / "manual"
+    (manual / "annotations").mkdir(parents=True)
+    (manual / "train").mkdir()
+    data = _jpeg(manual / "train" / "a.jpg", 40, 30)
+    ann = {"images": [{"id": 5, "file_name": "a.jpg", "height": 30, "width": 40}],
+           "categories": [{"id": 1, "name": "x"}],
+           "annotations": [{"image_id": 5, "bbox": [2, 3, 10, 8], "category_id": 1},
+                           {"image_id": 5, "bbox": [1, 1, 0, 5], "category_id": 1}]}
+    (manual / "annotations" / "instances_train.json").write_text(json.dumps(ann))
+    (manual / "annotations" / "ocr_train.json").write_text(json.dumps({"5": [{"bbox": [0, 20, 20, 8], "text": "hey"}]}))
+    builder = RiceRegions(data_dir=str(tmp_path / "tfds"), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    src = builder.as_data_source(split="train")
+    assert len(src) == 1
+    (rec,) = to_records(src)
+    assert rec.image == data and rec.image_id == "5"
+    np.testing.assert_allclose(rec.boxes, [[2, 3, 12, 11], [0, 20, 20, 28]])
+    assert rec.kind.tolist() == [0, 1] and rec.text == ["", "hey"] and rec.category.tolist() == [0, -1]
