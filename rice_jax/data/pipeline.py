@@ -14,7 +14,8 @@ Output per batch: ``image [B,H,W,3] float32`` (CLIP-normalised),
 ``boxes [B,N,4]`` (xyxy normalised to the model input), ``region_valid
 [B,N]``, ``region_kind [B,N]`` (0 object, 1 text), ``labels [B,N,M] int32``
 (−1 pad; objects use column 0), ``category [B,N]`` (ground truth, −1 unknown;
-evaluation only), ``image_ok [B]``, ``image_index [B]`` (global record index)
+evaluation only), ``region_index [B,N]`` (index in the record, −1 pad),
+``image_ok [B]``, ``image_index [B]`` (global record index)
 and ``image_id [B]`` (str).
 """
 from __future__ import annotations
@@ -115,6 +116,7 @@ class RegionExampleTransform:
             "image": np.zeros((s, s, 3), np.float32), "boxes": np.zeros((n, 4), np.float32),
             "region_valid": np.zeros(n, bool), "region_kind": np.zeros(n, np.int32),
             "labels": np.full((n, m), -1, np.int32), "category": np.full(n, -1, np.int32),
+            "region_index": np.full(n, -1, np.int32),
             "image_ok": np.bool_(False), "image_index": np.int64(index), "image_id": "",
         }
         rec = records.decode(raw, self.where(index))  # schema violations name themselves
@@ -152,6 +154,7 @@ class RegionExampleTransform:
         out["region_valid"][:k] = True
         out["region_kind"][:k] = rec.kind[chosen]
         out["category"][:k] = rec.category[chosen]
+        out["region_index"][:k] = chosen
         for slot, r in enumerate(chosen):
             if rec.kind[r] == records.KIND_OBJECT:
                 out["labels"][slot, 0] = cluster[r]

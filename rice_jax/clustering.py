@@ -1,0 +1,291 @@
+"""Region clustering: region features -> spherical k-means -> cluster labels (+ centre init).
+
+    python -m rice_jax.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR] [--out DIR]
+
+1. Features of every *object* region are computed in chunks by a pluggable
+   extractor and streamed to a float32 memmap (``region_features.npy``), so
+   memory is bounded by the chunk size, never by the number of regions.
+2. Spherical k-means: scikit-learn ``MiniBatchKMeans`` (``partial_fit`` over
+   the memmap, several passes) on L2-normalised features; centres are
+   re-normalised. ``--backend faiss`` uses faiss when installed (large K).
+3. Assignment (chunked, cosine argmax) is written as a sidecar joined by
+   (global record index, region index): ``cluster_labels.npz`` with
+   ``offsets [num_images+1]`` and ``labels [num_regions]`` (−1 for text
+   regions). The Grain pipeline reads it from the data dir — no re-import.
+   The manifest gets K, the extractor, the date, inertia and, when ground-truth
+   categories exist, NMI/ARI. ``centers.npy`` holds the normalised centres.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from rice_jax.data import pipeline, records
+
+FEATURES_FILE = "region_features.npy"
+CENTERS_FILE = "centers.npy"
+
+
+# ----------------------------------------------------------------------------- extractors
+def handcrafted_features(crop: np.ndarray) -> np.ndarray:
+    """Colour + gradient-orientation histograms of a crop ``[h, w, 3] uint8`` -> ``[D]``.
+
+    A bootstrap extractor needing no pretrained model: HOG-like 8-bin orientation
+    histograms on a 4x4 grid (shape + texture) and a coarse colour histogram.
+    """
+    img = np.asarray(Image.fromarray(crop).resize((32, 32), Image.BILINEAR), np.float32) / 255.0
+    gray = img.mean(-1)
+    gy, gx = np.gradient(gray)
+    mag = np.hypot(gx, gy)
+    ang = (np.arctan2(gy, gx) % np.pi) / np.pi * 8
+    bins = np.minimum(ang.astype(int), 7)
+    hog = np.zeros((4, 4, 8), np.float32)
+    cell = np.arange(32) // 8
+    np.add.at(hog, (cell[:, None].repeat(32, 1), cell[None, :].repeat(32, 0), bins), mag)
+    hog = hog.reshape(16, 8)
+    hog /= np.linalg.norm(hog, axis=1, keepdims=True) + 1e-6
+    q = np.minimum((img * 4).astype(int), 3)
+    colour = np.bincount((q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).ravel(), minlength=64).astype(np.float32)
+    colour /= colour.sum()
+    return np.concatenate([hog.ravel(), 0.5 * colour])
+
+
+def _iter_object_crops(src: records.RecordSource) -> Iterator[tuple[int, int, np.ndarray]]:
+    for i in range(len(src)):
+        rec = src[i]
+        obj = np.nonzero(rec.kind == records.KIND_OBJECT)[0]
+        if not len(obj):
+            continue
+        try:
+            img = np.asarray(Image.open(io.BytesIO(rec.image)).convert("RGB"))
+        except Exception:  # noqa: BLE001 - unreadable image: its regions stay unlabelled (-1)
+            continue
+        for r in obj:
+            x0, y0, x1, y1 = np.round(rec.boxes[r]).astype(int)
+            crop = img[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
+            if crop.size:
+                yield i, int(r), crop
+
+
+class HandcraftedExtractor:
+    name = "handcrafted"
+    dim = 16 * 8 + 64
+
+    def __call__(self, src: records.RecordSource, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        ids, feats = [], []
+        for i, r, crop in _iter_object_crops(src):
+            ids.append((i, r))
+            feats.append(handcrafted_features(crop))
+            if len(ids) == chunk:
+                yield np.asarray(ids), np.stack(feats)
+                ids, feats = [], []
+        if ids:
+            yield np.asarray(ids), np.stack(feats)
+
+
+class ViTExtractor:
+    """ROI mean-pool of the backbone's patch tokens inside each box (batched, jitted, batch-sharded)."""
+
+    def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16):
+        import jax
+        from flax import nnx
+
+        from rice_jax import sharding
+        from rice_jax.models.region import box_patch_visibility
+
+        self.name, self.vit = name, vit
+        self.image_size = image_size or vit.cfg.image_size
+        self.batch_size = batch_size
+        self.dim = vit.cfg.hidden_size
+        graphdef, state = nnx.split(vit)
+        n_dev = jax.device_count()
+        self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+        mesh = sharding.make_mesh(data=-1, fsdp=1)
+        self._shard = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
+        state = jax.device_put(state, sharding.replicated(mesh))
+
+        @jax.jit
+        def pool(x, boxes, valid):
+            model = nnx.merge(graphdef, state)
+            tokens = model(x).last_hidden_state[:, 1:]                        # [B, T, D]
+            gh, gw = model.grid(x.shape[1], x.shape[2])
+            vis = box_patch_visibility(boxes, valid, gh, gw).astype(tokens.dtype)  # [B, N, T]
+            return jnp_einsum(vis, tokens) / jax.numpy.maximum(vis.sum(-1, keepdims=True), 1.0)
+
+        def jnp_einsum(vis, tokens):
+            return jax.numpy.einsum("bnt,btd->bnd", vis, tokens)
+
+        self._pool = pool
+
+    def __call__(self, src: records.RecordSource, chunk: int):
+        cfg = pipeline.PipelineConfig(image_size=self.image_size, random_crop=False)
+        s = self.image_size
+        batch = []
+
+        def flush(batch):
+            n = max(len(b[2]) for b in batch)
+            x = np.zeros((self.batch_size, s, s, 3), np.float32)
+            boxes = np.zeros((self.batch_size, n, 4), np.float32)
+            valid = np.zeros((self.batch_size, n), bool)
+            for j, (img, _, nb) in enumerate(batch):
+                x[j], boxes[j, : len(nb)], valid[j, : len(nb)] = img, nb, True
+            feats = np.asarray(self._pool(self._shard(x), self._shard(boxes), self._shard(valid)))
+            ids = [(i, r) for _, rs, _ in batch for i, r in rs]
+            out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
+            return np.asarray(ids), out
+
+        for i in range(len(src)):
+            rec = src[i]
+            obj = np.nonzero(rec.kind == records.KIND_OBJECT)[0]
+            if not len(obj):
+                continue
+            try:
+                img = Image.open(io.BytesIO(rec.image)).convert("RGB")
+            except Exception:  # noqa: BLE001
+                continue
+            w, h = img.size
+            arr = np.asarray(img.resize((s, s), Image.BICUBIC), np.float32) / 255.0
+            arr = (arr - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+            nb = rec.boxes[obj] / np.array([w, h, w, h], np.float32)
+            batch.append((arr, [(i, int(r)) for r in obj], np.clip(nb, 0, 1)))
+            if len(batch) == self.batch_size:
+                yield flush(batch)
+                batch = []
+        if batch:
+            yield flush(batch)
+
+
+def make_extractor(spec: str, image_size: int | None = None):
+    if spec == "handcrafted":
+        return HandcraftedExtractor()
+    if spec.startswith("hf:"):
+        from rice_jax import export
+
+        return ViTExtractor(export.load_hf(spec[3:]), spec, image_size)
+    if spec.startswith("ckpt:"):
+        from rice_jax import checkpoint
+
+        return ViTExtractor(checkpoint.load_backbone(spec[5:]), spec, image_size)
+    raise ValueError(f"unknown extractor {spec!r}: use 'handcrafted', 'hf:DIR' or 'ckpt:DIR'")
+
+
+# ----------------------------------------------------------------------------- k-means
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def extract_to_memmap(src, extractor, out: Path, chunk: int) -> tuple[np.ndarray, np.memmap]:
+    """Stream features into ``out/region_features.npy``; returns (ids [R,2], memmap [R,D])."""
+    n_obj = sum(int((src[i].kind == records.KIND_OBJECT).sum()) for i in range(len(src)))
+    feats = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(n_obj, extractor.dim))
+    ids = np.zeros((n_obj, 2), np.int64)
+    n = 0
+    for chunk_ids, chunk_feats in extractor(src, chunk):
+        feats[n:n + len(chunk_ids)] = _normalize(chunk_feats.astype(np.float32))
+        ids[n:n + len(chunk_ids)] = chunk_ids
+        n += len(chunk_ids)
+    feats.flush()
+    return ids[:n], feats[:n]
+
+
+def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int = 5, backend: str = "sklearn"):
+    """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D]."""
+    if backend == "faiss":
+        import faiss  # optional extra
+
+        km = faiss.Kmeans(feats.shape[1], k, niter=20, seed=seed, spherical=True)
+        km.train(np.ascontiguousarray(feats))
+        return _normalize(km.centroids)
+    from sklearn.cluster import MiniBatchKMeans
+
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(chunk, k), n_init=1)
+    rng = np.random.default_rng(seed)
+    # The first partial_fit initialises the centres (k-means++) from its batch: make it big enough.
+    first = np.sort(rng.choice(len(feats), min(len(feats), max(chunk, 3 * k)), replace=False))
+    km.partial_fit(feats[first])
+    for _ in range(passes):
+        for start in rng.permutation(np.arange(0, len(feats), chunk)):
+            km.partial_fit(feats[start:start + chunk])
+    return _normalize(km.cluster_centers_.astype(np.float32))
+
+
+def assign(feats: np.ndarray, centers: np.ndarray, chunk: int) -> tuple[np.ndarray, float]:
+    """Cosine argmax in chunks; returns (labels [R], inertia = Σ squared distance on the sphere)."""
+    labels = np.empty(len(feats), np.int32)
+    inertia = 0.0
+    for s in range(0, len(feats), chunk):
+        sim = feats[s:s + chunk] @ centers.T
+        labels[s:s + chunk] = sim.argmax(1)
+        inertia += float(np.sum(2.0 - 2.0 * sim.max(1)))
+    return labels, inertia
+
+
+def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
+        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "sklearn",
+        image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data {data_dir}: no such directory")
+    src = records.RecordSource(data_dir)
+    out = Path(out) if out else data_dir
+    out.mkdir(parents=True, exist_ok=True)
+    ext = make_extractor(extractor, image_size)
+    ids, feats = extract_to_memmap(src, ext, out, chunk)
+    if k < 1 or k > len(ids):
+        raise ValueError(f"--k {k} must be between 1 and the number of object regions ({len(ids)}); lower K")
+    log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k}")
+    centers = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend)
+    labels, inertia = assign(feats, centers, chunk)
+    np.save(out / CENTERS_FILE, centers)
+
+    counts = [src[i].num_regions for i in range(len(src))]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    flat = np.full(offsets[-1], -1, np.int32)
+    flat[offsets[ids[:, 0]] + ids[:, 1]] = labels
+    np.savez(data_dir / pipeline.CLUSTER_LABELS_FILE, offsets=offsets, labels=flat)
+
+    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "num_regions": int(len(ids)),
+              "inertia": inertia, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "centers": str(out / CENTERS_FILE), "labels_file": pipeline.CLUSTER_LABELS_FILE,
+              "clusters_used": int(len(np.unique(labels)))}
+    cats = np.array([src[i].category[r] for i, r in ids])
+    if (cats >= 0).any():
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+        m = cats >= 0
+        report["nmi"] = float(normalized_mutual_info_score(cats[m], labels[m]))
+        report["ari"] = float(adjusted_rand_score(cats[m], labels[m]))
+    manifest = records.read_manifest(data_dir)
+    manifest["num_clusters"] = k
+    manifest["clustering"] = report
+    records.write_manifest(data_dir, manifest)
+    log("[clustering] " + json.dumps({k_: v for k_, v in report.items() if k_ not in ("centers",)}))
+    return report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--extractor", default="handcrafted", help="handcrafted | hf:DIR | ckpt:DIR")
+    ap.add_argument("--out", default=None, help="where features and centres go (default: the data dir)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--backend", choices=("sklearn", "faiss"), default="sklearn")
+    ap.add_argument("--image-size", type=int, default=None)
+    a = ap.parse_args(argv)
+    run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,
+        backend=a.backend, image_size=a.image_size)
+
+
+if __name__ == "__main__":
+    main()
