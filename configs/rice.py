@@ -1,0 +1,138 @@
+r"""RICE pretraining configs: ``--config configs/rice.py:VARIANT[,objective=mlcd]``.
+
+    python -m rice_jax.train --config configs/rice.py:tiny --workdir /tmp/rice_tiny
+    python -m rice_jax.train --config configs/rice.py:l14_336 --workdir gs://... \
+        --config.init_from=hf:/ckpt/rice-vit-large-patch14-560 --config.optim.lr=1e-4
+
+Variants: ``tiny`` (CPU, minutes), ``b16``, ``l14_336``, ``l14_560``. Add
+``,objective=mlcd`` for the global-only ablation (same model and data, region
+losses off, image-level multi-label cluster target instead). The dict is
+locked: an unknown key or a value of the wrong type fails at start-up;
+``rice_jax.train.validate_config`` adds the derived checks.
+"""
+import ml_collections
+
+VARIANTS = ("tiny", "b16", "l14_336", "l14_560")
+
+
+def _parse(arg):
+    variant, objective = "tiny", "rice"
+    for i, part in enumerate((arg or "tiny").split(",")):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            if k == "objective":
+                objective = v
+            elif k == "variant":
+                variant = v
+            else:
+                raise ValueError(f"unknown config argument {k!r} (use variant=..., objective=...)")
+        elif i == 0:
+            variant = part
+        else:
+            raise ValueError(f"cannot parse config argument {part!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if objective not in ("rice", "mlcd"):
+        raise ValueError(f"objective must be 'rice' or 'mlcd', got {objective!r}")
+    return variant, objective
+
+
+def get_config(arg=None):
+    variant, objective = _parse(arg)
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.seed = 0
+    c.init_from = ""             # "" | "hf:DIR" (local HF MLCDVisionModel) | "ckpt:DIR" (our checkpoint, params only)
+
+    # ---- Data ------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""              # rice_jax region dataset (records + manifest); required
+    c.data.num_regions = 10      # N region tokens per image (paper: 10)
+    c.data.max_labels = 10       # M token ids per OCR region (paper: 10)
+    c.data.text_fraction = 0.5   # share of the N slots that may go to text regions
+    c.data.fill = "pad"          # "pad" or "resample" (with replacement, as the paper)
+    c.data.worker_count = 0      # Grain worker processes (0 = threads in-process)
+    c.data.min_box_size = 8.0    # output pixels
+
+    # ---- Model -----------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "vit_b16_224"   # a rice_jax.models.config preset
+    c.model.region_layers = 2          # last k blocks carry region tokens
+    c.model.region_attend_cls = False
+    c.model.embed_dim = 0              # head output E; 0 = identity (E = D)
+    c.model.dtype = "float32"          # compute dtype ("bfloat16" for accelerators)
+    c.model.remat_policy = "none"      # jax.checkpoint_policies name or "none"
+
+    # ---- Objective -------------------------------------------------------------------
+    c.loss = ml_collections.ConfigDict()
+    c.loss.num_classes = 0             # K object clusters; 0 = from the dataset manifest
+    c.loss.vocab_size = 0              # V OCR token classes; 0 = from the dataset tokenizer
+    c.loss.scale = 64.0
+    c.loss.margin = 0.3
+    c.loss.margin_type = "arcface"
+    c.loss.sample_rate = 0.1           # PartialFC rho (1.0 = all classes)
+    c.loss.object_weight = 1.0
+    c.loss.ocr_weight = 1.0
+    c.loss.global_weight = 0.0         # image-level (MLCD-style) term
+    c.loss.init_centers = ""           # "" = N(0, 0.01); or a centers.npy from rice_jax.clustering
+
+    # ---- Optimiser -------------------------------------------------------------------
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.centers_lr_mult = 1.0      # separate learning rate for the centre matrices
+    c.optim.weight_decay = 0.2
+    c.optim.warmup_steps = 500
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.grad_clip = 1.0            # global norm; 0 = off
+
+    # ---- Schedule --------------------------------------------------------------------
+    c.batch_size = 32768               # global
+    c.stages = [{"steps": 400_000, "image_size": 224}]   # resolution schedule, run in order
+
+    # ---- Mesh ------------------------------------------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                   # -1 = all remaining devices
+    c.mesh.fsdp = 1
+
+    # ---- Checkpoints and logging -----------------------------------------------------
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.log_every = 10
+    c.peak_flops = 0.0                 # per device, for MFU; 0 = measure a matmul at start-up
+    c.progress_bar = True
+
+    if variant == "tiny":
+        c.model.backbone = "vit_tiny"
+        c.model.embed_dim = 0
+        c.data.num_regions = 6
+        c.data.max_labels = 4
+        c.batch_size = 32
+        c.stages = [{"steps": 120, "image_size": 64}]
+        c.optim.lr = 2e-3
+        c.optim.weight_decay = 0.05
+        c.optim.warmup_steps = 12
+        c.loss.sample_rate = 0.5
+        c.loss.scale = 16.0            # few, easy classes: a smaller scale keeps early gradients useful
+        c.loss.margin = 0.2
+        c.checkpoint_every = 40
+        c.log_every = 5
+    elif variant == "b16":
+        c.model.backbone = "vit_b16_224"
+        c.stages = [{"steps": 400_000, "image_size": 224}, {"steps": 30_000, "image_size": 512}]
+    elif variant in ("l14_336", "l14_560"):
+        c.model.backbone = "vit_l14_336" if variant == "l14_336" else "vit_l14_560"
+        c.model.dtype = "bfloat16"
+        c.model.remat_policy = "dots_with_no_batch_dims_saveable"
+        res = 336 if variant == "l14_336" else 560
+        # Paper: ViT-L/14 at 224, then continued at higher resolution with lr / 10.
+        c.stages = [{"steps": 400_000, "image_size": 224}, {"steps": 30_000, "image_size": res}]
+
+    if objective == "mlcd":
+        c.loss.object_weight = 0.0
+        c.loss.ocr_weight = 0.0
+        c.loss.global_weight = 1.0
+    c.objective = objective
+    c.lock()
+    return c

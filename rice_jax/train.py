@@ -1,0 +1,431 @@
+"""RICE pretraining: one train loop, read top to bottom.
+
+    python -m rice_jax.train --config configs/rice.py:tiny --workdir DIR [--config.key=value ...]
+
+Set-up -> mesh -> data -> model, centres and optimiser (initialised directly
+sharded) -> restore (or init_from) -> jitted train step -> loop with metrics,
+checkpoints and SIGTERM handling. Restarting the same command resumes from the
+last checkpoint, data iterator included, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rice_jax import checkpoint, losses, sharding
+from rice_jax.data import pipeline, records
+from rice_jax.models import config as mcfg
+from rice_jax.models.rice import RICEConfig, RICEModel
+
+BATCH_KEYS = ("image", "boxes", "region_valid", "region_kind", "labels", "image_ok")
+
+
+# ----------------------------------------------------------------------------- config checks
+def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
+    """Derived checks with messages that say what to change. Returns (K, V)."""
+    if not c.data.dir:
+        raise ValueError("config.data.dir is empty: set --config.data.dir=DIR (a rice_jax region dataset)")
+    if c.batch_size % num_devices:
+        raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {num_devices} devices; "
+                         f"use a multiple of {num_devices}")
+    if c.data.num_regions < 1:
+        raise ValueError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
+    if not c.stages:
+        raise ValueError("config.stages is empty: give at least one {'steps': S, 'image_size': R}")
+    preset = mcfg.get_preset(c.model.backbone)
+    for s in c.stages:
+        if set(s) != {"steps", "image_size"}:
+            raise ValueError(f"config.stages entry {dict(s)} must have exactly 'steps' and 'image_size'")
+        if s["image_size"] % preset.patch_size:
+            raise ValueError(f"stage image_size {s['image_size']} is not a multiple of patch size {preset.patch_size}")
+    k = c.loss.num_classes or (manifest.get("num_clusters") or 0)
+    if (c.loss.object_weight or c.loss.global_weight) and k < 1:
+        raise ValueError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.clustering --data "
+                         f"{c.data.dir} --k K` first, or set config.loss.num_classes")
+    if c.loss.num_classes and manifest.get("num_clusters") and c.loss.num_classes < manifest["num_clusters"]:
+        raise ValueError(f"config.loss.num_classes={c.loss.num_classes} < the dataset's {manifest['num_clusters']} "
+                         "clusters (K must be >= the largest label + 1)")
+    v = c.loss.vocab_size or ((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
+    if c.loss.ocr_weight and v < 1:
+        raise ValueError(f"{c.data.dir} has no tokenizer: build one (rice_jax.data.tokenizer.build_for_dataset) "
+                         "or set config.loss.ocr_weight=0")
+    return max(k, 1), max(v, 1)
+
+
+# ----------------------------------------------------------------------------- model + optimiser
+def build_model_config(c) -> RICEConfig:
+    bb = mcfg.get_preset(c.model.backbone, dtype=c.model.dtype, remat_policy=c.model.remat_policy)
+    return RICEConfig(backbone=bb, region_layers=c.model.region_layers, region_attend_cls=c.model.region_attend_cls,
+                      embed_dim=c.model.embed_dim or None)
+
+
+def _decay_mask(params) -> Any:
+    """No weight decay on norms, biases and the class / rotary embeddings."""
+    def keep(path, _):
+        p = sharding.path_to_str(path)
+        leaf = p.rsplit("/", 1)[-1]
+        return not (leaf in ("scale", "bias", "class_embedding", "class_pos_emb") or leaf.endswith("_bias")
+                    or "norm" in p)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(c, total_steps: int):
+    sched = optax.warmup_cosine_decay_schedule(0.0, c.optim.lr, max(c.optim.warmup_steps, 1),
+                                               max(total_steps, c.optim.warmup_steps + 1), end_value=0.0)
+
+    def adamw(mult):
+        return optax.adamw(lambda s: sched(s) * mult, b1=c.optim.b1, b2=c.optim.b2,
+                           weight_decay=c.optim.weight_decay, mask=_decay_mask)
+
+    tx = optax.multi_transform({"backbone": adamw(1.0), "centers": adamw(c.optim.centers_lr_mult)},
+                               lambda params: {k: ("centers" if k.startswith("centers_") else "backbone") for k in params})
+    if c.optim.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(c.optim.grad_clip), tx)
+    return tx, sched
+
+
+@dataclasses.dataclass
+class Setup:
+    mesh: Any
+    graphdef: Any
+    tx: Any
+    sched: Any
+    state_shardings: Any
+    abstract_state: Any
+    num_obj: int
+    num_ocr: int
+
+
+def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, total_steps: int, init_centers=None):
+    """Model, centres and optimiser state created inside jit with their final shardings."""
+    tx, sched = make_optimizer(c, total_steps)
+    e = model_cfg.embed_dim or model_cfg.backbone.hidden_size
+    k_pad = losses.padded_num_classes(num_obj, mesh.size)
+    v_pad = losses.padded_num_classes(num_ocr, mesh.size)
+
+    def create():
+        model = RICEModel(model_cfg, rngs=nnx.Rngs(c.seed))
+        graphdef, mstate = nnx.split(model)
+        key = jax.random.key(c.seed + 1)
+        params = {
+            "model": nnx.to_pure_dict(mstate),
+            "centers_obj": 0.01 * jax.random.normal(jax.random.fold_in(key, 0), (k_pad, e), jnp.float32),
+            "centers_ocr": 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (v_pad, e), jnp.float32),
+        }
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": jax.random.key_data(jax.random.key(c.seed + 2)),
+                "skipped_updates": jnp.zeros((), jnp.int32)}
+
+    abstract = jax.eval_shape(create)
+    shardings = sharding.tree_shardings(abstract, mesh)
+    state = jax.jit(create, out_shardings=shardings)()
+    graphdef = nnx.split(nnx.eval_shape(lambda: RICEModel(model_cfg, rngs=nnx.Rngs(0))))[0]
+    if init_centers is not None:
+        state["params"]["centers_obj"] = _put_centers(init_centers, state["params"]["centers_obj"])
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return state, Setup(mesh, graphdef, tx, sched, shardings, abstract, num_obj, num_ocr)
+
+
+def _put_centers(centers: np.ndarray, target: jax.Array) -> jax.Array:
+    """k-means centres (rows < K) into the padded, sharded centre matrix, shard by shard."""
+    centers = np.asarray(centers, np.float32)
+    if centers.shape[1] != target.shape[1] or centers.shape[0] > target.shape[0]:
+        raise ValueError(f"init_centers {centers.shape} do not fit the centre matrix {target.shape} "
+                         "(the extractor's dimension must equal the embedding size)")
+    full = np.zeros(target.shape, np.float32)
+    full[: centers.shape[0]] = centers * 0.01 * math.sqrt(target.shape[1])
+    return jax.make_array_from_callback(target.shape, target.sharding, lambda idx: full[idx])
+
+
+def apply_init_from(spec: str, state, model_cfg: RICEConfig):
+    """Overwrite the backbone parameters from ``hf:DIR`` or ``ckpt:DIR`` (params only)."""
+    if not spec:
+        return state
+    if spec.startswith("hf:"):
+        from rice_jax import export
+
+        vit = export.load_hf(spec[3:])
+        src = nnx.to_pure_dict(nnx.state(vit))
+    elif spec.startswith("ckpt:"):
+        raw, _, _ = checkpoint.read_raw(spec[5:])
+        src = raw["params"]["model"]["backbone"]
+    else:
+        raise ValueError(f"config.init_from={spec!r}: use 'hf:DIR' or 'ckpt:DIR'")
+    target = state["params"]["model"]["backbone"]
+    loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)
+    state["params"]["model"]["backbone"] = jax.tree.map(
+        lambda t, v: jax.make_array_from_callback(t.shape, t.sharding, lambda idx: v[idx]), target, loaded)
+    return state
+
+
+# ----------------------------------------------------------------------------- the step
+def make_train_step(c, setup: Setup):
+    mesh, graphdef, tx = setup.mesh, setup.graphdef, setup.tx
+    region_losses = bool(c.loss.object_weight or c.loss.ocr_weight)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params["model"])
+            if region_losses:
+                out = model(batch["image"], batch["boxes"], batch["region_valid"])
+                region_embed = out.region_embed
+            else:
+                out = model(batch["image"])
+                region_embed = jnp.zeros((batch["image"].shape[0], 1, out.global_embed.shape[-1]), out.global_embed.dtype)
+            valid = batch["region_valid"] if region_losses else jnp.zeros((region_embed.shape[0], 1), bool)
+            # Image-level multi-label target (MLCD-style): the clusters of the image's object regions.
+            obj = batch["region_valid"] & (batch["region_kind"] == 0)
+            global_labels = jnp.where(obj, batch["labels"][..., 0], -1)
+            return losses.rice_loss(
+                region_embed, valid, batch["region_kind"][:, : valid.shape[1]], batch["labels"][:, : valid.shape[1]],
+                params["centers_obj"], params["centers_ocr"],
+                object_weight=c.loss.object_weight, ocr_weight=c.loss.ocr_weight,
+                global_embed=out.global_embed, global_labels=global_labels, global_weight=c.loss.global_weight,
+                rng=rng, num_obj_classes=setup.num_obj, num_ocr_classes=setup.num_ocr, mesh=mesh,
+                scale=c.loss.scale, margin=c.loss.margin, margin_type=c.loss.margin_type,
+                sample_rate=c.loss.sample_rate)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "params": keep(new_params, state["params"]), "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1, "rng": state["rng"],
+            "skipped_updates": state["skipped_updates"] + (~finite).astype(jnp.int32),
+        }
+        metrics = dict(metrics, grad_norm=grad_norm, lr=setup.sched(state["step"]), update_skipped=~finite,
+                       skipped_records=jnp.sum(~batch["image_ok"]))
+        return new_state, metrics
+
+    batch_sh = {k: sharding.batch_sharding(mesh, nd) for k, nd in
+                (("image", 4), ("boxes", 3), ("region_valid", 2), ("region_kind", 2), ("labels", 3), ("image_ok", 1))}
+    return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+                   out_shardings=(setup.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), batch_sh
+
+
+def to_global_batch(local: dict, batch_sh: dict) -> dict:
+    """Per-process numpy batch -> global jax arrays (each process holds its own slice)."""
+    return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in BATCH_KEYS}
+
+
+# ----------------------------------------------------------------------------- metrics
+class MetricWriter:
+    """JSONL (always) + TensorBoard event files (tensorboardX) in the workdir."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def measure_peak_flops() -> float:
+    """Best dense fp32 matmul rate of one device (FLOP/s), measured now."""
+    n = 1024
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+# ----------------------------------------------------------------------------- main loop
+def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) -> dict:
+    """Run (or resume) training; returns a summary. ``stop_after``: return early after that many steps (tests)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
+    num_obj, num_ocr = validate_config(c, jax.device_count(), manifest)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    model_cfg = build_model_config(c)
+    total_steps = sum(s["steps"] for s in c.stages)
+    if is_main:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        print(f"[train] {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}; "
+              f"K={num_obj} V={num_ocr}; {total_steps} steps", flush=True)
+
+    # ---- Model, centres, optimiser (sharded at creation) --------------------------
+    init_centers = np.load(c.loss.init_centers) if c.loss.init_centers else None
+    state, setup = init_state(c, mesh, model_cfg, num_obj, num_ocr, total_steps, init_centers)
+    train_step, batch_sh = make_train_step(c, setup)
+    ckpt = checkpoint.Checkpointer(workdir, every=c.checkpoint_every, keep=c.keep_checkpoints,
+                                   async_save=c.async_checkpointing)
+    meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
+                 "objective": c.objective}
+
+    # ---- Restore or init_from ---------------------------------------------------------
+    start = ckpt.latest_step() or 0
+    restored_meta = ckpt.restore_meta(start) if start else None
+    if not start:
+        state = apply_init_from(c.init_from, state, model_cfg)
+
+    tokenizer = None
+    if manifest.get("tokenizer"):
+        from rice_jax.data.tokenizer import OCRTokenizer
+
+        tokenizer = OCRTokenizer(Path(c.data.dir) / manifest["tokenizer"]["file"])
+    per_process_batch = c.batch_size // jax.process_count()
+
+    def stage_iter(stage_idx: int):
+        s = c.stages[stage_idx]
+        pcfg = pipeline.PipelineConfig(
+            image_size=s["image_size"], num_regions=c.data.num_regions, max_labels=c.data.max_labels,
+            text_fraction=c.data.text_fraction, fill=c.data.fill, min_box_size=c.data.min_box_size,
+            batch_size=per_process_batch, seed=c.seed * 1000 + stage_idx, worker_count=c.data.worker_count)
+        return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
+
+    bounds = np.cumsum([0] + [s["steps"] for s in c.stages])
+    stage = int(np.searchsorted(bounds, start, side="right") - 1) if start < total_steps else len(c.stages) - 1
+    data_iter = stage_iter(stage)
+    if start:
+        same_stage = restored_meta.get("stage") == stage
+        state = ckpt.restore(start, setup.abstract_state, data_iter if same_stage else None)
+        if is_main:
+            print(f"[train] resumed from step {start} (stage {stage})", flush=True)
+
+    # ---- Preemption -------------------------------------------------------------------
+    stop = {"flag": False}
+    prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) \
+        if os.getpid() and _in_main_thread() else None
+
+    # ---- Loop ---------------------------------------------------------------------
+    peak = c.peak_flops or measure_peak_flops()
+    writer = MetricWriter(workdir, is_main)
+    flops_per_step = None
+    bar = None
+    if is_main and c.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    history = []
+    step = start
+    t_wait = t_total = 0.0
+    last = time.perf_counter()
+    steps_this_run = 0
+    while step < total_steps:
+        new_stage = int(np.searchsorted(bounds, step, side="right") - 1)
+        if new_stage != stage:
+            stage, data_iter = new_stage, stage_iter(new_stage)
+        t0 = time.perf_counter()
+        local = next(data_iter)
+        batch = to_global_batch(local, batch_sh)
+        t1 = time.perf_counter()
+        if flops_per_step is None:
+            try:
+                ca = train_step.lower(state, batch).compile().cost_analysis()
+                ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+                flops_per_step = float(ca.get("flops", 0.0)) * (1 if jax.device_count() == 1 else 1)
+            except Exception:  # noqa: BLE001 - MFU is a diagnostic, never a reason to stop
+                flops_per_step = 0.0
+        state, metrics = train_step(state, batch)
+        step += 1
+        steps_this_run += 1
+        if step % c.log_every == 0 or step == total_steps:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            dt = (now - last) / max(steps_this_run, 1)
+            t_total += now - last
+            t_wait += t1 - t0
+            m.update(images_per_s=c.batch_size / dt, step_time_s=dt, data_wait_fraction=(t1 - t0) / max(dt, 1e-9),
+                     mfu=flops_per_step / dt / (peak * jax.device_count()) if flops_per_step else 0.0,
+                     skipped_updates_total=float(state["skipped_updates"]), stage=stage)
+            writer.write(step, m)
+            history.append({"step": step, **m})
+            if bar is not None:
+                bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{m['images_per_s']:.0f}")
+            last, steps_this_run = now, 0
+        if bar is not None:
+            bar.update(1)
+        meta = dict(meta_base, stage=stage, step=step)
+        ckpt.save(step, state, data_iter, meta, force=(step == total_steps or stop["flag"]))
+        if stop["flag"]:
+            ckpt.wait()
+            if is_main:
+                print(f"\n[train] SIGTERM: checkpoint written at step {step}; exiting", flush=True)
+            break
+        if stop_after is not None and step - start >= stop_after:
+            break
+    ckpt.close()
+    writer.close()
+    if bar is not None:
+        bar.close()
+    if prev_handler is not None:
+        signal.signal(signal.SIGTERM, prev_handler)
+    summary = {"start_step": start, "end_step": step, "history": history, "peak_flops_per_device": peak,
+               "flops_per_step": flops_per_step, "preempted": stop["flag"]}
+    if is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if FLAGS.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    elif FLAGS.distributed:
+        jax.distributed.initialize()  # TPU pods / SLURM: everything from the environment
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "configs/rice.py:VARIANT", lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and logs go here")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the environment")
+    flags.DEFINE_string("coordinator_address", "", "host:port for a local multi-process CPU run")
+    flags.DEFINE_integer("num_processes", 1, "with --coordinator_address")
+    flags.DEFINE_integer("process_id", 0, "with --coordinator_address")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
