@@ -74,6 +74,9 @@ def get_config(arg=None):
     c.loss.object_weight = 1.0
     c.loss.ocr_weight = 1.0
     c.loss.global_weight = 0.0         # image-level (MLCD-style) term
+    # Centre rows are padded to a multiple of lcm(this, device count): a checkpoint then restores
+    # on any mesh whose device count divides this number (e.g. written on 8, resumed on 4).
+    c.loss.pad_classes_to = 512
     c.loss.init_centers = ""           # "" = N(0, 0.01); or a centers.npy from rice_jax.clustering
 
     # ---- Optimiser -------------------------------------------------------------------
@@ -88,7 +91,7 @@ def get_config(arg=None):
 
     # ---- Schedule --------------------------------------------------------------------
     c.batch_size = 32768               # global
-    c.stages = [{"steps": 400_000, "image_size": 224}]   # resolution schedule, run in order
+    c.stages = ((400_000, 224),)     # resolution schedule: (steps, image_size) stages run in order
 
     # ---- Mesh ------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -109,7 +112,7 @@ def get_config(arg=None):
         c.data.num_regions = 6
         c.data.max_labels = 4
         c.batch_size = 32
-        c.stages = [{"steps": 120, "image_size": 64}]
+        c.stages = ((120, 64),)
         c.optim.lr = 2e-3
         c.optim.weight_decay = 0.05
         c.optim.warmup_steps = 12
@@ -120,14 +123,14 @@ def get_config(arg=None):
         c.log_every = 5
     elif variant == "b16":
         c.model.backbone = "vit_b16_224"
-        c.stages = [{"steps": 400_000, "image_size": 224}, {"steps": 30_000, "image_size": 512}]
+        c.stages = ((400_000, 224), (30_000, 512))
     elif variant in ("l14_336", "l14_560"):
         c.model.backbone = "vit_l14_336" if variant == "l14_336" else "vit_l14_560"
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "dots_with_no_batch_dims_saveable"
         res = 336 if variant == "l14_336" else 560
         # Paper: ViT-L/14 at 224, then continued at higher resolution with lr / 10.
-        c.stages = [{"steps": 400_000, "image_size": 224}, {"steps": 30_000, "image_size": res}]
+        c.stages = ((400_000, 224), (30_000, res))
 
     if objective == "mlcd":
         c.loss.object_weight = 0.0

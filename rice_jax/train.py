@@ -44,13 +44,13 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
     if c.data.num_regions < 1:
         raise ValueError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
     if not c.stages:
-        raise ValueError("config.stages is empty: give at least one {'steps': S, 'image_size': R}")
+        raise ValueError("config.stages is empty: give at least one (steps, image_size) pair")
     preset = mcfg.get_preset(c.model.backbone)
     for s in c.stages:
-        if set(s) != {"steps", "image_size"}:
-            raise ValueError(f"config.stages entry {dict(s)} must have exactly 'steps' and 'image_size'")
-        if s["image_size"] % preset.patch_size:
-            raise ValueError(f"stage image_size {s['image_size']} is not a multiple of patch size {preset.patch_size}")
+        if len(s) != 2 or s[0] < 1:
+            raise ValueError(f"config.stages entry {s!r} must be (steps >= 1, image_size)")
+        if s[1] % preset.patch_size:
+            raise ValueError(f"stage image_size {s[1]} is not a multiple of patch size {preset.patch_size}")
     k = c.loss.num_classes or (manifest.get("num_clusters") or 0)
     if (c.loss.object_weight or c.loss.global_weight) and k < 1:
         raise ValueError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.clustering --data "
@@ -113,8 +113,9 @@ def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, total
     """Model, centres and optimiser state created inside jit with their final shardings."""
     tx, sched = make_optimizer(c, total_steps)
     e = model_cfg.embed_dim or model_cfg.backbone.hidden_size
-    k_pad = losses.padded_num_classes(num_obj, mesh.size)
-    v_pad = losses.padded_num_classes(num_ocr, mesh.size)
+    multiple = math.lcm(mesh.size, max(c.loss.pad_classes_to, 1))
+    k_pad = losses.padded_num_classes(num_obj, multiple)
+    v_pad = losses.padded_num_classes(num_ocr, multiple)
 
     def create():
         model = RICEModel(model_cfg, rngs=nnx.Rngs(c.seed))
@@ -201,7 +202,7 @@ def make_train_step(c, setup: Setup):
                 sample_rate=c.loss.sample_rate)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -277,7 +278,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     num_obj, num_ocr = validate_config(c, jax.device_count(), manifest)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     model_cfg = build_model_config(c)
-    total_steps = sum(s["steps"] for s in c.stages)
+    total_steps = sum(s[0] for s in c.stages)
     if is_main:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
         print(f"[train] {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}; "
@@ -306,14 +307,13 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     per_process_batch = c.batch_size // jax.process_count()
 
     def stage_iter(stage_idx: int):
-        s = c.stages[stage_idx]
         pcfg = pipeline.PipelineConfig(
-            image_size=s["image_size"], num_regions=c.data.num_regions, max_labels=c.data.max_labels,
+            image_size=c.stages[stage_idx][1], num_regions=c.data.num_regions, max_labels=c.data.max_labels,
             text_fraction=c.data.text_fraction, fill=c.data.fill, min_box_size=c.data.min_box_size,
             batch_size=per_process_batch, seed=c.seed * 1000 + stage_idx, worker_count=c.data.worker_count)
         return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
 
-    bounds = np.cumsum([0] + [s["steps"] for s in c.stages])
+    bounds = np.cumsum([0] + [s[0] for s in c.stages])
     stage = int(np.searchsorted(bounds, start, side="right") - 1) if start < total_steps else len(c.stages) - 1
     data_iter = stage_iter(stage)
     if start:
@@ -405,7 +405,9 @@ def _in_main_thread() -> bool:
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import flags, logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
     FLAGS = flags.FLAGS
     if FLAGS.coordinator_address:

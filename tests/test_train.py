@@ -1,0 +1,202 @@
+"""Training: configs, loss falls, exact resume after kill -9, SIGTERM, 8->4 restore, init_from, NaN skip."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rice_jax import checkpoint, clustering, train
+from rice_jax.sharding import make_mesh
+from rice_jax.data import synthetic, tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(arg="tiny"):
+    spec = importlib.util.spec_from_file_location("rice_cfg", ROOT / "configs" / "rice.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_data")
+    synthetic.build(str(d), 96, seed=5, num_shards=2)
+    tokenizer.build_for_dataset(d, vocab_size=128)
+    clustering.run(d, 12, chunk=256, log=lambda s: None)
+    return d
+
+
+def small_config(data_dir, steps=24, every=6, arg="tiny"):
+    c = load_config(arg)
+    c.data.dir = str(data_dir)
+    c.batch_size = 16
+    c.stages = ((steps, 32),)
+    c.checkpoint_every = every
+    c.log_every = 2
+    c.progress_bar = False
+    c.peak_flops = 1e11
+    return c
+
+
+def _overrides(c):
+    return [f"--config.data.dir={c.data.dir}", f"--config.batch_size={c.batch_size}",
+            f"--config.checkpoint_every={c.checkpoint_every}", "--config.log_every=2",
+            "--config.progress_bar=False", "--config.peak_flops=1e11",
+            f"--config.stages=(({c.stages[0][0]}, 32),)"]
+
+
+def _cmd(c, workdir):
+    return [sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'configs' / 'rice.py'}:tiny",
+            f"--workdir={workdir}", *_overrides(c)]
+
+
+def _env(devices=8):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                PYTHONPATH=str(ROOT))
+
+
+def test_config_variants_and_errors(data_dir):
+    for arg in ("tiny", "b16", "l14_336", "l14_560", "tiny,objective=mlcd"):
+        c = load_config(arg)
+        assert c.stages and c.model.backbone
+    assert load_config("b16,objective=mlcd").loss.global_weight == 1.0
+    with pytest.raises(ValueError, match="unknown variant"):
+        load_config("huge")
+    c = load_config()
+    with pytest.raises(AttributeError):
+        c.optim.learning_rate = 1.0          # unknown key: the dict is locked
+    with pytest.raises(TypeError):
+        c.batch_size = "many"                # wrong type
+    c = small_config(data_dir)
+    c.batch_size = 12
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        train.validate_config(c, 8, {"num_clusters": 12})
+    c = small_config(data_dir)
+    with pytest.raises(ValueError, match="no cluster labels: run `python -m rice_jax.clustering"):
+        train.validate_config(c, 8, {})
+    c.loss.num_classes = 5
+    with pytest.raises(ValueError, match="< the dataset's 12 clusters"):
+        train.validate_config(c, 8, {"num_clusters": 12, "tokenizer": {"vocab_size": 10}})
+    c = small_config(data_dir)
+    c.stages = ((4, 30),)
+    with pytest.raises(ValueError, match="not a multiple of patch size"):
+        train.validate_config(c, 8, {"num_clusters": 12, "tokenizer": {"vocab_size": 10}})
+
+
+@pytest.mark.slow
+def test_loss_falls_and_metrics_are_written(data_dir, tmp_path):
+    c = small_config(data_dir, steps=40, every=40)
+    s = train.train(c, tmp_path)
+    losses_ = [h["loss"] for h in s["history"]]
+    assert np.mean(losses_[-4:]) < np.mean(losses_[:4]) - 0.5, losses_
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "loss_object", "loss_ocr", "object/pos_cos_mean", "grad_norm", "lr", "images_per_s", "mfu",
+                "data_wait_fraction", "skipped_records", "skipped_updates_total"):
+        assert key in lines[-1], key
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert lines[-1]["mfu"] > 0
+
+
+@pytest.mark.slow
+def test_mlcd_objective_trains(data_dir, tmp_path):
+    c = small_config(data_dir, steps=6, every=6, arg="tiny,objective=mlcd")
+    s = train.train(c, tmp_path)
+    assert "loss_global" in s["history"][-1] and "loss_object" not in s["history"][-1]
+
+
+def _final_params(workdir):
+    state, meta, step = checkpoint.read_raw(workdir)
+    return state["params"], step
+
+
+@pytest.mark.slow
+def test_kill9_resume_is_bitwise_identical(data_dir, tmp_path):
+    c = small_config(data_dir, steps=24, every=4)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(_cmd(c, ref_dir), env=_env(), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cmd(c, run_dir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = np.random.default_rng()
+    target = int(rng.integers(5, 18))  # kill somewhere after a checkpoint, mid-run
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        if lines and json.loads(lines[-1])["step"] >= target:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts and ckpts[-1] < 24
+    res = subprocess.run(_cmd(c, run_dir), env=_env(), check=True, capture_output=True, text=True, timeout=600)
+    assert "resumed from step" in res.stdout
+    (a, sa), (b, sb) = _final_params(ref_dir), _final_params(run_dir)
+    assert sa == sb == 24
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_then_restore_on_4_devices(data_dir, tmp_path):
+    c = small_config(data_dir, steps=400, every=1000)
+    proc = subprocess.Popen(_cmd(c, tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "SIGTERM: checkpoint written" in out
+    step = checkpoint.Checkpointer(tmp_path, every=1, keep=3).latest_step()
+    assert 0 < step < 400   # checkpoint_every=1000: only the preemption save can have written it
+    # Restore on a 4-device mesh and keep training.
+    c4 = small_config(data_dir, steps=step + 4, every=1000)
+    res = subprocess.run(_cmd(c4, tmp_path), env=_env(devices=4), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from step {step}" in res.stdout and "4 devices" in res.stdout
+    assert checkpoint.read_raw(tmp_path)[2] == step + 4
+
+
+def test_init_from_hf_gives_hf_features(data_dir, tmp_path):
+    from tests.helpers import hf_forward, save_random_hf_model
+
+    hf = save_random_hf_model(tmp_path / "hf", hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                              num_attention_heads=4, patch_size=8, image_size=64)
+    c = small_config(data_dir)
+    c.init_from = f"hf:{tmp_path / 'hf'}"
+    mesh = make_mesh(8, 1)
+    model_cfg = train.build_model_config(c)
+    state, setup = train.init_state(c, mesh, model_cfg, 12, 128, 10)
+    state = train.apply_init_from(c.init_from, state, model_cfg)
+    model = nnx.merge(setup.graphdef, state["params"]["model"])
+    x = np.random.default_rng(0).standard_normal((2, 32, 48, 3)).astype(np.float32)
+    _, ref_pool = hf_forward(hf, x)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x)).pooler_output), ref_pool, atol=1e-4)
+
+
+def test_nan_batch_does_not_update(data_dir):
+    c = small_config(data_dir)
+    mesh = make_mesh(8, 1)
+    state, setup = train.init_state(c, mesh, train.build_model_config(c), 12, 128, 10)
+    step_fn, batch_sh = train.make_train_step(c, setup)
+    b = 16
+    batch = {"image": np.full((b, 32, 32, 3), np.nan, np.float32), "boxes": np.tile([0.1, 0.1, 0.6, 0.6], (b, 6, 1)).astype(np.float32),
+             "region_valid": np.ones((b, 6), bool), "region_kind": np.zeros((b, 6), np.int32),
+             "labels": np.full((b, 6, 4), -1, np.int32), "image_ok": np.ones(b, bool)}
+    batch["labels"][..., 0] = 3
+    before = jax.tree.map(np.asarray, state["params"])
+    new, metrics = step_fn(state, train.to_global_batch(batch, batch_sh))
+    assert not np.isfinite(float(metrics["loss"])) and bool(metrics["update_skipped"])
+    assert int(new["skipped_updates"]) == 1 and int(new["step"]) == 1
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(new["params"])):
+        np.testing.assert_array_equal(x, np.asarray(y))
