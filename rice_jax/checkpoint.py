@@ -83,7 +83,8 @@ def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict,
         raise FileNotFoundError(f"{path}: no checkpoint found")
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     meta_state = mngr.item_metadata(step)["state"]
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta_state)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # any topology -> this host's first device
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta_state)
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     mngr.close()
     return state, meta, step

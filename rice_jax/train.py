@@ -329,6 +329,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
 
     # ---- Loop ---------------------------------------------------------------------
     peak = c.peak_flops or measure_peak_flops()
+    # CPU-emulated devices share the host's cores: the machine's peak is one measurement, not n of them.
+    peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
     writer = MetricWriter(workdir, is_main)
     flops_per_step = None
     bar = None
@@ -353,7 +355,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             try:
                 ca = train_step.lower(state, batch).compile().cost_analysis()
                 ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-                flops_per_step = float(ca.get("flops", 0.0)) * (1 if jax.device_count() == 1 else 1)
+                # cost_analysis is per device (SPMD partition); count the whole step.
+                flops_per_step = float(ca.get("flops", 0.0)) * jax.device_count()
             except Exception:  # noqa: BLE001 - MFU is a diagnostic, never a reason to stop
                 flops_per_step = 0.0
         state, metrics = train_step(state, batch)
@@ -366,7 +369,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             t_total += now - last
             t_wait += t1 - t0
             m.update(images_per_s=c.batch_size / dt, step_time_s=dt, data_wait_fraction=(t1 - t0) / max(dt, 1e-9),
-                     mfu=flops_per_step / dt / (peak * jax.device_count()) if flops_per_step else 0.0,
+                     mfu=flops_per_step / dt / peak_total if flops_per_step else 0.0,
                      skipped_updates_total=float(state["skipped_updates"]), stage=stage)
             writer.write(step, m)
             history.append({"step": step, **m})
