@@ -194,14 +194,18 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
             tokenizer = OCRTokenizer(Path(data_dir) / manifest["tokenizer"]["file"])
     transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
     ds = grain.MapDataset.source(_IndexedSource(src))
-    ds = ds[process_index::process_count]
-    if len(ds) < cfg.batch_size:
-        raise ValueError(f"{data_dir}: {len(ds)} records for this process, fewer than batch_size {cfg.batch_size}")
+    if len(ds) < cfg.batch_size * process_count:
+        raise ValueError(f"{data_dir}: {len(ds)} records, fewer than one global batch "
+                         f"({cfg.batch_size} x {process_count} processes)")
     ds = ds.seed(cfg.seed)
     if cfg.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(cfg.num_epochs)
     ds = ds.random_map(transform)
+    # Every process walks the same global order (same shuffle, same per-index RNG) and keeps
+    # every process_count-th example, so P processes together produce exactly the examples of
+    # a one-process run; the slice is lazy, so nobody decodes another process's images.
+    ds = ds[process_index::process_count]
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.prefetch_threads, prefetch_buffer_size=2 * cfg.batch_size))
     if cfg.worker_count > 0:
