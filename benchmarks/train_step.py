@@ -1,0 +1,154 @@
+"""Train-step throughput and MFU: JAX (this repo) vs a PyTorch eager reference, same model + loss.
+
+JAX: the real jitted train step of rice_jax.train (forward + backward + AdamW), both the
+RICE objective (N region tokens in the last k blocks + object/OCR losses) and the
+global-only objective. PyTorch: HF ``MLCDVisionModel`` + the same multi-label margin
+softmax on the pooled embedding + AdamW, eager, same batch, same threads. The peak is
+measured in the same run (best of jnp.dot and torch.matmul on 2048^2, fp32).
+
+    python -m benchmarks.train_step [--preset vit_b16_224 --batch 8]   # writes results
+    python -m benchmarks.train_step --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import report, timeit, torch_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(objective: str, preset: str, batch: int, image: int, k: int, v: int):
+    spec = importlib.util.spec_from_file_location("rice_cfg", ROOT / "configs" / "rice.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(f"tiny,objective={objective}")
+    c.model.backbone = preset
+    c.batch_size = batch
+    c.stages = ((10, image),)
+    c.loss.num_classes, c.loss.vocab_size = k, v
+    c.loss.sample_rate = 1.0
+    c.loss.scale, c.loss.margin = 64.0, 0.3
+    c.loss.pad_classes_to = 1
+    return c
+
+
+def peak_flops(n: int = 2048) -> dict:
+    torch = torch_threads()
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    tj = timeit(lambda: f(x).block_until_ready(), repeats=5)["min_s"]
+    xt = torch.ones(n, n)
+    tt = timeit(lambda: xt @ xt, repeats=5)["min_s"]
+    return {"jax_dot": 2 * n**3 / tj, "torch_matmul": 2 * n**3 / tt, "peak": max(2 * n**3 / tj, 2 * n**3 / tt)}
+
+
+def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
+    from rice_jax import sharding, train
+
+    c = _config(objective, preset, batch, image, k, v)
+    c.data.num_regions = n_regions
+    mesh = sharding.make_mesh(-1, 1)
+    state, setup = train.init_state(c, mesh, train.build_model_config(c), k, v, 10)
+    step, batch_sh = train.make_train_step(c, setup)
+    r = np.random.default_rng(0)
+    lo = r.uniform(0, 0.6, (batch, n_regions, 2))
+    local = {"image": r.standard_normal((batch, image, image, 3)).astype(np.float32),
+             "boxes": np.concatenate([lo, lo + 0.3], -1).clip(0, 1).astype(np.float32),
+             "region_valid": np.ones((batch, n_regions), bool),
+             "region_kind": (r.random((batch, n_regions)) < 0.3).astype(np.int32),
+             "labels": r.integers(0, min(k, v), (batch, n_regions, 4)).astype(np.int32),
+             "image_ok": np.ones(batch, bool)}
+    b = train.to_global_batch(local, batch_sh)
+    ca = step.lower(state, b).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    holder = {"s": state}
+
+    def run():
+        holder["s"], m = step(holder["s"], b)
+        jax.block_until_ready(m["loss"])
+
+    t = timeit(run, warmup=1, repeats=repeats)
+    return t, float(ca["flops"]) * jax.device_count()
+
+
+def torch_step(preset, batch, image, k, repeats):
+    torch = torch_threads()
+    from transformers import MLCDVisionModel
+
+    from rice_jax import export
+    from rice_jax.models.config import get_preset
+    from rice_jax.models.vit import ViT
+    from flax import nnx
+
+    vit = ViT(get_preset(preset), rngs=nnx.Rngs(0))
+    with tempfile.TemporaryDirectory() as d:
+        export.save_hf(vit, d)
+        model = MLCDVisionModel.from_pretrained(d, attn_implementation="sdpa").train()
+    centers = torch.nn.Parameter(0.01 * torch.randn(k, vit.cfg.hidden_size))
+    opt = torch.optim.AdamW(list(model.parameters()) + [centers], lr=1e-3, weight_decay=0.05)
+    x = torch.randn(batch, 3, image, image)
+    labels = torch.randint(0, k, (batch,))
+
+    def loss_fn(emb):
+        f = torch.nn.functional.normalize(emb, dim=1)
+        cos = f @ torch.nn.functional.normalize(centers, dim=1).T
+        pos = torch.nn.functional.one_hot(labels, k).bool()
+        cp = cos[pos].clamp(-1 + 1e-6, 1 - 1e-6)
+        zp = 64 * torch.cos(torch.acos(cp) + 0.3)
+        zn = torch.where(pos, torch.full_like(cos, -float("inf")), 64 * cos)
+        zero = torch.zeros(batch, 1)
+        return (torch.logsumexp(torch.cat([zero, -zp[:, None]], 1), 1)
+                + torch.logsumexp(torch.cat([zero, zn], 1), 1)).mean()
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(pixel_values=x).pooler_output).backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + [centers], 1.0)
+        opt.step()
+
+    return timeit(run, warmup=1, repeats=repeats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="vit_b16_224")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--regions", type=int, default=10)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.preset, a.batch, a.regions, a.classes, a.repeats = "vit_tiny", 2, 3, 64, 1
+    from rice_jax.models.config import get_preset
+
+    image = get_preset(a.preset).image_size
+    peak = peak_flops(512 if a.smoke else 2048)
+    t_mlcd, f_mlcd = jax_step("mlcd", a.preset, a.batch, image, a.regions, a.classes, a.classes, a.repeats)
+    t_rice, f_rice = jax_step("rice", a.preset, a.batch, image, a.regions, a.classes, a.classes, a.repeats)
+    t_torch = torch_step(a.preset, a.batch, image, a.classes, a.repeats)
+    rec = {
+        "preset": a.preset, "batch": a.batch, "image_size": image, "regions": a.regions, "classes": a.classes,
+        "peak_flops": peak,
+        "jax_global_only": {"step_s": t_mlcd["median_s"], "images_per_s": a.batch / t_mlcd["median_s"],
+                            "flops": f_mlcd, "mfu": f_mlcd / t_mlcd["median_s"] / peak["peak"]},
+        "jax_rice": {"step_s": t_rice["median_s"], "images_per_s": a.batch / t_rice["median_s"],
+                     "flops": f_rice, "mfu": f_rice / t_rice["median_s"] / peak["peak"]},
+        "torch_global_only": {"step_s": t_torch["median_s"], "images_per_s": a.batch / t_torch["median_s"],
+                              "mfu_at_jax_flops": f_mlcd / t_torch["median_s"] / peak["peak"]},
+        "jax_over_torch_same_objective": t_torch["median_s"] / t_mlcd["median_s"],
+    }
+    return report("train_step" if not a.smoke else "train_step_smoke", rec, write=not a.smoke)
+
+
+if __name__ == "__main__":
+    main()
