@@ -58,19 +58,26 @@ def handcrafted_features(crop: np.ndarray) -> np.ndarray:
     return np.concatenate([hog.ravel(), 0.5 * colour])
 
 
-def _iter_object_crops(src: records.RecordSource) -> Iterator[tuple[int, int, np.ndarray]]:
+def _iter_object_images(src: records.RecordSource) -> Iterator[tuple[int, records.RegionRecord, np.ndarray, Image.Image]]:
+    """(record index, record, object region indices, decoded RGB image) for records with objects."""
     for i in range(len(src)):
         rec = src[i]
         obj = np.nonzero(rec.kind == records.KIND_OBJECT)[0]
         if not len(obj):
             continue
         try:
-            img = np.asarray(Image.open(io.BytesIO(rec.image)).convert("RGB"))
+            img = Image.open(io.BytesIO(rec.image)).convert("RGB")
         except Exception:  # noqa: BLE001 - unreadable image: its regions stay unlabelled (-1)
             continue
+        yield i, rec, obj, img
+
+
+def _iter_object_crops(src: records.RecordSource) -> Iterator[tuple[int, int, np.ndarray]]:
+    for i, rec, obj, img in _iter_object_images(src):
+        arr = np.asarray(img)
         for r in obj:
             x0, y0, x1, y1 = np.round(rec.boxes[r]).astype(int)
-            crop = img[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
+            crop = arr[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
             if crop.size:
                 yield i, int(r), crop
 
@@ -118,15 +125,12 @@ class ViTExtractor:
             tokens = model(x).last_hidden_state[:, 1:]                        # [B, T, D]
             gh, gw = model.grid(x.shape[1], x.shape[2])
             vis = box_patch_visibility(boxes, valid, gh, gw).astype(tokens.dtype)  # [B, N, T]
-            return jnp_einsum(vis, tokens) / jax.numpy.maximum(vis.sum(-1, keepdims=True), 1.0)
-
-        def jnp_einsum(vis, tokens):
-            return jax.numpy.einsum("bnt,btd->bnd", vis, tokens)
+            roi_sum = jax.numpy.einsum("bnt,btd->bnd", vis, tokens)
+            return roi_sum / jax.numpy.maximum(vis.sum(-1, keepdims=True), 1.0)
 
         self._pool = pool
 
     def __call__(self, src: records.RecordSource, chunk: int):
-        cfg = pipeline.PipelineConfig(image_size=self.image_size, random_crop=False)
         s = self.image_size
         batch = []
 
@@ -142,15 +146,7 @@ class ViTExtractor:
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
 
-        for i in range(len(src)):
-            rec = src[i]
-            obj = np.nonzero(rec.kind == records.KIND_OBJECT)[0]
-            if not len(obj):
-                continue
-            try:
-                img = Image.open(io.BytesIO(rec.image)).convert("RGB")
-            except Exception:  # noqa: BLE001
-                continue
+        for i, rec, obj, img in _iter_object_images(src):
             w, h = img.size
             arr = np.asarray(img.resize((s, s), Image.BICUBIC), np.float32) / 255.0
             arr = (arr - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
