@@ -324,8 +324,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
 
     # ---- Preemption -------------------------------------------------------------------
     stop = {"flag": False}
-    prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) \
-        if os.getpid() and _in_main_thread() else None
+    # Signal handlers can only be installed from the main thread (not e.g. from a test runner thread).
+    prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if _in_main_thread() else None
 
     # ---- Loop ---------------------------------------------------------------------
     peak = c.peak_flops or measure_peak_flops()
