@@ -48,17 +48,26 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
 
     ``mask``: boolean, broadcastable to ``[B, heads, Tq, Tk]``; True = may attend.
     Softmax statistics are fp32 whatever the compute dtype. A query row with no
-    visible key yields a uniform average instead of NaN (never happens for region
-    tokens, which always see themselves).
+    visible key yields zeros instead of NaN (never happens for region tokens,
+    which always see themselves).
     """
     impl = _resolve_attention_impl(impl)
     scale = q.shape[-1] ** -0.5
     if impl == "einsum":
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        # Scale q (T·Dh) rather than the logits (T·T), and normalise after P·V (T·Dh) rather
+        # than P (T·T): the same softmax with two fewer passes over the [B,H,T,T] array
+        # (~1.5x faster forward and backward on XLA:CPU). Statistics stay fp32.
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                            preferred_element_type=jnp.float32)
         if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+            logits = jnp.where(mask, logits, -jnp.inf)
+        row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        # A fully masked row has max -inf: shift by 0 instead, so it yields zeros, not NaN.
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        p = jnp.exp(logits - row_max)
+        denom = jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+        out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (out / denom).astype(v.dtype)
     if impl in ("xla", "cudnn"):
         # jax.nn.dot_product_attention wants [B, T, heads, Dh].
         t = lambda x: jnp.swapaxes(x, 1, 2)
@@ -117,9 +126,9 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         xc = xf - mean
         var = jnp.mean(xc * xc, axis=-1, keepdims=True)
-        y = xc * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        # Fold 1/σ into the per-channel scale first: one multiply per element instead of two.
+        y = xc * (jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32))
+        return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Attention(nnx.Module):
