@@ -106,7 +106,7 @@ class ViTExtractor:
         from flax import nnx
 
         from rice_jax import sharding
-        from rice_jax.models.region import box_patch_visibility
+        from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 
         self.name, self.vit = name, vit
         self.image_size = image_size or vit.cfg.image_size
@@ -124,9 +124,7 @@ class ViTExtractor:
             model = nnx.merge(graphdef, state)
             tokens = model(x).last_hidden_state[:, 1:]                        # [B, T, D]
             gh, gw = model.grid(x.shape[1], x.shape[2])
-            vis = box_patch_visibility(boxes, valid, gh, gw).astype(tokens.dtype)  # [B, N, T]
-            roi_sum = jax.numpy.einsum("bnt,btd->bnd", vis, tokens)
-            return roi_sum / jax.numpy.maximum(vis.sum(-1, keepdims=True), 1.0)
+            return roi_mean_pool(tokens, box_patch_visibility(boxes, valid, gh, gw))
 
         self._pool = pool
 
@@ -148,8 +146,7 @@ class ViTExtractor:
 
         for i, rec, obj, img in _iter_object_images(src):
             w, h = img.size
-            arr = np.asarray(img.resize((s, s), Image.BICUBIC), np.float32) / 255.0
-            arr = (arr - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+            arr = pipeline.resize_normalize(img, s)
             nb = rec.boxes[obj] / np.array([w, h, w, h], np.float32)
             batch.append((arr, [(i, int(r)) for r in obj], np.clip(nb, 0, 1)))
             if len(batch) == self.batch_size:

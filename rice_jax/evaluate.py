@@ -27,7 +27,7 @@ from flax import nnx
 from PIL import Image
 
 from rice_jax.data import pipeline, records, synthetic
-from rice_jax.models.region import box_patch_visibility
+from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 
 
 def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_per_image: int = 24, seed: int = 0):
@@ -42,9 +42,7 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     def fwd(state, x, boxes, valid):
         out = nnx.merge(graphdef, state)(x)
         tokens = out.last_hidden_state[:, 1:]
-        vis = box_patch_visibility(boxes, valid, gh, gw).astype(tokens.dtype)
-        roi = jnp.einsum("bnt,btd->bnd", vis, tokens) / jnp.maximum(vis.sum(-1, keepdims=True), 1.0)
-        return roi, tokens, out.pooler_output
+        return roi_mean_pool(tokens, box_patch_visibility(boxes, valid, gh, gw)), tokens, out.pooler_output
 
     rng = np.random.default_rng(seed)
     regions, patches, images = [], [], []
@@ -56,10 +54,9 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
         boxes = np.zeros((batch_size, n, 4), np.float32)
         valid = np.zeros((batch_size, n), bool)
         for j, r in enumerate(recs):
-            img = Image.open(io.BytesIO(r.image)).convert("RGB")
+            img = Image.open(io.BytesIO(r.image))
             w, h = img.size
-            arr = np.asarray(img.resize((image_size, image_size), Image.BICUBIC), np.float32) / 255.0
-            x[j] = (arr - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+            x[j] = pipeline.resize_normalize(img, image_size)
             boxes[j, : r.num_regions] = r.boxes / np.array([w, h, w, h], np.float32)
             valid[j, : r.num_regions] = True
         roi, tokens, pooled = (np.asarray(a) for a in fwd(state, jnp.asarray(x), jnp.asarray(boxes), jnp.asarray(valid)))

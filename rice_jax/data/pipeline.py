@@ -63,6 +63,12 @@ class PipelineConfig:
             raise ValueError(f"fill must be 'pad' or 'resample', got {self.fill!r}")
 
 
+def resize_normalize(img: Image.Image, size: int) -> np.ndarray:
+    """Whole image -> ``[size, size, 3]`` float32, CLIP-normalised (evaluation / feature extraction)."""
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0
+    return (arr - CLIP_MEAN) / CLIP_STD
+
+
 def load_cluster_labels(data_dir: str | os.PathLike) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The clustering sidecar, joined by (global record index, region index): ``(offsets, labels)``."""
     path = Path(data_dir) / CLUSTER_LABELS_FILE

@@ -49,3 +49,9 @@ def region_attention_mask(visibility: Array, *, attend_cls: bool = False) -> Arr
     self_only = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
     bottom = jnp.concatenate([cls_col, visibility.astype(bool), self_only], axis=2)
     return jnp.concatenate([top, bottom], axis=1)[:, None]
+
+
+def roi_mean_pool(patch_tokens: Array, visibility: Array) -> Array:
+    """Mean of the visible patch tokens per box: ``[B,T,D]`` x ``[B,N,T]`` -> ``[B,N,D]`` (zeros if none)."""
+    vis = visibility.astype(patch_tokens.dtype)
+    return jnp.einsum("bnt,btd->bnd", vis, patch_tokens) / jnp.maximum(vis.sum(-1, keepdims=True), 1.0)
