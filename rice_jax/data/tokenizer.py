@@ -79,3 +79,19 @@ def build_for_dataset(data_dir: str | os.PathLike, vocab_size: int = 512) -> OCR
     m["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tok.vocab_size, "trained_on": len(texts)}
     records.write_manifest(data_dir, m)
     return tok
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train the OCR tokenizer on a dataset's transcripts "
+                                             "(saved as DATA/tokenizer.json, recorded in the manifest).")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--vocab-size", type=int, default=512)
+    a = ap.parse_args(argv)
+    tok = build_for_dataset(a.data, a.vocab_size)
+    print(f"wrote {tok.path} (vocab {tok.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()
