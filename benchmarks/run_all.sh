@@ -9,3 +9,4 @@ python -m benchmarks.input_pipeline
 python -m benchmarks.clustering
 python -m benchmarks.loss_scaling
 python -m benchmarks.ablation
+python -m benchmarks.readme_tables

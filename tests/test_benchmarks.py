@@ -17,3 +17,18 @@ def test_benchmark_smoke(module):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{\"benchmark\"")]
     assert lines and lines[-1]["benchmark"].endswith("_smoke")
+
+
+def test_readme_tables_replace_marked_sections_only():
+    from benchmarks import readme_tables
+
+    text = "intro\n<!-- BEGIN ablation -->\nold\n<!-- END ablation -->\ntail\n"
+    out = readme_tables.replace_section(text, "ablation", "| new |")
+    assert out == "intro\n<!-- BEGIN ablation -->\n| new |\n<!-- END ablation -->\ntail\n"
+    assert readme_tables.replace_section(out, "ablation", "| new |") == out  # idempotent
+    with pytest.raises(ValueError, match="markers"):
+        readme_tables.replace_section("no markers", "performance", "x")
+    # The committed README carries both sections.
+    readme = (ROOT / "README.md").read_text()
+    for name in ("performance", "ablation"):
+        assert f"<!-- BEGIN {name} -->" in readme and f"<!-- END {name} -->" in readme
