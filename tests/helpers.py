@@ -37,3 +37,15 @@ def hf_forward(model, pixels_nhwc: np.ndarray):
     with torch.no_grad():
         out = model(pixel_values=torch.from_numpy(np.ascontiguousarray(pixels_nhwc.transpose(0, 3, 1, 2))))
     return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+def synthetic_dataset(path, num_images: int, *, seed: int, num_shards: int, vocab_size: int, clusters: int = 0):
+    """A synthetic region dataset with its OCR tokenizer (and cluster labels when ``clusters`` > 0)."""
+    from rice_jax import clustering
+    from rice_jax.data import synthetic, tokenizer
+
+    synthetic.build(str(path), num_images, seed=seed, num_shards=num_shards)
+    tokenizer.build_for_dataset(path, vocab_size=vocab_size)
+    if clusters:
+        clustering.run(path, clusters, chunk=256, log=lambda s: None)
+    return path

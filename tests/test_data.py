@@ -7,14 +7,12 @@ import pytest
 from PIL import Image
 
 from rice_jax.data import pipeline, records, synthetic, tokenizer
+from tests.helpers import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
 def syn_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("syn")
-    synthetic.build(str(d), 48, seed=3, num_shards=3)
-    tokenizer.build_for_dataset(d, vocab_size=200)
-    return d
+    return synthetic_dataset(tmp_path_factory.mktemp("syn"), 48, seed=3, num_shards=3, vocab_size=200)
 
 
 def _png(arr):

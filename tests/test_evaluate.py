@@ -4,17 +4,15 @@ import pytest
 from flax import nnx
 
 from rice_jax import clustering, evaluate
-from rice_jax.data import records, synthetic, tokenizer
+from rice_jax.data import records, tokenizer
 from rice_jax.models.config import get_preset
 from rice_jax.models.vit import ViT
+from tests.helpers import synthetic_dataset
 
 
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("eval")
-    synthetic.build(str(d), 96, seed=21, num_shards=1)
-    tokenizer.build_for_dataset(d, vocab_size=128)
-    return d
+    return synthetic_dataset(tmp_path_factory.mktemp("eval"), 96, seed=21, num_shards=1, vocab_size=128)
 
 
 def test_probe_above_chance_on_informative_features_and_chance_when_shuffled(eval_dir):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rice_jax import checkpoint, clustering, train
+from rice_jax import checkpoint, train
 from rice_jax.sharding import make_mesh
-from rice_jax.data import synthetic, tokenizer
+from tests.helpers import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +30,8 @@ def load_config(arg="tiny"):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train_data")
-    synthetic.build(str(d), 96, seed=5, num_shards=2)
-    tokenizer.build_for_dataset(d, vocab_size=128)
-    clustering.run(d, 12, chunk=256, log=lambda s: None)
-    return d
+    return synthetic_dataset(tmp_path_factory.mktemp("train_data"), 96, seed=5, num_shards=2, vocab_size=128,
+                             clusters=12)
 
 
 def small_config(data_dir, steps=24, every=6, arg="tiny"):
