@@ -340,34 +340,33 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     history = []
     step = start
-    t_wait = t_total = 0.0
     last = time.perf_counter()
     steps_this_run = 0
+    compiled = None  # one ahead-of-time compile per stage (image size); also gives the FLOP count
     while step < total_steps:
         new_stage = int(np.searchsorted(bounds, step, side="right") - 1)
         if new_stage != stage:
-            stage, data_iter = new_stage, stage_iter(new_stage)
+            stage, data_iter, compiled = new_stage, stage_iter(new_stage), None
         t0 = time.perf_counter()
         local = next(data_iter)
         batch = to_global_batch(local, batch_sh)
         t1 = time.perf_counter()
-        if flops_per_step is None:
+        if compiled is None:
+            compiled = train_step.lower(state, batch).compile()
             try:
-                ca = train_step.lower(state, batch).compile().cost_analysis()
+                ca = compiled.cost_analysis()
                 ca = ca[0] if isinstance(ca, (list, tuple)) else ca
                 # cost_analysis is per device (SPMD partition); count the whole step.
                 flops_per_step = float(ca.get("flops", 0.0)) * jax.device_count()
             except Exception:  # noqa: BLE001 - MFU is a diagnostic, never a reason to stop
                 flops_per_step = 0.0
-        state, metrics = train_step(state, batch)
+        state, metrics = compiled(state, batch)
         step += 1
         steps_this_run += 1
         if step % c.log_every == 0 or step == total_steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             dt = (now - last) / max(steps_this_run, 1)
-            t_total += now - last
-            t_wait += t1 - t0
             m.update(images_per_s=c.batch_size / dt, step_time_s=dt, data_wait_fraction=(t1 - t0) / max(dt, 1e-9),
                      mfu=flops_per_step / dt / peak_total if flops_per_step else 0.0,
                      skipped_updates_total=float(state["skipped_updates"]), stage=stage)
