@@ -33,7 +33,7 @@ def main(argv=None):
 
     size, batch, steps, n = (224, 32, a.steps, a.num_images) if not a.smoke else (64, 8, 3, 32)
     with tempfile.TemporaryDirectory() as d:
-        synthetic.build(d, n, seed=0, min_size=160, max_size=320)
+        synthetic.build(d, n, seed=0, gen=synthetic.GeneratorConfig(min_size=160, max_size=320))
         tokenizer.build_for_dataset(d, vocab_size=256)
         rates = {f"workers_{w}": measure(d, w, size, batch, steps) for w in (0, 2)}
     return report("input_pipeline" if not a.smoke else "input_pipeline_smoke",

@@ -60,6 +60,7 @@ def get_config(arg=None):
     c.model.region_layers = 2          # last k blocks carry region tokens
     c.model.region_attend_cls = False
     c.model.embed_dim = 0              # head output E; 0 = identity (E = D)
+    c.model.embed_batchnorm = False    # standardise embeddings over the batch before the loss (training-only)
     c.model.dtype = "float32"          # compute dtype ("bfloat16" for accelerators)
     c.model.remat_policy = "none"      # jax.checkpoint_policies name or "none"
 

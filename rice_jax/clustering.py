@@ -1,6 +1,7 @@
 """Region clustering: region features -> spherical k-means -> cluster labels (+ centre init).
 
     python -m rice_jax.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR] [--out DIR]
+    python -m rice_jax.clustering --data DIR --extractor oracle      # ground-truth categories (upper bound)
 
 1. Features of every *object* region are computed in chunks by a pluggable
    extractor and streamed to a float32 memmap (``region_features.npy``), so
@@ -221,34 +222,20 @@ def assign(feats: np.ndarray, centers: np.ndarray, chunk: int) -> tuple[np.ndarr
     return labels, inertia
 
 
-def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
-        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "sklearn",
-        image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data {data_dir}: no such directory")
-    src = records.RecordSource(data_dir)
-    out = Path(out) if out else data_dir
-    out.mkdir(parents=True, exist_ok=True)
-    ext = make_extractor(extractor, image_size)
-    ids, feats = extract_to_memmap(src, ext, out, chunk)
-    if k < 1 or k > len(ids):
-        raise ValueError(f"--k {k} must be between 1 and the number of object regions ({len(ids)}); lower K")
-    log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k}")
-    centers = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend)
-    labels, inertia = assign(feats, centers, chunk)
-    np.save(out / CENTERS_FILE, centers)
-
+def _write_labels(data_dir: Path, src, ids: np.ndarray, labels: np.ndarray) -> None:
+    """The sidecar ``cluster_labels.npz``: labels joined by (record index, region index); -1 elsewhere."""
     counts = [src[i].num_regions for i in range(len(src))]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     flat = np.full(offsets[-1], -1, np.int32)
     flat[offsets[ids[:, 0]] + ids[:, 1]] = labels
     np.savez(data_dir / pipeline.CLUSTER_LABELS_FILE, offsets=offsets, labels=flat)
 
-    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "num_regions": int(len(ids)),
-              "inertia": inertia, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "centers": str(out / CENTERS_FILE), "labels_file": pipeline.CLUSTER_LABELS_FILE,
-              "clusters_used": int(len(np.unique(labels)))}
+
+def _record_report(data_dir: Path, src, ids: np.ndarray, labels: np.ndarray, k: int, report: dict, log) -> dict:
+    """Agreement with ground truth (when known) into the report; K and the report into the manifest."""
+    report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  labels_file=pipeline.CLUSTER_LABELS_FILE, clusters_used=int(len(np.unique(labels))),
+                  num_regions=int(len(ids)))
     cats = np.array([src[i].category[r] for i, r in ids])
     if (cats >= 0).any():
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -264,11 +251,59 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     return report
 
 
+def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = print) -> dict:
+    """Ground-truth categories as the cluster labels (K = number of categories).
+
+    The upper bound of what training can learn from the pipeline, for datasets
+    whose records carry categories (the synthetic generator, COCO imports).
+    """
+    data_dir = Path(data_dir)
+    src = records.RecordSource(data_dir)
+    ids, labels = [], []
+    for i in range(len(src)):
+        rec = src[i]
+        for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
+            ids.append((i, int(r)))
+            labels.append(int(rec.category[r]))
+    if not ids:
+        raise ValueError(f"{data_dir}: no object region has a ground-truth category; the oracle needs them")
+    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int32)
+    k = int(labels.max()) + 1
+    _write_labels(data_dir, src, ids, labels)
+    return _record_report(data_dir, src, ids, labels, k, {"k": k, "extractor": "oracle"}, log)
+
+
+def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
+        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "sklearn",
+        image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data {data_dir}: no such directory")
+    if extractor == "oracle":
+        return oracle_labels(data_dir, log)
+    src = records.RecordSource(data_dir)
+    out = Path(out) if out else data_dir
+    out.mkdir(parents=True, exist_ok=True)
+    ext = make_extractor(extractor, image_size)
+    ids, feats = extract_to_memmap(src, ext, out, chunk)
+    if k < 1 or k > len(ids):
+        raise ValueError(f"--k {k} must be between 1 and the number of object regions ({len(ids)}); lower K")
+    log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k}")
+    centers = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend)
+    labels, inertia = assign(feats, centers, chunk)
+    np.save(out / CENTERS_FILE, centers)
+    _write_labels(data_dir, src, ids, labels)
+    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia,
+              "centers": str(out / CENTERS_FILE)}
+    return _record_report(data_dir, src, ids, labels, k, report, log)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--k", type=int, required=True)
-    ap.add_argument("--extractor", default="handcrafted", help="handcrafted | hf:DIR | ckpt:DIR")
+    ap.add_argument("--k", type=int, default=0, help="number of clusters (not used by --extractor oracle)")
+    ap.add_argument("--extractor", default="handcrafted",
+                    help="handcrafted | hf:DIR | ckpt:DIR | oracle (ground-truth categories as labels)")
     ap.add_argument("--out", default=None, help="where features and centres go (default: the data dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=4096)
@@ -276,6 +311,8 @@ def main(argv=None):
     ap.add_argument("--backend", choices=("sklearn", "faiss"), default="sklearn")
     ap.add_argument("--image-size", type=int, default=None)
     a = ap.parse_args(argv)
+    if a.extractor != "oracle" and a.k < 1:
+        ap.error("--k K is required (the number of clusters)")
     run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,
         backend=a.backend, image_size=a.image_size)
 

@@ -30,19 +30,58 @@ from rice_jax.data import pipeline, records, synthetic
 from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 
 
-def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_per_image: int = 24, seed: int = 0):
-    """Per-region, per-patch (subsampled) and per-image features of a dataset."""
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Probe layer -> index into the hidden states ``[embed, block 1, ..., block L]``.
+
+    ``0`` is the patch embedding (after the pre-norm), ``i`` the output of block
+    ``i``; negative values count from the end (``-1`` = last block, ``-2`` = the
+    penultimate block, i.e. what LLaVA-style users take).
+    """
+    idx = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"--layer {layer} is outside [-{num_layers + 1}, {num_layers}] for a {num_layers}-block model")
+    return idx
+
+
+def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_per_image: int = 24, seed: int = 0,
+            layers=(-1,), region_layers: int = 0):
+    """Per-region, per-patch (subsampled) and per-image features of a dataset.
+
+    Region and patch features are read at every probe layer in ``layers``
+    (see :func:`resolve_layer`); the ``feat`` of a region/patch item is a dict
+    ``{str(layer): vector}``. With ``region_layers`` = k > 0 the backbone is also run
+    as a RICE model (its last k blocks carrying one region token per box) and
+    each region item gets ``feat["region_token"]``: the post-normed region
+    token, i.e. the model's own region embedding (no training head).
+    """
+    from rice_jax.models.rice import RICEConfig, RICEModel
+
     src = records.RecordSource(data_dir)
     manifest = records.read_manifest(data_dir)
-    gen = manifest.get("generator", {})
-    graphdef, state = nnx.split(vit)
+    num_layers = vit.cfg.num_layers
+    idxs = {l: resolve_layer(l, num_layers) for l in layers}
+    rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
+                     backbone=vit) if region_layers else None
+    graphdef, state = nnx.split(rice if rice is not None else vit)
     gh, gw = vit.grid(image_size, image_size)
 
     @jax.jit
     def fwd(state, x, boxes, valid):
-        out = nnx.merge(graphdef, state)(x)
-        tokens = out.last_hidden_state[:, 1:]
-        return roi_mean_pool(tokens, box_patch_visibility(boxes, valid, gh, gw)), tokens, out.pooler_output
+        model = nnx.merge(graphdef, state)
+        bb = model.backbone if rice is not None else model
+        h = bb.embed(x)
+        cos, sin = bb.rope(gh, gw)
+        hidden = [h]
+        for i in range(num_layers):
+            h = bb.run_block(i, h, cos, sin)
+            hidden.append(h)
+        vis = box_patch_visibility(boxes, valid, gh, gw)
+        roi = {str(l): roi_mean_pool(hidden[i][:, 1:], vis) for l, i in idxs.items()}
+        tokens = {str(l): hidden[i][:, 1:] for l, i in idxs.items()}
+        if rice is not None:
+            _, r = model.region_blocks(hidden[model.first_region_block], (gh, gw), boxes, valid)
+            roi["region_token"] = bb.post_norm(r)
+        return roi, tokens, bb.post_norm(h[:, 0])
 
     rng = np.random.default_rng(seed)
     regions, patches, images = [], [], []
@@ -59,12 +98,12 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
             x[j] = pipeline.resize_normalize(img, image_size)
             boxes[j, : r.num_regions] = r.boxes / np.array([w, h, w, h], np.float32)
             valid[j, : r.num_regions] = True
-        roi, tokens, pooled = (np.asarray(a) for a in fwd(state, jnp.asarray(x), jnp.asarray(boxes), jnp.asarray(valid)))
+        roi, tokens, pooled = jax.tree.map(np.asarray, fwd(state, jnp.asarray(x), jnp.asarray(boxes), jnp.asarray(valid)))
         for j, r in enumerate(recs):
             i = idx[s + j]
             for k in range(r.num_regions):
-                regions.append({"image": i, "feat": roi[j, k], "kind": int(r.kind[k]), "category": int(r.category[k]),
-                                "text": r.text[k]})
+                regions.append({"image": i, "feat": {l: v[j, k] for l, v in roi.items()}, "kind": int(r.kind[k]),
+                                "category": int(r.category[k]), "text": r.text[k]})
             area = {}
             for k in range(r.num_regions):
                 if r.category[k] >= 0:
@@ -72,13 +111,12 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
                     area[int(r.category[k])] = area.get(int(r.category[k]), 0) + (b[2] - b[0]) * (b[3] - b[1])
             images.append({"image": i, "feat": pooled[j], "category": max(area, key=area.get) if area else -1})
             if "seed" in manifest and manifest.get("source") == "synthetic":
-                sem = synthetic.semantic_mask(manifest["seed"], int(r.image_id.rsplit("-", 1)[1]),
-                                              gen.get("min_size", 96), gen.get("max_size", 160))
+                sem = synthetic.semantic_mask(manifest, int(r.image_id.rsplit("-", 1)[1]))
                 lab = np.asarray(Image.fromarray((sem + 1).astype(np.uint8)).resize((gw, gh), Image.NEAREST)) - 1
                 lab = lab.reshape(-1).astype(int) + 1          # 0 = background
                 pick = rng.choice(gh * gw, min(max_patches_per_image, gh * gw), replace=False)
                 for t in pick:
-                    patches.append({"image": i, "feat": tokens[j, t], "label": int(lab[t])})
+                    patches.append({"image": i, "feat": {l: v[j, t] for l, v in tokens.items()}, "label": int(lab[t])})
     return regions, patches, images
 
 
@@ -88,70 +126,109 @@ def _split(items, key="image"):
     return tr, te
 
 
-def _probe(train, test, label_key):
+def _probe(train, test, label_key, feat_key=None):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    xtr = np.stack([t["feat"] for t in train])
-    xte = np.stack([t["feat"] for t in test])
+    get = (lambda t: t["feat"]) if feat_key is None else (lambda t: t["feat"][feat_key])
+    xtr = np.stack([get(t) for t in train])
+    xte = np.stack([get(t) for t in test])
     scaler = StandardScaler().fit(xtr)
     clf = LogisticRegression(max_iter=300, C=1.0).fit(scaler.transform(xtr), [t[label_key] for t in train])
     return clf.predict(scaler.transform(xte)), clf, scaler
 
 
-def evaluate_backbone(vit, data_dir, image_size: int | None = None, tokenizer=None) -> dict:
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
+    """Cosine k-nearest-neighbour majority vote accuracy."""
+    a = train_x / (np.linalg.norm(train_x, axis=1, keepdims=True) + 1e-9)
+    b = test_x / (np.linalg.norm(test_x, axis=1, keepdims=True) + 1e-9)
+    nn = np.argsort(-(b @ a.T), axis=1)[:, :k]
+    votes = np.array([np.bincount(train_y[row], minlength=train_y.max() + 1).argmax() for row in nn])
+    return float(np.mean(votes == test_y))
+
+
+def _region_probes(tr, te, feat_key) -> tuple[float, float]:
+    pred, _, _ = _probe(tr, te, "category", feat_key)
+    y = np.array([t["category"] for t in te])
+    knn = knn_accuracy(np.stack([t["feat"][feat_key] for t in tr]), np.array([t["category"] for t in tr]),
+                       np.stack([t["feat"][feat_key] for t in te]), y)
+    return float(np.mean(pred == y)), knn
+
+
+# What the probes read by default: the output of the penultimate block. No loss reaches the
+# last block's patch outputs (image tokens only feed the region/class tokens of the *next*
+# block), and measured on the quickstart the penultimate layer is the best of the patch
+# layers for region and dense probes (README, "Which layer to probe").
+DEFAULT_LAYER = -2
+
+
+def evaluate_backbone(vit, data_dir, image_size: int | None = None, tokenizer=None, *, layer: int = DEFAULT_LAYER,
+                      region_layers: int = 0, all_layers: bool = False) -> dict:
+    """Frozen-backbone probes of ``vit`` on a held-out dataset.
+
+    ``layer``: which hidden state the region / dense / OCR probes read (see
+    :func:`resolve_layer`). ``region_layers`` > 0 adds ``region_token_*``
+    probes on the model's own region embeddings. ``all_layers`` adds
+    ``per_layer``: region linear / kNN accuracy at every depth.
+    """
     image_size = image_size or vit.cfg.image_size
-    regions, patches, images = extract(vit, data_dir, image_size)
-    res = {}
+    layers = tuple(range(vit.cfg.num_layers + 1)) if all_layers else (layer,)
+    if layer not in layers:
+        layers = layers + (layer,)
+    regions, patches, images = extract(vit, data_dir, image_size, layers=layers, region_layers=region_layers)
+    res = {"layer": layer}
     obj = [r for r in regions if r["kind"] == 0 and r["category"] >= 0]
     tr, te = _split(obj)
     if tr and te and len({t["category"] for t in tr}) > 1:
-        pred, _, _ = _probe(tr, te, "category")
-        y = np.array([t["category"] for t in te])
-        res["region_linear_acc"] = float(np.mean(pred == y))
-        a = np.stack([t["feat"] for t in tr])
-        b = np.stack([t["feat"] for t in te])
-        a /= np.linalg.norm(a, axis=1, keepdims=True) + 1e-9
-        b /= np.linalg.norm(b, axis=1, keepdims=True) + 1e-9
-        nn = np.argsort(-(b @ a.T), axis=1)[:, :10]
-        ytr = np.array([t["category"] for t in tr])
-        knn = np.array([np.bincount(ytr[row], minlength=ytr.max() + 1).argmax() for row in nn])
-        res["region_knn_acc"] = float(np.mean(knn == y))
+        res["region_linear_acc"], res["region_knn_acc"] = _region_probes(tr, te, str(layer))
+        if region_layers:
+            res["region_token_linear_acc"], res["region_token_knn_acc"] = _region_probes(tr, te, "region_token")
+        if all_layers:
+            res["per_layer"] = {str(l): dict(zip(("region_linear_acc", "region_knn_acc"), _region_probes(tr, te, str(l))))
+                                for l in range(vit.cfg.num_layers + 1)}
         res["num_regions_test"] = len(te)
     if patches:
         tr, te = _split(patches)
-        pred, _, _ = _probe(tr, te, "label")
+        pred, _, _ = _probe(tr, te, "label", str(layer))
         y = np.array([t["label"] for t in te])
         ious = [np.sum((pred == c) & (y == c)) / np.sum((pred == c) | (y == c)) for c in np.unique(y)]
         res["dense_miou"] = float(np.mean(ious))
     txt = [r for r in regions if r["kind"] == 1]
     if tokenizer is not None and len(txt) > 10:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.multiclass import OneVsRestClassifier
-        from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler
-
-        tr, te = _split(txt)
-        ids = lambda t: sorted(set(int(i) for i in tokenizer.encode(t["text"], 10) if i >= 0))
-        mlb = MultiLabelBinarizer().fit([ids(t) for t in tr + te])
-        xtr, xte = np.stack([t["feat"] for t in tr]), np.stack([t["feat"] for t in te])
-        sc = StandardScaler().fit(xtr)
-        ytr = mlb.transform([ids(t) for t in tr])
-        keep = ytr.sum(0) > 0
-        clf = OneVsRestClassifier(LogisticRegression(max_iter=300)).fit(sc.transform(xtr), ytr[:, keep])
-        scores = clf.decision_function(sc.transform(xte))
-        classes = np.array(mlb.classes_)[keep]
-        recall = []
-        for row, t in zip(scores, te):
-            top = set(classes[np.argsort(-row)[:5]].tolist())
-            true = set(ids(t))
-            recall.append(len(top & true) / max(len(true), 1))
-        res["ocr_token_recall@5"] = float(np.mean(recall))
+        res["ocr_token_recall@5"] = _ocr_recall(txt, tokenizer, str(layer))
+        if region_layers:
+            res["region_token_ocr_recall@5"] = _ocr_recall(txt, tokenizer, "region_token")
     imgs = [i for i in images if i["category"] >= 0]
     tr, te = _split(imgs)
     if tr and te and len({t["category"] for t in tr}) > 1:
         pred, _, _ = _probe(tr, te, "category")
         res["global_linear_acc"] = float(np.mean(pred == np.array([t["category"] for t in te])))
     return res
+
+
+def _ocr_recall(txt, tokenizer, feat_key, k: int = 5) -> float:
+    """One-vs-rest probe over a text region's token ids -> mean recall@k on the test half."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler
+
+    tr, te = _split(txt)
+    ids = lambda t: sorted(set(int(i) for i in tokenizer.encode(t["text"], 10) if i >= 0))
+    mlb = MultiLabelBinarizer().fit([ids(t) for t in tr + te])
+    xtr = np.stack([t["feat"][feat_key] for t in tr])
+    xte = np.stack([t["feat"][feat_key] for t in te])
+    sc = StandardScaler().fit(xtr)
+    ytr = mlb.transform([ids(t) for t in tr])
+    keep = ytr.sum(0) > 0
+    clf = OneVsRestClassifier(LogisticRegression(max_iter=300)).fit(sc.transform(xtr), ytr[:, keep])
+    scores = clf.decision_function(sc.transform(xte))
+    classes = np.array(mlb.classes_)[keep]
+    recall = []
+    for row, t in zip(scores, te):
+        top = set(classes[np.argsort(-row)[:k]].tolist())
+        true = set(ids(t))
+        recall.append(len(top & true) / max(len(true), 1))
+    return float(np.mean(recall))
 
 
 def load_model(checkpoint: str | None = None, hf: str | None = None):

@@ -179,8 +179,19 @@ def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, 
     n_rows = jnp.sum(has_pos)
     loss = jnp.sum(per_row) / jnp.maximum(n_rows, 1)
     n_pos = jnp.sum(pos_valid)
+    # Diagnostics (no gradient). Top-1: the best-scoring class among those scored (all classes
+    # at rho = 1, the PartialFC sample otherwise) is one of the row's positives.
+    cos_ng = jax.lax.stop_gradient(cos)
+    neg_max = pmax(jnp.max(jnp.where(neg_mask, cos_ng, -2.0), axis=-1))
+    neg_sum = psum(jnp.sum(jnp.where(neg_mask, cos_ng, 0.0), axis=-1))
+    neg_cnt = psum(jnp.sum(neg_mask, axis=-1))
+    pos_max = jnp.max(jnp.where(pos_valid, jax.lax.stop_gradient(pos_cos), -2.0), axis=-1)
+    rows = has_pos & jnp.any(pos_valid, axis=-1)
+    n_eval = jnp.maximum(jnp.sum(rows), 1)
     aux = {
         "pos_cos_mean": jnp.sum(jnp.where(pos_valid, pos_cos, 0.0)) / jnp.maximum(n_pos, 1),
+        "neg_cos_mean": jnp.sum(jnp.where(rows, neg_sum / jnp.maximum(neg_cnt, 1), 0.0)) / n_eval,
+        "top1_acc": jnp.sum(rows & (pos_max > neg_max)) / n_eval,
         "num_rows": n_rows,
         "num_sampled": psum(n_active),
     }
@@ -212,7 +223,10 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
       check_labels: validate label range (eagerly for concrete labels, via a
         host callback under jit).
 
-    ``aux``: ``pos_cos_mean``, ``num_rows``, ``num_sampled`` and, with
+    ``aux``: ``pos_cos_mean`` (mean cosine to the positive centres), ``neg_cos_mean``
+    (mean cosine to the scored negatives, averaged per row), ``top1_acc`` (share of
+    rows whose best-scoring class among the scored ones is a positive — all classes
+    at ``sample_rate`` 1, the PartialFC sample otherwise), ``num_rows``, ``num_sampled`` and, with
     sampling, ``num_positive_classes``, ``num_positive_classes_sampled``,
     ``positives_dropped``.
     """
@@ -263,6 +277,19 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
     return fn(features, labels, centers, rng)
 
 
+def mean_pairwise_cosine(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cosine over pairs ``i != j`` of the rows of ``x [R, D]`` where ``mask [R]``.
+
+    ``(‖Σ f_i‖² − n) / (n(n−1))`` for unit rows ``f_i``: O(R·D), so it is cheap even
+    for the region embeddings of a 32K-image batch. Near 1 = the embeddings have
+    collapsed onto one direction; near 0 = spread out. No gradient.
+    """
+    f = jnp.where(mask[:, None], l2_normalize(jax.lax.stop_gradient(x)), 0.0)
+    n = jnp.sum(mask).astype(jnp.float32)
+    total = jnp.sum(f, axis=0)
+    return (jnp.sum(total * total) - n) / jnp.maximum(n * (n - 1.0), 1.0)
+
+
 def rice_loss(region_embed: jax.Array, region_valid: jax.Array, region_kind: jax.Array, labels: jax.Array,
               centers_obj: jax.Array, centers_ocr: jax.Array, *, object_weight: float = 1.0,
               ocr_weight: float = 1.0, global_embed: Optional[jax.Array] = None,
@@ -292,11 +319,13 @@ def rice_loss(region_embed: jax.Array, region_valid: jax.Array, region_kind: jax
                                            num_classes=num_obj_classes, **loss_kw)
         total = total + object_weight * l_obj
         metrics.update(loss_object=l_obj, **{f"object/{k}": v for k, v in a_obj.items()})
+        metrics["object/pairwise_cos"] = mean_pairwise_cosine(flat, valid & (kind == 0))
     if ocr_weight:
         l_ocr, a_ocr = margin_softmax_loss(flat, centers_ocr, ocr_labels, rng=rngs[1],
                                            num_classes=num_ocr_classes, **loss_kw)
         total = total + ocr_weight * l_ocr
         metrics.update(loss_ocr=l_ocr, **{f"ocr/{k}": v for k, v in a_ocr.items()})
+        metrics["ocr/pairwise_cos"] = mean_pairwise_cosine(flat, valid & (kind == 1))
     if global_weight and global_embed is not None:
         if global_labels is None:
             raise ValueError("global_weight > 0 needs global_labels [B, M]")
@@ -304,5 +333,6 @@ def rice_loss(region_embed: jax.Array, region_valid: jax.Array, region_kind: jax
                                        num_classes=num_obj_classes, **loss_kw)
         total = total + global_weight * l_g
         metrics.update(loss_global=l_g, **{f"global/{k}": v for k, v in a_g.items()})
+        metrics["global/pairwise_cos"] = mean_pairwise_cosine(global_embed, jnp.any(global_labels >= 0, axis=-1))
     metrics["loss"] = total
     return total, metrics

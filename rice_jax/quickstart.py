@@ -43,23 +43,27 @@ def _dataset(path: Path, n: int, seed: int, vocab: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", default="runs/quickstart")
-    ap.add_argument("--num-images", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training data seed S; the held-out data uses S+1 and the model S")
+    ap.add_argument("--num-images", type=int, default=8192)
     ap.add_argument("--eval-images", type=int, default=256)
     ap.add_argument("--clusters", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=0, help="training steps (0 = the tiny config's)")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    summary = {}
+    summary = {"seed": args.seed}
+    t_start = time.perf_counter()
 
     import jax
 
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}")
 
     t = _stage("1. synthetic region data (train + held-out) and OCR tokenizer")
-    train_dir, eval_dir = workdir / "data_train", workdir / "data_eval"
-    _dataset(train_dir, args.num_images, 0, 512)
-    _dataset(eval_dir, args.eval_images, 1, 512)
+    s = args.seed
+    train_dir, eval_dir = workdir / f"data_train_s{s}_n{args.num_images}", workdir / f"data_eval_s{s + 1}_n{args.eval_images}"
+    _dataset(train_dir, args.num_images, s, 512)
+    _dataset(eval_dir, args.eval_images, s + 1, 512)
     from rice_jax.data import records
 
     m = records.read_manifest(train_dir)
@@ -70,7 +74,7 @@ def main(argv=None):
     from rice_jax import clustering
 
     if (m.get("clustering") or {}).get("k") != args.clusters:
-        clustering.run(train_dir, args.clusters)
+        clustering.run(train_dir, args.clusters, seed=s)
     rep = records.read_manifest(train_dir)["clustering"]
     summary["clustering"] = {k: rep.get(k) for k in ("k", "nmi", "ari", "inertia")}
     print(f"({time.perf_counter() - t:.1f}s)")
@@ -80,17 +84,20 @@ def main(argv=None):
 
     c = _config("tiny")
     c.data.dir = str(train_dir)
-    c.stages = ((args.steps, 64),)
-    c.checkpoint_every = 100
-    train.train(c, workdir / "train")
-    rows = [json.loads(l) for l in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+    c.seed = s
+    if args.steps:
+        c.stages = ((args.steps, c.stages[0][1]),)
+    image_size = c.stages[-1][1]
+    train_dir_run = workdir / f"train_s{s}"
+    train.train(c, train_dir_run)
+    rows = [json.loads(l) for l in (train_dir_run / "metrics.jsonl").read_text().splitlines()]
     summary["train"] = {"loss_start": rows[0]["loss"], "loss_end": rows[-1]["loss"], "steps": rows[-1]["step"],
                         "images_per_s": float(np.median([r["images_per_s"] for r in rows[1:]] or [0])),
                         "mfu": float(np.median([r["mfu"] for r in rows[1:]] or [0])),
                         "skipped_updates": rows[-1]["skipped_updates_total"], "seconds": time.perf_counter() - t}
     from rice_jax import plot
 
-    summary["train"]["curves"] = str(plot.plot(workdir / "train"))
+    summary["train"]["curves"] = str(plot.plot(train_dir_run))
     print(json.dumps(summary["train"]))
 
     t = _stage("4. region-probe evaluation of the backbone on held-out data (trained vs random init)")
@@ -100,13 +107,18 @@ def main(argv=None):
     from rice_jax.data.tokenizer import OCRTokenizer
     from rice_jax.models.vit import ViT
 
-    vit = checkpoint.load_backbone(workdir / "train")
+    vit = checkpoint.load_backbone(train_dir_run)
     tok = OCRTokenizer(eval_dir)
-    summary["eval"] = {"trained": evaluate.evaluate_backbone(vit, eval_dir, 64, tok),
-                       "random_init": evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(0)), eval_dir, 64, tok)}
+    rl = c.model.region_layers
+    summary["eval"] = {
+        "trained": evaluate.evaluate_backbone(vit, eval_dir, image_size, tok, region_layers=rl),
+        "random_init": evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(s)), eval_dir, image_size, tok,
+                                                  region_layers=rl)}
     (workdir / "eval.json").write_text(json.dumps(summary["eval"], indent=2) + "\n")
-    for k in summary["eval"]["trained"]:
-        print(f"  {k:22s} trained {summary['eval']['trained'][k]:.3f}   random init {summary['eval']['random_init'].get(k, float('nan')):.3f}")
+    print(f"  probes read layer {summary['eval']['trained']['layer']} (patch tokens, ROI mean-pooled) and the region tokens")
+    for k, v in summary["eval"]["trained"].items():
+        if k not in ("layer", "num_regions_test"):
+            print(f"  {k:26s} trained {v:.3f}   random init {summary['eval']['random_init'].get(k, float('nan')):.3f}")
 
     t = _stage("5. export to Hugging Face and reload with transformers")
     from rice_jax import export
@@ -119,13 +131,17 @@ def main(argv=None):
     if max(diffs.values()) > 1e-4:
         raise SystemExit(f"export parity failed: {diffs}")
 
+    summary["seconds"] = time.perf_counter() - t_start
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    tr = summary["train"]
-    print(f"\nDone. loss {tr['loss_start']:.2f} -> {tr['loss_end']:.2f} over {tr['steps']} steps "
-          f"({tr['images_per_s']:.0f} img/s, MFU {100 * tr['mfu']:.1f}%); "
-          f"region probe {summary['eval']['trained'].get('region_linear_acc', float('nan')):.3f} "
-          f"(random init {summary['eval']['random_init'].get('region_linear_acc', float('nan')):.3f}).")
-    print(f"outputs: {workdir} (train/ checkpoints + metrics + curves.png, eval.json, export_hf/, summary.json)")
+    tr, ev = summary["train"], summary["eval"]
+    print(f"\nDone in {summary['seconds']:.0f}s. loss {tr['loss_start']:.2f} -> {tr['loss_end']:.2f} over {tr['steps']} "
+          f"steps ({tr['images_per_s']:.0f} img/s). outputs: {workdir} (train_s{s}/ checkpoints + metrics + "
+          "curves.png, eval.json, export_hf/, summary.json)")
+    cols = (("region_linear_acc", "region linear"), ("region_knn_acc", "region kNN"), ("dense_miou", "dense mIoU"),
+            ("ocr_token_recall@5", "OCR recall@5"))
+    print("held-out probes, trained vs random init: " + "   ".join(
+        f"{name} {ev['trained'].get(k, float('nan')):.3f} vs {ev['random_init'].get(k, float('nan')):.3f}"
+        for k, name in cols))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
 def build_model_config(c) -> RICEConfig:
     bb = mcfg.get_preset(c.model.backbone, dtype=c.model.dtype, remat_policy=c.model.remat_policy)
     return RICEConfig(backbone=bb, region_layers=c.model.region_layers, region_attend_cls=c.model.region_attend_cls,
-                      embed_dim=c.model.embed_dim or None)
+                      embed_dim=c.model.embed_dim or None, embed_batchnorm=c.model.embed_batchnorm)
 
 
 def _decay_mask(params) -> Any:
@@ -291,7 +291,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     ckpt = checkpoint.Checkpointer(workdir, every=c.checkpoint_every, keep=c.keep_checkpoints,
                                    async_save=c.async_checkpointing)
     meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
-                 "objective": c.objective}
+                 "objective": c.objective, "region_layers": model_cfg.region_layers if c.objective == "rice" else 0}
 
     # ---- Restore or init_from ---------------------------------------------------------
     start = ckpt.latest_step() or 0

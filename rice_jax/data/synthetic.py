@@ -13,8 +13,8 @@ each becomes a text region with its transcript.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
-import math
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -33,6 +33,33 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                     [0, 128, 128], [170, 110, 40], [128, 0, 0], [0, 0, 128], [128, 128, 0], [20, 20, 20]])
 
 
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+    """How images are drawn. Stored in the manifest, so evaluation re-renders the same masks."""
+    min_size: int = 96                              # image side range (pixels)
+    max_size: int = 160
+    object_scale: tuple[float, float] = (1 / 6, 1 / 2)   # object side as a share of the short image side
+    min_object_size: int = 16                       # pixels
+    num_objects: tuple[int, int] = (2, 5)           # inclusive range
+    texture_period: tuple[int, int] = (4, 7)        # stripe / checker period in pixels, inclusive
+    num_words: tuple[int, int] = (1, 2)             # inclusive range
+    font_size: tuple[int, int] = (12, 21)           # inclusive range
+    # Luminance structure that stays independent of the category: the texture's pattern colour
+    # is the darker of its two palette colours, and objects get a dark outline of this width.
+    # Colour still says nothing about the category; edges and stripes get a consistent polarity.
+    dark_pattern: bool = False
+    outline: int = 0
+    # Re-draw an object's position (up to 20 tries) while its box overlaps an earlier one, so
+    # shapes stay whole; the last try is kept, so dense images may still overlap.
+    avoid_overlap: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        """From a manifest's ``generator`` entry (lists become tuples; unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -40,10 +67,10 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _texture(size: int, texture: str, c1, c2, rng) -> Image.Image:
+def _texture(size: int, texture: str, c1, c2, rng, period_range=(4, 7)) -> Image.Image:
     tile = Image.new("RGB", (size, size), tuple(int(v) for v in c1))
     d = ImageDraw.Draw(tile)
-    period = int(rng.integers(4, 8))
+    period = int(rng.integers(period_range[0], period_range[1] + 1))
     if texture == "stripes":
         for k in range(-size, 2 * size, period * 2):
             d.line([(k, 0), (k + size, size)], fill=tuple(int(v) for v in c2), width=period)
@@ -55,8 +82,17 @@ def _texture(size: int, texture: str, c1, c2, rng) -> Image.Image:
     return tile
 
 
-def _shape_mask(size: int, shape: str) -> Image.Image:
+def _luminance(c) -> float:
+    return 0.299 * float(c[0]) + 0.587 * float(c[1]) + 0.114 * float(c[2])
+
+
+def _shape_mask(size: int, shape: str, inset: int = 0) -> Image.Image:
+    """The shape's mask on a ``size`` square; ``inset`` > 0 shrinks it by that many pixels (for outlines)."""
     m = Image.new("L", (size, size), 0)
+    if inset:
+        inner = _shape_mask(max(size - 2 * inset, 2), shape)
+        m.paste(inner, (inset, inset))
+        return m
     d = ImageDraw.Draw(m)
     s = size - 1
     if shape == "circle":
@@ -72,9 +108,9 @@ def _shape_mask(size: int, shape: str) -> Image.Image:
     return m
 
 
-def render_image(rng: np.random.Generator, min_size: int = 96, max_size: int = 160):
+def render_image(rng: np.random.Generator, gen: GeneratorConfig = GeneratorConfig()):
     """One image. Returns (PIL image, boxes, kinds, texts, categories, semantic mask [H,W] int (-1 bg))."""
-    w, h = (int(v) for v in rng.integers(min_size, max_size + 1, 2))
+    w, h = (int(v) for v in rng.integers(gen.min_size, gen.max_size + 1, 2))
     bg = rng.integers(80, 200, 3)
     arr = np.clip(bg + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr)
@@ -84,22 +120,35 @@ def render_image(rng: np.random.Generator, min_size: int = 96, max_size: int = 1
         d.line(pts, fill=tuple(int(v) for v in PALETTE[rng.integers(len(PALETTE))]), width=int(rng.integers(1, 3)))
     sem = np.full((h, w), -1, np.int32)
     boxes, kinds, texts, cats = [], [], [], []
-    for _ in range(int(rng.integers(2, 6))):
-        size = int(rng.integers(max(16, min(w, h) // 6), max(24, min(w, h) // 2)))
-        x0, y0 = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
+    short = min(w, h)
+    lo = max(gen.min_object_size, int(short * gen.object_scale[0]))
+    hi = max(lo + 1, min(int(short * gen.object_scale[1]), short - 1))
+    for _ in range(int(rng.integers(gen.num_objects[0], gen.num_objects[1] + 1))):
+        size = int(rng.integers(lo, hi))
+        for _ in range(20 if gen.avoid_overlap else 1):
+            x0, y0 = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
+            if not any(x0 < b[2] and b[0] < x0 + size and y0 < b[3] and b[1] < y0 + size for b in boxes):
+                break
         cat = int(rng.integers(len(CATEGORIES)))
         shape, texture = CATEGORIES[cat].split("/")
         c1, c2 = PALETTE[rng.choice(len(PALETTE), 2, replace=False)]
+        if gen.dark_pattern and _luminance(c2) > _luminance(c1):
+            c1, c2 = c2, c1
         mask = _shape_mask(size, shape)
-        img.paste(_texture(size, texture, c1, c2, rng), (x0, y0), mask)
+        if gen.outline:
+            img.paste((15, 15, 15), (x0, y0), mask)
+            mask_in = _shape_mask(size, shape, inset=gen.outline)
+        else:
+            mask_in = mask
+        img.paste(_texture(size, texture, c1, c2, rng, gen.texture_period), (x0, y0), mask_in)
         sem[y0:y0 + size, x0:x0 + size][np.asarray(mask) > 0] = cat
         boxes.append([x0, y0, x0 + size, y0 + size])
         kinds.append(records.KIND_OBJECT)
         texts.append("")
         cats.append(cat)
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(gen.num_words[0], gen.num_words[1] + 1))):
         word = WORDS[int(rng.integers(len(WORDS)))]
-        font = _font(int(rng.integers(12, 22)))
+        font = _font(int(rng.integers(gen.font_size[0], gen.font_size[1] + 1)))
         l, t, r, b = d.textbbox((0, 0), word, font=font)
         tw, th = r - l, b - t
         if tw >= w - 2 or th >= h - 2:
@@ -114,31 +163,32 @@ def render_image(rng: np.random.Generator, min_size: int = 96, max_size: int = 1
     return img, np.asarray(boxes, np.float32), kinds, texts, cats, sem
 
 
-def generate(num_images: int, seed: int = 0, min_size: int = 96, max_size: int = 160, fmt: str = "png"):
-    """Yield :class:`records.RegionRecord` deterministically (image i depends only on (seed, i))."""
+def generate(num_images: int, seed: int = 0, gen: GeneratorConfig = GeneratorConfig(), fmt: str = "png"):
+    """Yield :class:`records.RegionRecord` deterministically (image i depends only on (seed, i, gen))."""
     for i in range(num_images):
         rng = np.random.default_rng([seed, i])
-        img, boxes, kinds, texts, cats, _ = render_image(rng, min_size, max_size)
+        img, boxes, kinds, texts, cats, _ = render_image(rng, gen)
         buf = io.BytesIO()
         img.save(buf, format="PNG" if fmt == "png" else "JPEG", quality=92)
         yield records.RegionRecord.new(buf.getvalue(), fmt, img.height, img.width, f"syn-{seed}-{i:07d}",
                                        boxes, kinds, text=texts, category=cats)
 
 
-def semantic_mask(seed: int, index: int, min_size: int = 96, max_size: int = 160) -> np.ndarray:
-    """The per-pixel category map of image ``index`` (re-rendered deterministically; -1 = background)."""
-    return render_image(np.random.default_rng([seed, index]), min_size, max_size)[5]
+def semantic_mask(manifest: dict, index: int) -> np.ndarray:
+    """The per-pixel category map of image ``index`` of a synthetic dataset (re-rendered; -1 = background)."""
+    gen = GeneratorConfig.from_dict(manifest.get("generator", {}))
+    return render_image(np.random.default_rng([manifest["seed"], index]), gen)[5]
 
 
-def build(out: str, num_images: int, seed: int = 0, min_size: int = 96, max_size: int = 160,
+def build(out: str, num_images: int, seed: int = 0, gen: GeneratorConfig = GeneratorConfig(),
           num_shards: int = 4, fmt: str = "png", progress: bool = False) -> dict:
-    it = generate(num_images, seed, min_size, max_size, fmt)
+    it = generate(num_images, seed, gen, fmt)
     if progress:
         from tqdm import tqdm
 
         it = tqdm(it, total=num_images, desc="synthetic images", unit="img")
     extra = {"source": "synthetic", "categories": list(CATEGORIES), "seed": seed,
-             "generator": {"min_size": min_size, "max_size": max_size, "format": fmt}}
+             "generator": dict(dataclasses.asdict(gen), format=fmt)}
     return records.write_records(it, out, num_shards=max(1, min(num_shards, num_images)), manifest_extra=extra)
 
 
@@ -147,12 +197,13 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--num-images", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-size", type=int, default=96)
-    ap.add_argument("--max-size", type=int, default=160)
+    ap.add_argument("--min-size", type=int, default=GeneratorConfig.min_size)
+    ap.add_argument("--max-size", type=int, default=GeneratorConfig.max_size)
     ap.add_argument("--num-shards", type=int, default=4)
     ap.add_argument("--format", choices=("png", "jpeg"), default="png")
     a = ap.parse_args(argv)
-    m = build(a.out, a.num_images, a.seed, a.min_size, a.max_size, a.num_shards, a.format, progress=True)
+    gen = GeneratorConfig(min_size=a.min_size, max_size=a.max_size)
+    m = build(a.out, a.num_images, a.seed, gen, a.num_shards, a.format, progress=True)
     print(f"wrote {m['num_images']} images, {m['num_object_regions']} object and "
           f"{m['num_text_regions']} text regions to {a.out}")
 

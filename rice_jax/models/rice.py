@@ -29,6 +29,11 @@ class RICEConfig:
     region_layers: int = 2            # last k blocks run on [cls; patches; regions]
     region_attend_cls: bool = False   # let region tokens also see the class token
     embed_dim: Optional[int] = None   # head output E; None or == D means identity (no head)
+    # Standardise the embeddings over the batch (valid rows only; no parameters, training-only).
+    # Region tokens start from the class-token state, so at initialisation every region of every
+    # image embeds to nearly the same vector (mean pairwise cosine ~0.9): removing the batch mean
+    # leaves the part that differs between regions for the margin softmax to act on.
+    embed_batchnorm: bool = False
 
     def __post_init__(self):
         if not 1 <= self.region_layers <= self.backbone.num_layers:
@@ -42,6 +47,22 @@ class RICEOutput:
     global_embed: Array        # [B, E]        head(post-LN class token)
     region_embed: Array        # [B, N, E]     head(post-LN region tokens); not normalised
     region_hidden: Array       # [B, N, D]     region tokens before post-LN
+
+
+def batch_standardize(x: Array, valid: Optional[Array] = None, eps: float = 1e-5) -> Array:
+    """Per-feature zero mean / unit variance over all leading axes of ``x [..., E]``, rows where ``valid``.
+
+    Statistics in fp32 over the *global* batch (under jit with a sharded batch the sums
+    become cross-device reductions). Invalid rows are standardised with the same
+    statistics but do not contribute to them.
+    """
+    xf = x.astype(jnp.float32)
+    flat = xf.reshape(-1, x.shape[-1])
+    w = jnp.ones(flat.shape[:1], jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mean = jnp.sum(flat * w[:, None], axis=0) / n
+    var = jnp.sum(jnp.square(flat - mean) * w[:, None], axis=0) / n
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class RICEModel(nnx.Module):
@@ -60,8 +81,11 @@ class RICEModel(nnx.Module):
     def first_region_block(self) -> int:
         return self.cfg.backbone.num_layers - self.cfg.region_layers
 
-    def _project(self, x: Array) -> Array:
-        return x if self.head is None else self.head(x)
+    def _project(self, x: Array, valid: Optional[Array] = None) -> Array:
+        x = x if self.head is None else self.head(x)
+        if self.cfg.embed_batchnorm:
+            x = batch_standardize(x, valid)
+        return x
 
     def region_blocks(self, x: Array, grid: tuple[int, int], boxes: Array, region_valid: Array,
                       start: Optional[int] = None) -> tuple[Array, Array]:
@@ -102,4 +126,4 @@ class RICEModel(nnx.Module):
         pooled = vit.post_norm(x[:, 0])
         return RICEOutput(
             last_hidden_state=x, pooler_output=pooled, global_embed=self._project(pooled),
-            region_embed=self._project(vit.post_norm(r)), region_hidden=r)
+            region_embed=self._project(vit.post_norm(r), region_valid), region_hidden=r)
