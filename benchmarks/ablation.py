@@ -1,17 +1,23 @@
-"""Ablation: RICE (object + OCR region losses) vs global-only (MLCD-style) vs random init.
+"""Ablation: RICE vs global-only (MLCD-style) vs RICE with oracle labels vs random init.
 
-Same data, model, batch and step budget; several seeds; every method evaluated by
-rice_jax.evaluate on the same held-out synthetic set (frozen exported backbone).
-Writes benchmarks/results/ablation.json and ablation.png, prints one JSON line.
+Same data, model, batch and step budget for every trained method (the ``tiny``
+config as the quickstart runs it); several seeds, where seed S means training
+data S, held-out data S+1 and model S. Every method is evaluated by
+rice_jax.evaluate on the same held-out synthetic images (frozen exported
+backbone). The handcrafted clustering teacher's own probe at the same
+resolution is reported beside them. Writes benchmarks/results/ablation.json
+and ablation.png, prints one JSON line.
 
-    python -m benchmarks.ablation [--steps 2000 --images 8192 --seeds 0 1]   # ~25 min on 2 cores
+    python -m benchmarks.ablation [--seeds 0 1 2]     # ~12 min per seed on 2 cores
     python -m benchmarks.ablation --smoke
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,9 @@ import numpy as np
 from benchmarks.common import RESULTS, report
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("rice", "mlcd", "random_init")
+METHODS = ("rice", "mlcd", "rice_oracle", "random_init", "teacher")
+LABELS = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
+          "random_init": "random init", "teacher": "handcrafted teacher"}
 
 
 def _config(arg):
@@ -29,86 +37,106 @@ def _config(arg):
     return mod.get_config(arg)
 
 
-def prepare(root: Path, n_train: int, n_eval: int, k: int):
+def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int):
+    """Training data with k-means labels, a copy with oracle labels, and held-out data."""
     from rice_jax import clustering
     from rice_jax.data import records, synthetic, tokenizer
 
-    for name, n, seed in (("train", n_train, 0), ("eval", n_eval, 1)):
-        d = root / name
-        if not (d / records.MANIFEST).exists():
-            synthetic.build(str(d), n, seed=seed)
-            tokenizer.build_for_dataset(d, vocab_size=512)
-    if (records.read_manifest(root / "train").get("clustering") or {}).get("k") != k:
-        clustering.run(root / "train", k, log=lambda s: None)
-    return root / "train", root / "eval"
+    dirs = {"train": root / f"train_s{seed}", "eval": root / f"eval_s{seed + 1}", "oracle": root / f"oracle_s{seed}"}
+    for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
+        if not (dirs[name] / records.MANIFEST).exists():
+            synthetic.build(str(dirs[name]), n, seed=s)
+            tokenizer.build_for_dataset(dirs[name], vocab_size=512)
+    if (records.read_manifest(dirs["train"]).get("clustering") or {}).get("k") != k:
+        clustering.run(dirs["train"], k, seed=seed, log=lambda s: None)
+    if not dirs["oracle"].exists():
+        shutil.copytree(dirs["train"], dirs["oracle"])
+        clustering.oracle_labels(dirs["oracle"], log=lambda s: None)
+    return dirs
 
 
-def run_one(method: str, seed: int, train_dir: Path, eval_dir: Path, workdir: Path, steps: int, image: int):
+def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     from flax import nnx
 
     from rice_jax import checkpoint, evaluate, train
     from rice_jax.data.tokenizer import OCRTokenizer
+    from rice_jax.models.config import get_preset
     from rice_jax.models.vit import ViT
 
-    tok = OCRTokenizer(eval_dir)
     c = _config("tiny" if method != "mlcd" else "tiny,objective=mlcd")
+    image = c.stages[-1][1]
+    eval_dir = dirs["eval"]
+    if method == "teacher":
+        return evaluate.evaluate_handcrafted(eval_dir, image), None
+    tok = OCRTokenizer(eval_dir)
+    rl = c.model.region_layers
     if method == "random_init":
-        from rice_jax.models.config import get_preset
-
         vit = ViT(get_preset(c.model.backbone), rngs=nnx.Rngs(seed))
-        return evaluate.evaluate_backbone(vit, eval_dir, image, tok), None
-    c.data.dir, c.seed = str(train_dir), seed
-    c.stages = ((steps, image),)
+        return evaluate.evaluate_backbone(vit, eval_dir, image, tok, region_layers=rl), None
+    c.data.dir, c.seed = str(dirs["oracle" if method == "rice_oracle" else "train"]), seed
+    if steps:
+        c.stages = ((steps, image),)
     c.progress_bar, c.checkpoint_every = False, 10**9
+    t = time.perf_counter()
     s = train.train(c, workdir)
-    return evaluate.evaluate_backbone(checkpoint.load_backbone(workdir), eval_dir, image, tok), \
-        {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"]}
+    seconds = time.perf_counter() - t
+    res = evaluate.evaluate_backbone(checkpoint.load_backbone(workdir), eval_dir, image, tok,
+                                     region_layers=rl if method != "mlcd" else 0)
+    return res, {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
+                 "train_seconds": seconds, "steps": s["end_step"]}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--steps", type=int, default=0, help="0 = the tiny config's budget (the quickstart's)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=8192)
+    ap.add_argument("--eval-images", type=int, default=512)
     ap.add_argument("--clusters", type=int, default=48)
     ap.add_argument("--data-root", default=None, help="reuse generated data here")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.steps, a.seeds, a.images, a.clusters = 4, [0], 64, 8
-    image = 64
+        a.steps, a.seeds, a.images, a.eval_images, a.clusters = 4, [0], 64, 64, 8
+    runs = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.data_root or tmp)
-        train_dir, eval_dir = prepare(root, a.images, max(64, a.images // 4), a.clusters)
-        runs = {m: [] for m in METHODS}
         for seed in a.seeds:
+            dirs = prepare(root, seed, a.images, a.eval_images, a.clusters)
             for m in METHODS:
-                res, tr = run_one(m, seed, train_dir, eval_dir, Path(tmp) / f"{m}_{seed}", a.steps, image)
+                res, tr = run_one(m, seed, dirs, Path(tmp) / f"{m}_{seed}", a.steps)
                 runs[m].append({"seed": seed, **res, **(tr or {})})
-    metrics = [k for k in runs["rice"][0] if k not in ("seed", "num_regions_test", "loss_start", "loss_end")]
+                print(f"[ablation] seed {seed} {m}: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)), flush=True)
+    skip = ("seed", "num_regions_test", "loss_start", "loss_end", "layer", "train_seconds", "steps")
     table = {m: {k: {"mean": float(np.mean([r[k] for r in runs[m]])), "std": float(np.std([r[k] for r in runs[m]]))}
-                 for k in metrics} for m in METHODS}
+                 for k in runs[m][0] if k not in skip} for m in METHODS}
+    c = _config("tiny")
     rec = report("ablation" if not a.smoke else "ablation_smoke",
-                 {"steps": a.steps, "seeds": a.seeds, "images": a.images, "clusters": a.clusters, "table": table,
-                  "runs": runs}, write=not a.smoke)
+                 {"steps": a.steps or sum(s[0] for s in c.stages), "image_size": c.stages[-1][1],
+                  "seeds": a.seeds, "images": a.images, "eval_images": a.eval_images, "clusters": a.clusters,
+                  "probe_layer": runs["rice"][0].get("layer"), "table": table, "runs": runs}, write=not a.smoke)
     if not a.smoke:
-        _plot(table, metrics)
+        _plot(table)
     return rec
 
 
-def _plot(table, metrics):
+def _plot(table):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4))
+    metrics = [k for k in table["rice"] if not k.startswith("region_token")]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     w = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):
-        ax.bar(np.arange(len(metrics)) + i * w, [table[m][k]["mean"] for k in metrics], w,
-               yerr=[table[m][k]["std"] for k in metrics], label=m)
-    ax.set_xticks(np.arange(len(metrics)) + w, metrics, rotation=15)
-    ax.legend()
+        ks = [k for k in metrics if k in table[m]]
+        xs = [metrics.index(k) + i * w for k in ks]
+        ax.bar(xs, [table[m][k]["mean"] for k in ks], w, yerr=[table[m][k]["std"] for k in ks], label=LABELS[m])
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - w / 2, metrics, rotation=12)
+    ax.axhline(1 / 12, color="grey", lw=0.8, ls="--", label="chance (12 categories)")
+    ax.legend(fontsize=8)
     ax.set_title("frozen-backbone probes on held-out synthetic data (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(RESULTS / "ablation.png", dpi=90)

@@ -90,6 +90,17 @@ def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict,
     return state, meta, step
 
 
+def read_meta(path: str | os.PathLike, step: Optional[int] = None) -> dict:
+    """The JSON metadata of a checkpoint (backbone config, K, V, objective, region layers), no arrays."""
+    mngr = _manager(_find_dir(path), read_only=True, async_save=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{path}: no checkpoint found")
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    mngr.close()
+    return meta
+
+
 def load_into(abstract_pure: dict, restored: Any, where: str) -> dict:
     """Fill a pure-dict parameter tree from a restored tree whose dict keys may have become strings."""
     def walk(a, r, path):

@@ -1,11 +1,14 @@
 """Frozen-backbone evaluation of what users get: the exported ViT.
 
-    python -m rice_jax.evaluate --checkpoint WORKDIR --data HELDOUT_DIR [--out results.json]
+    python -m rice_jax.evaluate --checkpoint WORKDIR --data HELDOUT_DIR [--layer -2] [--all-layers] [--out results.json]
     python -m rice_jax.evaluate --hf HF_DIR --data HELDOUT_DIR
 
 On a held-out synthetic dataset (images split 50/50 into probe-train/test):
-- region classification: ROI mean-pooled patch tokens per object box ->
-  logistic-regression probe accuracy and cosine kNN (k=10) accuracy;
+- region classification: ROI mean-pooled patch tokens per object box (read at
+  ``--layer``, default the penultimate block: the best layer measured, and what
+  LLaVA-style users take) -> logistic-regression probe accuracy and cosine kNN
+  (k=10) accuracy; with region layers, the same probes on the model's own
+  region tokens (``region_token_*``);
 - dense: per-patch logistic-regression probe of the generator's semantic mask
   (12 categories + background) -> mIoU;
 - OCR: per text region, one-vs-rest probe over its transcript's token ids ->
@@ -231,6 +234,35 @@ def _ocr_recall(txt, tokenizer, feat_key, k: int = 5) -> float:
     return float(np.mean(recall))
 
 
+def evaluate_handcrafted(data_dir, image_size: int) -> dict:
+    """The clustering teacher's own region probes at the model's input resolution.
+
+    Each image is resized to ``image_size`` x ``image_size`` exactly as the backbone
+    sees it, the object boxes are cut from that image and described by
+    :func:`rice_jax.clustering.handcrafted_features`; same split and probes as
+    :func:`evaluate_backbone`. What the pseudo-labels were made from, so the bar a
+    backbone trained on them has to clear to have learned more than its teacher.
+    """
+    from rice_jax.clustering import handcrafted_features
+
+    src = records.RecordSource(data_dir)
+    items = []
+    for i in range(len(src)):
+        rec = src[i]
+        img = Image.open(io.BytesIO(rec.image)).convert("RGB")
+        w, h = img.size
+        arr = np.asarray(img.resize((image_size, image_size), Image.BICUBIC))
+        scale = np.array([image_size / w, image_size / h] * 2)
+        for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
+            x0, y0 = np.floor(rec.boxes[r][:2] * scale[:2]).astype(int)
+            x1, y1 = np.ceil(rec.boxes[r][2:] * scale[2:]).astype(int)
+            crop = arr[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
+            items.append({"image": i, "feat": {"hand": handcrafted_features(crop)}, "category": int(rec.category[r])})
+    tr, te = _split(items)
+    lin, knn = _region_probes(tr, te, "hand")
+    return {"region_linear_acc": lin, "region_knn_acc": knn, "num_regions_test": len(te)}
+
+
 def load_model(checkpoint: str | None = None, hf: str | None = None):
     if hf:
         from rice_jax import export
@@ -248,13 +280,28 @@ def main(argv=None):
     src.add_argument("--hf", help="local HF MLCDVisionModel directory")
     ap.add_argument("--data", required=True, help="held-out region dataset (synthetic for the dense probe)")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--layer", type=int, default=DEFAULT_LAYER,
+                    help="hidden state the probes read: 0 = patch embedding, i = after block i, negative from the "
+                         f"end (default {DEFAULT_LAYER}: the penultimate block, the best measured)")
+    ap.add_argument("--all-layers", action="store_true", help="also report region probes at every depth")
+    ap.add_argument("--region-layers", type=int, default=None,
+                    help="also probe the model's own region tokens (k region blocks; default: from the "
+                         "checkpoint, 0 for an HF model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from rice_jax.data.tokenizer import OCRTokenizer
 
     m = records.read_manifest(a.data)
     tok = OCRTokenizer(Path(a.data) / m["tokenizer"]["file"]) if m.get("tokenizer") else None
-    res = evaluate_backbone(load_model(a.checkpoint, a.hf), a.data, a.image_size, tok)
+    rl = a.region_layers
+    if rl is None:
+        rl = 0
+        if a.checkpoint:
+            from rice_jax import checkpoint as ckpt
+
+            rl = int(ckpt.read_meta(a.checkpoint).get("region_layers", 0))
+    res = evaluate_backbone(load_model(a.checkpoint, a.hf), a.data, a.image_size, tok, layer=a.layer,
+                            region_layers=rl, all_layers=a.all_layers)
     print(json.dumps(res, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2) + "\n")

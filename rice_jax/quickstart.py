@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0,
                     help="training data seed S; the held-out data uses S+1 and the model S")
     ap.add_argument("--num-images", type=int, default=8192)
-    ap.add_argument("--eval-images", type=int, default=256)
+    ap.add_argument("--eval-images", type=int, default=512)
     ap.add_argument("--clusters", type=int, default=48)
     ap.add_argument("--steps", type=int, default=0, help="training steps (0 = the tiny config's)")
     args = ap.parse_args(argv)
@@ -111,13 +111,13 @@ def main(argv=None):
     tok = OCRTokenizer(eval_dir)
     rl = c.model.region_layers
     summary["eval"] = {
-        "trained": evaluate.evaluate_backbone(vit, eval_dir, image_size, tok, region_layers=rl),
+        "trained": evaluate.evaluate_backbone(vit, eval_dir, image_size, tok, region_layers=rl, all_layers=True),
         "random_init": evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(s)), eval_dir, image_size, tok,
-                                                  region_layers=rl)}
+                                                  region_layers=rl, all_layers=True)}
     (workdir / "eval.json").write_text(json.dumps(summary["eval"], indent=2) + "\n")
     print(f"  probes read layer {summary['eval']['trained']['layer']} (patch tokens, ROI mean-pooled) and the region tokens")
     for k, v in summary["eval"]["trained"].items():
-        if k not in ("layer", "num_regions_test"):
+        if k not in ("layer", "num_regions_test", "per_layer"):
             print(f"  {k:26s} trained {v:.3f}   random init {summary['eval']['random_init'].get(k, float('nan')):.3f}")
 
     t = _stage("5. export to Hugging Face and reload with transformers")

@@ -1,12 +1,20 @@
 """Deterministic synthetic region dataset: the embedded default data of the quickstart and tests.
 
-Each image has a cluttered background, several objects and a few rendered
-words. An object's category is (shape, texture): 4 shapes x 3 textures = 12
-categories; its colours are drawn at random from one palette shared by all
-categories, so a single pixel's colour says nothing about the category —
-shape and texture must be seen. Words come from a fixed vocabulary and are
-rendered with Pillow's scalable built-in font in several sizes and colours;
-each becomes a text region with its transcript.
+Each image has a noisy, cluttered background, one to four objects and a few
+rendered words. An object's category is (shape, texture): 4 shapes x 3
+textures = 12 categories; its colours are drawn at random from one palette
+shared by all categories, so colour says nothing about the category — shape
+and texture must be seen. Words come from a fixed vocabulary and are rendered
+with Pillow's scalable built-in font in several sizes and colours; each
+becomes a text region with its transcript.
+
+The defaults (:class:`GeneratorConfig`) are sized for the ``tiny`` model that
+trains at 64 px with 8-px patches (README, "Why the first quickstart learned
+nothing"): objects span 3-6 patches there, texture periods stay >= 3 px after
+the resize, objects do not occlude each other, patterned textures put the
+darker colour in the pattern and objects carry a thin dark outline (so edges
+and stripes have one polarity, as most natural edges have a dominant one,
+while colour stays uninformative).
 
     python -m rice_jax.data.synthetic --out DIR --num-images N --seed S
 """
@@ -37,27 +45,38 @@ PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
 class GeneratorConfig:
     """How images are drawn. Stored in the manifest, so evaluation re-renders the same masks."""
     min_size: int = 96                              # image side range (pixels)
-    max_size: int = 160
-    object_scale: tuple[float, float] = (1 / 6, 1 / 2)   # object side as a share of the short image side
+    max_size: int = 128
+    object_scale: tuple[float, float] = (0.25, 0.45)    # object side as a share of the short image side
     min_object_size: int = 16                       # pixels
-    num_objects: tuple[int, int] = (2, 5)           # inclusive range
-    texture_period: tuple[int, int] = (4, 7)        # stripe / checker period in pixels, inclusive
+    num_objects: tuple[int, int] = (1, 4)           # inclusive range
+    texture_period: tuple[int, int] = (6, 10)       # stripe / checker period in pixels, inclusive
     num_words: tuple[int, int] = (1, 2)             # inclusive range
-    font_size: tuple[int, int] = (12, 21)           # inclusive range
-    # Luminance structure that stays independent of the category: the texture's pattern colour
-    # is the darker of its two palette colours, and objects get a dark outline of this width.
-    # Colour still says nothing about the category; edges and stripes get a consistent polarity.
-    dark_pattern: bool = False
-    outline: int = 0
+    font_size: tuple[int, int] = (14, 22)           # inclusive range
+    # Luminance structure that stays independent of the category: a patterned texture's pattern
+    # colour is the darker of its two palette colours, and objects get a dark outline of this
+    # width. Colour still says nothing about the category; edges and stripes get one polarity.
+    dark_pattern: bool = True
+    outline: int = 2
     # Re-draw an object's position (up to 20 tries) while its box overlaps an earlier one, so
-    # shapes stay whole; the last try is kept, so dense images may still overlap.
-    avoid_overlap: bool = False
+    # shapes stay whole; the last try is kept, so crowded images may still overlap.
+    avoid_overlap: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
-        """From a manifest's ``generator`` entry (lists become tuples; unknown keys are ignored)."""
+        """From a manifest's ``generator`` entry (lists become tuples; unknown keys are ignored).
+
+        A field the entry lacks takes the value of the first generator design (datasets
+        written before the field existed), so their masks re-render exactly.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**{**FIRST_DESIGN, **given})
+
+
+# The generator as first shipped (large images, small occluding objects, fine textures):
+# what a manifest without these fields was written with.
+FIRST_DESIGN = dict(min_size=96, max_size=160, object_scale=(1 / 6, 1 / 2), num_objects=(2, 5), texture_period=(4, 7),
+                    num_words=(1, 2), font_size=(12, 21), dark_pattern=False, outline=0, avoid_overlap=False)
 
 
 def _font(size: int):
@@ -132,7 +151,9 @@ def render_image(rng: np.random.Generator, gen: GeneratorConfig = GeneratorConfi
         cat = int(rng.integers(len(CATEGORIES)))
         shape, texture = CATEGORIES[cat].split("/")
         c1, c2 = PALETTE[rng.choice(len(PALETTE), 2, replace=False)]
-        if gen.dark_pattern and _luminance(c2) > _luminance(c1):
+        # Only patterned textures are ordered: a solid object keeps a uniformly drawn colour, so
+        # brightness does not tell solid from patterned either.
+        if gen.dark_pattern and texture != "solid" and _luminance(c2) > _luminance(c1):
             c1, c2 = c2, c1
         mask = _shape_mask(size, shape)
         if gen.outline:
