@@ -72,7 +72,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     rl = c.model.region_layers
     if method == "random_init":
         vit = ViT(get_preset(c.model.backbone), rngs=nnx.Rngs(seed))
-        return evaluate.evaluate_backbone(vit, eval_dir, image, tok, region_layers=rl), None
+        return evaluate.evaluate_backbone(vit, eval_dir, image, tok, region_layers=rl, all_layers=True), None
     c.data.dir, c.seed = str(dirs["oracle" if method == "rice_oracle" else "train"]), seed
     if steps:
         c.stages = ((steps, image),)
@@ -81,7 +81,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     s = train.train(c, workdir)
     seconds = time.perf_counter() - t
     res = evaluate.evaluate_backbone(checkpoint.load_backbone(workdir), eval_dir, image, tok,
-                                     region_layers=rl if method != "mlcd" else 0)
+                                     region_layers=rl if method != "mlcd" else 0, all_layers=True)
     return res, {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
                  "train_seconds": seconds, "steps": s["end_step"]}
 
@@ -108,14 +108,18 @@ def main(argv=None):
                 runs[m].append({"seed": seed, **res, **(tr or {})})
                 print(f"[ablation] seed {seed} {m}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)), flush=True)
-    skip = ("seed", "num_regions_test", "loss_start", "loss_end", "layer", "train_seconds", "steps")
+    skip = ("seed", "num_regions_test", "loss_start", "loss_end", "layer", "train_seconds", "steps", "per_layer")
     table = {m: {k: {"mean": float(np.mean([r[k] for r in runs[m]])), "std": float(np.std([r[k] for r in runs[m]]))}
                  for k in runs[m][0] if k not in skip} for m in METHODS}
+    # Region probes at every depth (0 = patch embedding, i = after block i), mean over seeds.
+    layers = {m: {l: {k: float(np.mean([r["per_layer"][l][k] for r in runs[m]])) for k in v}
+                  for l, v in runs[m][0]["per_layer"].items()} for m in METHODS if "per_layer" in runs[m][0]}
     c = _config("tiny")
     rec = report("ablation" if not a.smoke else "ablation_smoke",
                  {"steps": a.steps or sum(s[0] for s in c.stages), "image_size": c.stages[-1][1],
                   "seeds": a.seeds, "images": a.images, "eval_images": a.eval_images, "clusters": a.clusters,
-                  "probe_layer": runs["rice"][0].get("layer"), "table": table, "runs": runs}, write=not a.smoke)
+                  "probe_layer": runs["rice"][0].get("layer"), "table": table, "layers": layers, "runs": runs},
+                 write=not a.smoke)
     if not a.smoke:
         _plot(table)
     return rec

@@ -39,6 +39,7 @@ def small_config(data_dir, steps=24, every=6, arg="tiny"):
     c.data.dir = str(data_dir)
     c.batch_size = 16
     c.stages = ((steps, 32),)
+    c.optim.warmup_steps = 4
     c.checkpoint_every = every
     c.log_every = 2
     c.progress_bar = False
@@ -48,7 +49,7 @@ def small_config(data_dir, steps=24, every=6, arg="tiny"):
 
 def _overrides(c):
     return [f"--config.data.dir={c.data.dir}", f"--config.batch_size={c.batch_size}",
-            f"--config.checkpoint_every={c.checkpoint_every}", "--config.log_every=2",
+            f"--config.checkpoint_every={c.checkpoint_every}", "--config.log_every=2", "--config.optim.warmup_steps=4",
             "--config.progress_bar=False", "--config.peak_flops=1e11",
             f"--config.stages=(({c.stages[0][0]}, 32),)"]
 

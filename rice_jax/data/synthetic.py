@@ -51,15 +51,16 @@ class GeneratorConfig:
     num_objects: tuple[int, int] = (1, 4)           # inclusive range
     texture_period: tuple[int, int] = (6, 10)       # stripe / checker period in pixels, inclusive
     num_words: tuple[int, int] = (1, 2)             # inclusive range
-    font_size: tuple[int, int] = (14, 22)           # inclusive range
+    font_size: tuple[int, int] = (16, 24)           # inclusive range
     # Luminance structure that stays independent of the category: a patterned texture's pattern
     # colour is the darker of its two palette colours, and objects get a dark outline of this
     # width. Colour still says nothing about the category; edges and stripes get one polarity.
     dark_pattern: bool = True
     outline: int = 2
-    # Re-draw an object's position (up to 20 tries) while its box overlaps an earlier one, so
-    # shapes stay whole; the last try is kept, so crowded images may still overlap.
+    # Re-draw an object's / word's position (up to 20 tries) while its box overlaps an earlier
+    # one, so shapes and words stay whole; the last try is kept, so crowded images may overlap.
     avoid_overlap: bool = True
+    dark_text: bool = True                          # words in the palette's darker colours (legible)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
@@ -76,7 +77,12 @@ class GeneratorConfig:
 # The generator as first shipped (large images, small occluding objects, fine textures):
 # what a manifest without these fields was written with.
 FIRST_DESIGN = dict(min_size=96, max_size=160, object_scale=(1 / 6, 1 / 2), num_objects=(2, 5), texture_period=(4, 7),
-                    num_words=(1, 2), font_size=(12, 21), dark_pattern=False, outline=0, avoid_overlap=False)
+                    num_words=(1, 2), font_size=(12, 21), dark_pattern=False, outline=0, avoid_overlap=False,
+                    dark_text=False)
+
+
+# Text colours darker than every background (backgrounds are grey levels 80-200 plus noise).
+DARK_PALETTE = np.array([c for c in PALETTE if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 90])
 
 
 def _font(size: int):
@@ -174,8 +180,12 @@ def render_image(rng: np.random.Generator, gen: GeneratorConfig = GeneratorConfi
         tw, th = r - l, b - t
         if tw >= w - 2 or th >= h - 2:
             continue
-        x, y = int(rng.integers(0, w - tw - 1)), int(rng.integers(0, h - th - 1))
-        color = tuple(int(v) for v in PALETTE[rng.integers(len(PALETTE))])
+        for _ in range(20 if gen.avoid_overlap else 1):
+            x, y = int(rng.integers(0, w - tw - 1)), int(rng.integers(0, h - th - 1))
+            if not any(x < bx[2] and bx[0] < x + tw and y < bx[3] and bx[1] < y + th for bx in boxes):
+                break
+        palette = DARK_PALETTE if gen.dark_text else PALETTE
+        color = tuple(int(v) for v in palette[rng.integers(len(palette))])
         d.text((x - l, y - t), word, fill=color, font=font)
         boxes.append([x, y, x + tw, y + th])
         kinds.append(records.KIND_TEXT)
