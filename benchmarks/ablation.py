@@ -1,14 +1,14 @@
 """Ablation: RICE vs global-only (MLCD-style) vs RICE with oracle labels vs random init.
 
 Same data, model, batch and step budget for every trained method (the ``tiny``
-config as the quickstart runs it); several seeds, where seed S means training
-data S, held-out data S+1 and model S. Every method is evaluated by
-rice_jax.evaluate on the same held-out synthetic images (frozen exported
-backbone). The handcrafted clustering teacher's own probe at the same
-resolution is reported beside them. Writes benchmarks/results/ablation.json
-and ablation.png, prints one JSON line.
+config, trained for 3000 steps instead of the quickstart's 1800); several
+seeds, where seed S means training data S, held-out data S+1 and model S.
+Every method is evaluated by rice_jax.evaluate on the same held-out synthetic
+images (frozen exported backbone). The handcrafted clustering teacher's own
+probe at the same resolution is reported beside them. Writes
+benchmarks/results/ablation.json and ablation.png, prints one JSON line.
 
-    python -m benchmarks.ablation [--seeds 0 1 2]     # ~12 min per seed on 2 cores
+    python -m benchmarks.ablation [--seeds 0 1 2] [--steps 3000]     # ~15 min per seed on 2 cores
     python -m benchmarks.ablation --smoke
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=0, help="0 = the tiny config's budget (the quickstart's)")
+    ap.add_argument("--steps", type=int, default=3000, help="training steps of every method (0 = the tiny config's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images", type=int, default=8192)
     ap.add_argument("--eval-images", type=int, default=512)

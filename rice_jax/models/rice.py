@@ -45,7 +45,7 @@ class RICEOutput:
     last_hidden_state: Array   # [B, 1+T, D]   image path, identical to the plain ViT
     pooler_output: Array       # [B, D]
     global_embed: Array        # [B, E]        head(post-LN class token)
-    region_embed: Array        # [B, N, E]     head(post-LN region tokens); not normalised
+    region_embed: Array        # [B, N, E]     head(post-LN region tokens) (batch-standardised if configured)
     region_hidden: Array       # [B, N, D]     region tokens before post-LN
 
 
