@@ -79,6 +79,8 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     c.progress_bar, c.checkpoint_every = False, 10**9
     t = time.perf_counter()
     s = train.train(c, workdir)
+    if s["preempted"]:  # SIGTERM: train saved and returned early; do not report a half-trained row
+        raise SystemExit(f"[ablation] {method} seed {seed} stopped by SIGTERM")
     seconds = time.perf_counter() - t
     res = evaluate.evaluate_backbone(checkpoint.load_backbone(workdir), eval_dir, image, tok,
                                      region_layers=rl if method != "mlcd" else 0, all_layers=True)

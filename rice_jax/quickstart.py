@@ -89,7 +89,9 @@ def main(argv=None):
         c.stages = ((args.steps, c.stages[0][1]),)
     image_size = c.stages[-1][1]
     train_dir_run = workdir / f"train_s{s}"
-    train.train(c, train_dir_run)
+    if train.train(c, train_dir_run)["preempted"]:
+        # SIGTERM: train wrote a checkpoint; evaluating a half-trained model would mislead.
+        raise SystemExit("[quickstart] stopped by SIGTERM; run the same command again to resume")
     rows = [json.loads(l) for l in (train_dir_run / "metrics.jsonl").read_text().splitlines()]
     summary["train"] = {"loss_start": rows[0]["loss"], "loss_end": rows[-1]["loss"], "steps": rows[-1]["step"],
                         "images_per_s": float(np.median([r["images_per_s"] for r in rows[1:]] or [0])),
