@@ -75,13 +75,19 @@ def _find_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict, dict, int]:
-    """(state as numpy pytree, meta, step) of a checkpoint, without building anything."""
+def _open_read_only(path: str | os.PathLike, step: Optional[int]):
+    """(read-only manager, step, meta) of the checkpoint at ``step`` (default: the latest)."""
     mngr = _manager(_find_dir(path), read_only=True, async_save=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{path}: no checkpoint found")
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return mngr, step, meta
+
+
+def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict, dict, int]:
+    """(state as numpy pytree, meta, step) of a checkpoint, without building anything."""
+    mngr, step, meta = _open_read_only(path, step)
     meta_state = mngr.item_metadata(step)["state"]
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # any topology -> this host's first device
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta_state)
@@ -92,11 +98,7 @@ def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict,
 
 def read_meta(path: str | os.PathLike, step: Optional[int] = None) -> dict:
     """The JSON metadata of a checkpoint (backbone config, K, V, objective, region layers), no arrays."""
-    mngr = _manager(_find_dir(path), read_only=True, async_save=False)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found")
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    mngr, _, meta = _open_read_only(path, step)
     mngr.close()
     return meta
 

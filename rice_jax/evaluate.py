@@ -52,7 +52,7 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
 
     Region and patch features are read at every probe layer in ``layers``
     (see :func:`resolve_layer`); the ``feat`` of a region/patch item is a dict
-    ``{str(layer): vector}``. With ``region_layers`` = k > 0 the backbone is also run
+    ``{str(resolved layer index): vector}`` (``-2`` and ``L-1`` are one entry). With ``region_layers`` = k > 0 the backbone is also run
     as a RICE model (its last k blocks carrying one region token per box) and
     each region item gets ``feat["region_token"]``: the post-normed region
     token, i.e. the model's own region embedding (no training head).
@@ -62,7 +62,7 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     src = records.RecordSource(data_dir)
     manifest = records.read_manifest(data_dir)
     num_layers = vit.cfg.num_layers
-    idxs = {l: resolve_layer(l, num_layers) for l in layers}
+    idxs = sorted({resolve_layer(l, num_layers) for l in layers})
     rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
                      backbone=vit) if region_layers else None
     graphdef, state = nnx.split(rice if rice is not None else vit)
@@ -79,8 +79,8 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
             h = bb.run_block(i, h, cos, sin)
             hidden.append(h)
         vis = box_patch_visibility(boxes, valid, gh, gw)
-        roi = {str(l): roi_mean_pool(hidden[i][:, 1:], vis) for l, i in idxs.items()}
-        tokens = {str(l): hidden[i][:, 1:] for l, i in idxs.items()}
+        roi = {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs}
+        tokens = {str(i): hidden[i][:, 1:] for i in idxs}
         if rice is not None:
             _, r = model.region_blocks(hidden[model.first_region_block], (gh, gw), boxes, valid)
             roi["region_token"] = bb.post_norm(r)
@@ -129,16 +129,21 @@ def _split(items, key="image"):
     return tr, te
 
 
-def _probe(train, test, label_key, feat_key=None):
+def _features(items, feat_key=None) -> np.ndarray:
+    return np.stack([t["feat"] if feat_key is None else t["feat"][feat_key] for t in items])
+
+
+def _linear_probe(xtr, ytr, xte):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    get = (lambda t: t["feat"]) if feat_key is None else (lambda t: t["feat"][feat_key])
-    xtr = np.stack([get(t) for t in train])
-    xte = np.stack([get(t) for t in test])
     scaler = StandardScaler().fit(xtr)
-    clf = LogisticRegression(max_iter=300, C=1.0).fit(scaler.transform(xtr), [t[label_key] for t in train])
+    clf = LogisticRegression(max_iter=300, C=1.0).fit(scaler.transform(xtr), ytr)
     return clf.predict(scaler.transform(xte)), clf, scaler
+
+
+def _probe(train, test, label_key, feat_key=None):
+    return _linear_probe(_features(train, feat_key), [t[label_key] for t in train], _features(test, feat_key))
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
@@ -151,11 +156,11 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
 
 
 def _region_probes(tr, te, feat_key) -> tuple[float, float]:
-    pred, _, _ = _probe(tr, te, "category", feat_key)
-    y = np.array([t["category"] for t in te])
-    knn = knn_accuracy(np.stack([t["feat"][feat_key] for t in tr]), np.array([t["category"] for t in tr]),
-                       np.stack([t["feat"][feat_key] for t in te]), y)
-    return float(np.mean(pred == y)), knn
+    """(linear probe accuracy, kNN accuracy) of the region categories."""
+    xtr, xte = _features(tr, feat_key), _features(te, feat_key)
+    ytr, y = np.array([t["category"] for t in tr]), np.array([t["category"] for t in te])
+    pred, _, _ = _linear_probe(xtr, ytr, xte)
+    return float(np.mean(pred == y)), knn_accuracy(xtr, ytr, xte, y)
 
 
 # What the probes read by default: the output of the penultimate block. No loss reaches the
@@ -175,30 +180,30 @@ def evaluate_backbone(vit, data_dir, image_size: int | None = None, tokenizer=No
     ``per_layer``: region linear / kNN accuracy at every depth.
     """
     image_size = image_size or vit.cfg.image_size
-    layers = tuple(range(vit.cfg.num_layers + 1)) if all_layers else (layer,)
-    if layer not in layers:
-        layers = layers + (layer,)
+    num_layers = vit.cfg.num_layers
+    key = str(resolve_layer(layer, num_layers))
+    layers = tuple(range(num_layers + 1)) if all_layers else (layer,)
     regions, patches, images = extract(vit, data_dir, image_size, layers=layers, region_layers=region_layers)
     res = {"layer": layer}
     obj = [r for r in regions if r["kind"] == 0 and r["category"] >= 0]
     tr, te = _split(obj)
     if tr and te and len({t["category"] for t in tr}) > 1:
-        res["region_linear_acc"], res["region_knn_acc"] = _region_probes(tr, te, str(layer))
+        probes = {str(i): _region_probes(tr, te, str(i)) for i in (range(num_layers + 1) if all_layers else [key])}
+        res["region_linear_acc"], res["region_knn_acc"] = probes[key]
         if region_layers:
             res["region_token_linear_acc"], res["region_token_knn_acc"] = _region_probes(tr, te, "region_token")
         if all_layers:
-            res["per_layer"] = {str(l): dict(zip(("region_linear_acc", "region_knn_acc"), _region_probes(tr, te, str(l))))
-                                for l in range(vit.cfg.num_layers + 1)}
+            res["per_layer"] = {l: dict(zip(("region_linear_acc", "region_knn_acc"), v)) for l, v in probes.items()}
         res["num_regions_test"] = len(te)
     if patches:
         tr, te = _split(patches)
-        pred, _, _ = _probe(tr, te, "label", str(layer))
+        pred, _, _ = _probe(tr, te, "label", key)
         y = np.array([t["label"] for t in te])
         ious = [np.sum((pred == c) & (y == c)) / np.sum((pred == c) | (y == c)) for c in np.unique(y)]
         res["dense_miou"] = float(np.mean(ious))
     txt = [r for r in regions if r["kind"] == 1]
     if tokenizer is not None and len(txt) > 10:
-        res["ocr_token_recall@5"] = _ocr_recall(txt, tokenizer, str(layer))
+        res["ocr_token_recall@5"] = _ocr_recall(txt, tokenizer, key)
         if region_layers:
             res["region_token_ocr_recall@5"] = _ocr_recall(txt, tokenizer, "region_token")
     imgs = [i for i in images if i["category"] >= 0]
@@ -218,8 +223,7 @@ def _ocr_recall(txt, tokenizer, feat_key, k: int = 5) -> float:
     tr, te = _split(txt)
     ids = lambda t: sorted(set(int(i) for i in tokenizer.encode(t["text"], 10) if i >= 0))
     mlb = MultiLabelBinarizer().fit([ids(t) for t in tr + te])
-    xtr = np.stack([t["feat"][feat_key] for t in tr])
-    xte = np.stack([t["feat"][feat_key] for t in te])
+    xtr, xte = _features(tr, feat_key), _features(te, feat_key)
     sc = StandardScaler().fit(xtr)
     ytr = mlb.transform([ids(t) for t in tr])
     keep = ytr.sum(0) > 0

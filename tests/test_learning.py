@@ -40,8 +40,8 @@ def test_short_run_lifts_region_probes_above_random_init(tmp_path):
     assert last["object/top1_acc"] > first["object/top1_acc"] + 0.1, (first, last)
 
     size, rl = c.stages[0][1], c.model.region_layers
-    trained = evaluate.evaluate_backbone(checkpoint.load_backbone(tmp_path / "run"), eval_dir, size, region_layers=rl)
-    random = evaluate.evaluate_backbone(ViT(checkpoint.load_backbone(tmp_path / "run").cfg, rngs=nnx.Rngs(0)),
-                                        eval_dir, size, region_layers=rl)
+    vit = checkpoint.load_backbone(tmp_path / "run")
+    trained = evaluate.evaluate_backbone(vit, eval_dir, size, region_layers=rl)
+    random = evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(0)), eval_dir, size, region_layers=rl)
     assert trained["region_token_linear_acc"] > random["region_token_linear_acc"] + 0.12, (trained, random)
     assert trained["region_linear_acc"] > random["region_linear_acc"] + 0.06, (trained, random)

@@ -133,6 +133,19 @@ def _shape_mask(size: int, shape: str, inset: int = 0) -> Image.Image:
     return m
 
 
+def _place(rng, x_end: int, y_end: int, bw: int, bh: int, boxes, avoid_overlap: bool) -> tuple[int, int]:
+    """Top-left corner in ``[0, x_end) x [0, y_end)`` for a ``bw x bh`` box.
+
+    With ``avoid_overlap``, re-draws (up to 20 tries) while the box overlaps one of ``boxes``;
+    the last try is kept. Without it, exactly one draw (the first design's random stream).
+    """
+    for _ in range(20 if avoid_overlap else 1):
+        x, y = int(rng.integers(0, x_end)), int(rng.integers(0, y_end))
+        if not any(x < b[2] and b[0] < x + bw and y < b[3] and b[1] < y + bh for b in boxes):
+            break
+    return x, y
+
+
 def render_image(rng: np.random.Generator, gen: GeneratorConfig = GeneratorConfig()):
     """One image. Returns (PIL image, boxes, kinds, texts, categories, semantic mask [H,W] int (-1 bg))."""
     w, h = (int(v) for v in rng.integers(gen.min_size, gen.max_size + 1, 2))
@@ -150,10 +163,7 @@ def render_image(rng: np.random.Generator, gen: GeneratorConfig = GeneratorConfi
     hi = max(lo + 1, min(int(short * gen.object_scale[1]), short - 1))
     for _ in range(int(rng.integers(gen.num_objects[0], gen.num_objects[1] + 1))):
         size = int(rng.integers(lo, hi))
-        for _ in range(20 if gen.avoid_overlap else 1):
-            x0, y0 = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
-            if not any(x0 < b[2] and b[0] < x0 + size and y0 < b[3] and b[1] < y0 + size for b in boxes):
-                break
+        x0, y0 = _place(rng, w - size, h - size, size, size, boxes, gen.avoid_overlap)
         cat = int(rng.integers(len(CATEGORIES)))
         shape, texture = CATEGORIES[cat].split("/")
         c1, c2 = PALETTE[rng.choice(len(PALETTE), 2, replace=False)]
@@ -180,10 +190,7 @@ def render_image(rng: np.random.Generator, gen: GeneratorConfig = GeneratorConfi
         tw, th = r - l, b - t
         if tw >= w - 2 or th >= h - 2:
             continue
-        for _ in range(20 if gen.avoid_overlap else 1):
-            x, y = int(rng.integers(0, w - tw - 1)), int(rng.integers(0, h - th - 1))
-            if not any(x < bx[2] and bx[0] < x + tw and y < bx[3] and bx[1] < y + th for bx in boxes):
-                break
+        x, y = _place(rng, w - tw - 1, h - th - 1, tw, th, boxes, gen.avoid_overlap)
         palette = DARK_PALETTE if gen.dark_text else PALETTE
         color = tuple(int(v) for v in palette[rng.integers(len(palette))])
         d.text((x - l, y - t), word, fill=color, font=font)
