@@ -57,7 +57,7 @@ def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
     c = _config(objective, preset, batch, image, k, v)
     c.data.num_regions = n_regions
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])  # one device: the same cores as PyTorch
-    state, setup = train.init_state(c, mesh, train.build_model_config(c), k, v, 10)
+    state, setup = train.init_state(c, mesh, train.build_model_config(c), k, v)
     step, batch_sh = train.make_train_step(c, setup)
     r = np.random.default_rng(0)
     lo = r.uniform(0, 0.6, (batch, n_regions, 2))

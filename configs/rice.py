@@ -53,6 +53,7 @@ def get_config(arg=None):
     c.data.fill = "pad"          # "pad" or "resample" (with replacement, as the paper)
     c.data.worker_count = 0      # Grain worker processes (0 = threads in-process)
     c.data.min_box_size = 8.0    # output pixels
+    c.data.skip_damaged_shards = False  # True: train without shards that fail the open check (printed, counted)
 
     # ---- Model -----------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
@@ -85,7 +86,8 @@ def get_config(arg=None):
     c.optim.lr = 1e-3
     c.optim.centers_lr_mult = 1.0      # separate learning rate for the centre matrices
     c.optim.weight_decay = 0.2
-    c.optim.warmup_steps = 500
+    c.optim.warmup_steps = 500         # per stage (capped at the stage's length)
+    c.optim.stage_lr_mults = ()        # peak lr multiplier per stage; () = 1, then 0.1 for each later stage (paper)
     c.optim.b1 = 0.9
     c.optim.b2 = 0.98
     c.optim.grad_clip = 1.0            # global norm; 0 = off
@@ -98,10 +100,12 @@ def get_config(arg=None):
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1 = all remaining devices
     c.mesh.fsdp = 1
+    c.mesh.axis_type = "auto"          # "auto" or "explicit" (JAX sharding-in-types); same results
 
     # ---- Checkpoints and logging -----------------------------------------------------
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    c.strict_restore = False           # True: an unreadable newest checkpoint stops the run (else: older, loudly)
     c.async_checkpointing = True
     c.log_every = 10
     c.peak_flops = 0.0                 # per device, for MFU; 0 = measure a matmul at start-up
@@ -134,7 +138,7 @@ def get_config(arg=None):
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "dots_with_no_batch_dims_saveable"
         res = 336 if variant == "l14_336" else 560
-        # Paper: ViT-L/14 at 224, then continued at higher resolution with lr / 10.
+        # Paper: ViT-L/14 at 224, then continued at higher resolution with lr / 10 (stage_lr_mults default).
         c.stages = ((400_000, 224), (30_000, res))
 
     if objective == "mlcd":

@@ -7,16 +7,24 @@ on one mesh restores onto another (e.g. 8 -> 4 devices).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rice_jax import storage
+
 CKPT_SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "damaged_checkpoints"   # beside CKPT_SUBDIR: unreadable checkpoints are moved here, never deleted
+BACKBONE = ("params", "model", "backbone")
+
+
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint that cannot be read; the message names the step, its folder and the first error line."""
 
 
 def _manager(directory, *, every: int = 1, keep: Optional[int] = None, async_save: bool = True,
@@ -24,7 +32,7 @@ def _manager(directory, *, every: int = 1, keep: Optional[int] = None, async_sav
     import grain
 
     return ocp.CheckpointManager(
-        Path(directory).absolute(),
+        storage.path(directory),
         options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                              enable_async_checkpointing=async_save, read_only=read_only,
                                              create=not read_only),
@@ -32,13 +40,40 @@ def _manager(directory, *, every: int = 1, keep: Optional[int] = None, async_sav
                        "meta": ocp.JsonCheckpointHandler()})
 
 
+def _all_processes_true(flag: bool) -> bool:
+    """True only if ``flag`` is true on every process (one tiny all-gather; free on one process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
+def _first_line(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}"
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return (lines[0] if lines else type(err).__name__)[:400]
+
+
 class Checkpointer:
-    def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
-        self.directory = Path(workdir) / CKPT_SUBDIR
+    """Saves and restores one run's checkpoints (``WORKDIR/checkpoints``); any ``etils.epath`` scheme."""
+
+    def __init__(self, workdir: storage.PathLike, *, every: int, keep: int, async_save: bool = True):
+        self.workdir = storage.path(workdir)
+        self.directory = self.workdir / CKPT_SUBDIR
         self.mngr = _manager(self.directory, every=every, keep=keep, async_save=async_save)
 
     def latest_step(self) -> Optional[int]:
         return self.mngr.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every host has agreed to stop and save at ``step`` (JAX's preemption sync, via Orbax).
+
+        Under ``jax.distributed`` a SIGTERM to any one host is propagated through the coordination
+        service; all hosts return True at the same step (the largest step any host had reached, + 1),
+        so they write the same checkpoint. Without a distributed runtime this is always False and the
+        caller's own signal handler decides. Must be called at every step by every host."""
+        return self.mngr.reached_preemption(step)
 
     def save(self, step: int, state, data_iter, meta: dict, *, force: bool = False) -> bool:
         import grain
@@ -60,6 +95,45 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def restore_newest_intact(self, restore_fn: Callable[[int], Any], *, strict: bool = False,
+                              log: Callable[[str], None] = print) -> tuple[Optional[int], Any]:
+        """``(step, restore_fn(step))`` for the newest checkpoint that reads back, ``(None, None)`` if none.
+
+        A checkpoint that fails to restore on any host (truncated array file, partial copy from a
+        bucket, missing metadata) is reported by step and folder, moved to ``WORKDIR/damaged_checkpoints``
+        (kept for inspection, never deleted) and the next older one is tried: a run loses the steps
+        since that checkpoint, not the run. ``strict=True`` raises :class:`CheckpointDamaged` instead.
+        All hosts take the same decision (the outcome is agreed by an all-gather)."""
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            err = None
+            try:
+                result = restore_fn(step)
+            except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
+                err, result = e, None
+            if _all_processes_true(err is None):
+                return step, result
+            folder = self.directory / str(step)
+            what = _first_line(err) if err is not None else "another host could not read it"
+            if strict:
+                raise CheckpointDamaged(f"checkpoint step {step} ({folder}) cannot be read: {what}; rerun with "
+                                        "--config.strict_restore=False to fall back to the newest intact one")
+            moved = self._move_aside(step)
+            log(f"[checkpoint] WARNING: checkpoint step {step} ({folder}) cannot be read: {what}. "
+                f"Moved to {moved}; trying the next older checkpoint.")
+        return None, None
+
+    def _move_aside(self, step: int):
+        dst = self.workdir / DAMAGED_SUBDIR / f"{step}-{datetime.datetime.now(datetime.UTC):%Y%m%dT%H%M%S}"
+        if jax.process_index() == 0:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"rice_jax_move_aside_{step}")
+        self.mngr.reload()
+        return dst
+
     def wait(self):
         self.mngr.wait_until_finished()
 
@@ -68,25 +142,28 @@ class Checkpointer:
         self.mngr.close()
 
 
-def _find_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
+def _find_dir(path: storage.PathLike):
+    path = storage.path(path)
     if (path / CKPT_SUBDIR).is_dir():
         return path / CKPT_SUBDIR
     return path
 
 
-def _open_read_only(path: str | os.PathLike, step: Optional[int]):
+def _open_read_only(path: storage.PathLike, step: Optional[int]):
     """(read-only manager, step, meta) of the checkpoint at ``step`` (default: the latest)."""
     mngr = _manager(_find_dir(path), read_only=True, async_save=False)
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found")
+        raise FileNotFoundError(f"{path}: no checkpoint found (expected {path}/{CKPT_SUBDIR}/<step>)")
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return mngr, step, meta
 
 
-def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict, dict, int]:
-    """(state as numpy pytree, meta, step) of a checkpoint, without building anything."""
+def read_raw(path: storage.PathLike, step: Optional[int] = None) -> tuple[dict, dict, int]:
+    """(whole state as a pytree on this host's first device, meta, step): for inspection and tests.
+
+    Reads *everything* (centres and optimiser moments included) onto one device; code that needs
+    only the backbone uses :func:`restore_subtree`, which reads nothing else."""
     mngr, step, meta = _open_read_only(path, step)
     meta_state = mngr.item_metadata(step)["state"]
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # any topology -> this host's first device
@@ -96,7 +173,67 @@ def read_raw(path: str | os.PathLike, step: Optional[int] = None) -> tuple[dict,
     return state, meta, step
 
 
-def read_meta(path: str | os.PathLike, step: Optional[int] = None) -> dict:
+def _nest(keys: tuple[str, ...], leaf: Any) -> dict:
+    for k in reversed(keys):
+        leaf = {k: leaf}
+    return leaf
+
+
+def restore_subtree(path: storage.PathLike, abstract: Any, keys: tuple[str, ...] = BACKBONE,
+                    step: Optional[int] = None) -> tuple[Any, dict, int]:
+    """(the ``state[keys...]`` subtree, meta, step), read straight into ``abstract``'s shardings.
+
+    Orbax partial restore: arrays outside the subtree (centre matrices, optimiser moments, the
+    data iterator) are neither read from storage nor allocated. ``abstract`` is a pytree of
+    ``jax.ShapeDtypeStruct`` with ``sharding`` (e.g. the live backbone's shardings), whose
+    structure matches the saved subtree; dict keys are matched as strings (Orbax stores them so) and
+    returned as ``abstract`` has them."""
+    mngr, step, meta = _open_read_only(path, step)
+    saved = mngr.item_metadata(step)["state"]
+    sub = saved
+    for k in keys:
+        if not isinstance(sub, dict) or k not in sub:
+            mngr.close()
+            raise ValueError(f"{path}@{step}: checkpoint has no {'/'.join(keys)} (is it a rice_jax train checkpoint?)")
+        sub = sub[k]
+    target = _match_keys(abstract, sub, f"{path}@{step}", "")
+    item = _nest(keys, target)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    handler = ocp.PyTreeCheckpointHandler()
+    ckpt = ocp.Checkpointer(handler)
+    out = ckpt.restore(mngr.directory / str(step) / "state", args=args)
+    ckpt.close()
+    mngr.close()
+    for k in keys:
+        out = out[k]
+    return _unmatch_keys(abstract, out), meta, step
+
+
+def _match_keys(abstract: Any, saved: Any, where: str, path: str) -> Any:
+    """``abstract`` re-keyed with the saved tree's (string) keys; shape mismatches and gaps named."""
+    if isinstance(abstract, dict):
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: expected a mapping at {path or '/'}")
+        by_str = {str(k): k for k in saved}
+        missing = [k for k in abstract if str(k) not in by_str]
+        if missing:
+            raise ValueError(f"{where}: checkpoint lacks {[f'{path}/{m}' for m in missing][:10]}")
+        return {by_str[str(k)]: _match_keys(v, saved[by_str[str(k)]], where, f"{path}/{k}") for k, v in abstract.items()}
+    if tuple(saved.shape) != tuple(abstract.shape):
+        raise ValueError(f"{where}: {path} has shape {tuple(saved.shape)}, model expects {tuple(abstract.shape)}")
+    return abstract
+
+
+def _unmatch_keys(abstract: Any, restored: Any) -> Any:
+    """The restored subtree with ``abstract``'s own key types back (int layer indices, etc.)."""
+    if isinstance(abstract, dict):
+        by_str = {str(k): v for k, v in restored.items()}
+        return {k: _unmatch_keys(v, by_str[str(k)]) for k, v in abstract.items()}
+    return restored
+
+
+def read_meta(path: storage.PathLike, step: Optional[int] = None) -> dict:
     """The JSON metadata of a checkpoint (backbone config, K, V, objective, region layers), no arrays."""
     mngr, _, meta = _open_read_only(path, step)
     mngr.close()
@@ -121,19 +258,22 @@ def load_into(abstract_pure: dict, restored: Any, where: str) -> dict:
     return walk(abstract_pure, restored, "")
 
 
-def load_backbone(path: str | os.PathLike, step: Optional[int] = None, **runtime):
-    """The ViT backbone of a training checkpoint (params only), e.g. for export or clustering."""
+def load_backbone(path: storage.PathLike, step: Optional[int] = None, **runtime):
+    """The ViT backbone of a training checkpoint (params only, nothing else read), e.g. for export or clustering."""
     from flax import nnx
 
     from rice_jax.models.config import ViTConfig
     from rice_jax.models.vit import ViT
 
-    state, meta, step = read_raw(path, step)
+    meta = read_meta(path, step)
     cfg = ViTConfig(**{**meta["backbone"], **runtime})
     vit = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
     gdef, abstract = nnx.split(vit)
-    pure = load_into(nnx.to_pure_dict(abstract), state["params"]["model"]["backbone"], f"{path}@{step}")
-    nnx.replace_by_pure_dict(abstract, pure)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    pure = nnx.to_pure_dict(abstract)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), pure)
+    restored, _, _ = restore_subtree(path, target, step=step)
+    nnx.replace_by_pure_dict(abstract, restored)
     return nnx.merge(gdef, abstract)
 
 

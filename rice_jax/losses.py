@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rice_jax.sharding import ALL_AXES
+from rice_jax.sharding import ALL_AXES, conform
 
 _COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite
 
@@ -270,11 +270,12 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
 
     if b % num_shards:
         raise ValueError(f"batch rows {b} not divisible by the {num_shards} devices of the mesh")
-    fn = jax.shard_map(
-        functools.partial(_shard_loss, axis=ALL_AXES, **kw), mesh=mesh,
-        in_specs=(P(ALL_AXES, None), P(ALL_AXES, None), P(ALL_AXES, None), P()),
-        out_specs=P(), check_vma=False)
-    return fn(features, labels, centers, rng)
+    in_specs = (P(ALL_AXES, None), P(ALL_AXES, None), P(ALL_AXES, None), P())
+    fn = jax.shard_map(functools.partial(_shard_loss, axis=ALL_AXES, **kw), mesh=mesh,
+                       in_specs=in_specs, out_specs=P(), check_vma=False)
+    # Works on Auto and Explicit meshes: on Explicit ones the inputs are resharded to in_specs first.
+    args = [conform(x, mesh, s) for x, s in zip((features, labels, centers, rng), in_specs)]
+    return fn(*args)
 
 
 def mean_pairwise_cosine(x: jax.Array, mask: jax.Array) -> jax.Array:

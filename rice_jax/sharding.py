@@ -18,8 +18,18 @@ MESH_AXES = ("data", "fsdp")
 ALL_AXES = MESH_AXES
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``("data", "fsdp")`` mesh; ``-1`` for one axis takes the remaining devices."""
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None,
+              axis_type: str = "auto") -> Mesh:
+    """A ``("data", "fsdp")`` mesh; ``-1`` for one axis takes the remaining devices.
+
+    ``axis_type``: ``"auto"`` (the compiler propagates shardings) or ``"explicit"`` (JAX's
+    sharding-in-types mode: every array's sharding is part of its type). The loss and the train
+    step run on both."""
+    if axis_type not in AXIS_TYPES:
+        raise ValueError(f"mesh axis_type {axis_type!r}: use one of {sorted(AXIS_TYPES)}")
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if data == -1 and fsdp == -1:
@@ -33,14 +43,25 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
             "set mesh sizes whose product is the device count (or -1 for one of them)"
         )
-    return jax.make_mesh(
-        (data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
-    )
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AXIS_TYPES[axis_type],) * 2, devices=devices)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis over all mesh axes, the rest replicated."""
     return NamedSharding(mesh, P(ALL_AXES, *([None] * (ndim - 1))))
+
+
+def has_explicit_axes(mesh: Mesh) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def conform(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+    """``x`` laid out as ``spec`` on ``mesh`` when the mesh has Explicit axes (where an array's
+    sharding is part of its type and ``shard_map`` checks it against ``in_specs``); unchanged on
+    Auto meshes, where the compiler inserts the layout change itself."""
+    if not has_explicit_axes(mesh):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

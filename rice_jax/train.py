@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -25,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rice_jax import checkpoint, losses, sharding
+from rice_jax import checkpoint, losses, sharding, storage
 from rice_jax.data import pipeline, records
 from rice_jax.models import config as mcfg
 from rice_jax.models.rice import RICEConfig, RICEModel
@@ -45,6 +44,7 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
         raise ValueError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
     if not c.stages:
         raise ValueError("config.stages is empty: give at least one (steps, image_size) pair")
+    stage_lr_multipliers(c)  # one per stage
     preset = mcfg.get_preset(c.model.backbone)
     for s in c.stages:
         if len(s) != 2 or s[0] < 1:
@@ -60,8 +60,8 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
                          "clusters (K must be >= the largest label + 1)")
     v = c.loss.vocab_size or ((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
     if c.loss.ocr_weight and v < 1:
-        raise ValueError(f"{c.data.dir} has no tokenizer: build one (rice_jax.data.tokenizer.build_for_dataset) "
-                         "or set config.loss.ocr_weight=0")
+        raise ValueError(f"{c.data.dir} has no tokenizer: build one with `python -m rice_jax.data.tokenizer "
+                         f"--data {c.data.dir}`, or set --config.loss.ocr_weight=0")
     return max(k, 1), max(v, 1)
 
 
@@ -82,9 +82,31 @@ def _decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(c, total_steps: int):
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.optim.lr, max(c.optim.warmup_steps, 1),
-                                               max(total_steps, c.optim.warmup_steps + 1), end_value=0.0)
+def stage_lr_multipliers(c) -> tuple[float, ...]:
+    """One learning-rate multiplier per stage: ``c.optim.stage_lr_mults``, or the paper's default
+    (1 for the first stage, 0.1 for every later, higher-resolution one)."""
+    mults = tuple(float(m) for m in c.optim.stage_lr_mults) or (1.0,) + (0.1,) * (len(c.stages) - 1)
+    if len(mults) != len(c.stages):
+        raise ValueError(f"config.optim.stage_lr_mults has {len(mults)} entries for {len(c.stages)} stages; "
+                         "give one per stage or () for the paper's 1, 0.1, 0.1, ...")
+    return mults
+
+
+def make_schedule(c):
+    """Learning rate per global step: each stage runs its own warm-up + cosine decay, peaking at
+    ``lr x stage multiplier`` (the paper continues at higher resolution with lr / 10, a fresh schedule)."""
+    scheds, boundaries, start = [], [], 0
+    for (steps, _), mult in zip(c.stages, stage_lr_multipliers(c)):
+        warmup = max(min(c.optim.warmup_steps, steps - 1), 1)
+        scheds.append(optax.warmup_cosine_decay_schedule(0.0, c.optim.lr * mult, warmup, max(steps, warmup + 1),
+                                                         end_value=0.0))
+        boundaries.append(start)
+        start += steps
+    return optax.join_schedules(scheds, boundaries[1:])
+
+
+def make_optimizer(c):
+    sched = make_schedule(c)
 
     def adamw(mult):
         return optax.adamw(lambda s: sched(s) * mult, b1=c.optim.b1, b2=c.optim.b2,
@@ -109,9 +131,9 @@ class Setup:
     num_ocr: int
 
 
-def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, total_steps: int, init_centers=None):
+def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, init_centers=None):
     """Model, centres and optimiser state created inside jit with their final shardings."""
-    tx, sched = make_optimizer(c, total_steps)
+    tx, sched = make_optimizer(c)
     e = model_cfg.embed_dim or model_cfg.backbone.hidden_size
     multiple = math.lcm(mesh.size, max(c.loss.pad_classes_to, 1))
     k_pad = losses.padded_num_classes(num_obj, multiple)
@@ -152,23 +174,27 @@ def _put_centers(centers: np.ndarray, target: jax.Array) -> jax.Array:
 
 
 def apply_init_from(spec: str, state, model_cfg: RICEConfig):
-    """Overwrite the backbone parameters from ``hf:DIR`` or ``ckpt:DIR`` (params only)."""
+    """Overwrite the backbone parameters from ``hf:DIR`` or ``ckpt:DIR`` (params only; any epath scheme).
+
+    ``ckpt:`` reads only the backbone subtree, straight into the live backbone's shardings (Orbax
+    partial restore): the source run's centres and optimiser moments are never read."""
     if not spec:
         return state
+    target = state["params"]["model"]["backbone"]
     if spec.startswith("hf:"):
         from rice_jax import export
 
         vit = export.load_hf(spec[3:])
         src = nnx.to_pure_dict(nnx.state(vit))
+        loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)
+        state["params"]["model"]["backbone"] = jax.tree.map(
+            lambda t, v: jax.make_array_from_callback(t.shape, t.sharding, lambda idx: v[idx]), target, loaded)
     elif spec.startswith("ckpt:"):
-        raw, _, _ = checkpoint.read_raw(spec[5:])
-        src = raw["params"]["model"]["backbone"]
+        abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), target)
+        restored, _, _ = checkpoint.restore_subtree(spec[5:], abstract)
+        state["params"]["model"]["backbone"] = restored
     else:
         raise ValueError(f"config.init_from={spec!r}: use 'hf:DIR' or 'ckpt:DIR'")
-    target = state["params"]["model"]["backbone"]
-    loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)
-    state["params"]["model"]["backbone"] = jax.tree.map(
-        lambda t, v: jax.make_array_from_callback(t.shape, t.sharding, lambda idx: v[idx]), target, loaded)
     return state
 
 
@@ -177,17 +203,29 @@ def make_train_step(c, setup: Setup):
     mesh, graphdef, tx = setup.mesh, setup.graphdef, setup.tx
     region_losses = bool(c.loss.object_weight or c.loss.ocr_weight)
 
+    def forward(model_params, image, boxes, region_valid):
+        model = nnx.merge(graphdef, model_params)
+        if region_losses:
+            out = model(image, boxes, region_valid)
+            return out.region_embed, out.global_embed
+        out = model(image)
+        return None, out.global_embed
+
+    if sharding.has_explicit_axes(mesh):
+        # Explicit mesh: the model's layers are written for compiler-propagated (Auto) shardings, so
+        # the forward runs in Auto mode inside the step and hands back batch-sharded embeddings; the
+        # class-parallel loss (shard_map), the gradients and the optimiser stay explicit.
+        batch_spec = lambda nd: P(sharding.ALL_AXES, *([None] * (nd - 1)))
+        forward = jax.sharding.auto_axes(
+            forward, out_sharding=(batch_spec(3) if region_losses else None, batch_spec(2)))
+
     def train_step(state, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params["model"])
-            if region_losses:
-                out = model(batch["image"], batch["boxes"], batch["region_valid"])
-                region_embed = out.region_embed
-            else:
-                out = model(batch["image"])
-                region_embed = jnp.zeros((batch["image"].shape[0], 1, out.global_embed.shape[-1]), out.global_embed.dtype)
+            region_embed, global_embed = forward(params["model"], batch["image"], batch["boxes"], batch["region_valid"])
+            if not region_losses:
+                region_embed = jnp.zeros((batch["image"].shape[0], 1, global_embed.shape[-1]), global_embed.dtype)
             valid = batch["region_valid"] if region_losses else jnp.zeros((region_embed.shape[0], 1), bool)
             # Image-level multi-label target (MLCD-style): the clusters of the image's object regions.
             obj = batch["region_valid"] & (batch["region_kind"] == 0)
@@ -196,7 +234,7 @@ def make_train_step(c, setup: Setup):
                 region_embed, valid, batch["region_kind"][:, : valid.shape[1]], batch["labels"][:, : valid.shape[1]],
                 params["centers_obj"], params["centers_ocr"],
                 object_weight=c.loss.object_weight, ocr_weight=c.loss.ocr_weight,
-                global_embed=out.global_embed, global_labels=global_labels, global_weight=c.loss.global_weight,
+                global_embed=global_embed, global_labels=global_labels, global_weight=c.loss.global_weight,
                 rng=rng, num_obj_classes=setup.num_obj, num_ocr_classes=setup.num_ocr, mesh=mesh,
                 scale=c.loss.scale, margin=c.loss.margin, margin_type=c.loss.margin_type,
                 sample_rate=c.loss.sample_rate)
@@ -218,8 +256,25 @@ def make_train_step(c, setup: Setup):
 
     batch_sh = {k: sharding.batch_sharding(mesh, nd) for k, nd in
                 (("image", 4), ("boxes", 3), ("region_valid", 2), ("region_kind", 2), ("labels", 3), ("image_ok", 1))}
-    return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
-                   out_shardings=(setup.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), batch_sh
+    step = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+                   out_shardings=(setup.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    return (_InMesh(step, mesh) if sharding.has_explicit_axes(mesh) else step), batch_sh
+
+
+class _InMesh:
+    """A jitted function traced inside ``jax.set_mesh(mesh)``: Explicit-axis code (``auto_axes``,
+    ``reshard``) reads the mesh from that context. ``lower`` and calls behave as the jitted function's."""
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args)
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args)
 
 
 def to_global_batch(local: dict, batch_sh: dict) -> dict:
@@ -229,16 +284,21 @@ def to_global_batch(local: dict, batch_sh: dict) -> dict:
 
 # ----------------------------------------------------------------------------- metrics
 class MetricWriter:
-    """JSONL (always) + TensorBoard event files (tensorboardX) in the workdir."""
+    """``metrics.jsonl`` (always) + TensorBoard event files (tensorboardX) in the workdir, any scheme.
 
-    def __init__(self, workdir: Path, enabled: bool):
+    tensorboardX and appends need a local file: for a remote workdir both are written to a local
+    spool (:class:`storage.Mirror`, seeded with the run's existing ``metrics.jsonl`` so a resumed run
+    continues it) and copied up every ``sync_every_s`` seconds and at checkpoints and close."""
+
+    def __init__(self, workdir, enabled: bool, sync_every_s: float = 60.0):
         self.enabled = enabled
         if not enabled:
             return
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.mirror = storage.Mirror(workdir, seed=("metrics.jsonl",), every_s=sync_every_s)
+        self.jsonl = open(os.path.join(self.mirror.local, "metrics.jsonl"), "a")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(self.mirror.local, "tensorboard"))
 
     def write(self, step: int, scalars: dict):
         if not self.enabled:
@@ -247,11 +307,18 @@ class MetricWriter:
         self.jsonl.flush()
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, step)
+        self.mirror.maybe_sync()
+
+    def sync(self):
+        if self.enabled:
+            self.tb.flush()
+            self.mirror.sync()
 
     def close(self):
         if self.enabled:
             self.jsonl.close()
             self.tb.close()
+            self.mirror.close()
 
 
 def measure_peak_flops() -> float:
@@ -269,63 +336,102 @@ def measure_peak_flops() -> float:
 
 
 # ----------------------------------------------------------------------------- main loop
+def stage_bounds(c) -> np.ndarray:
+    """Global step at which each stage starts, plus the total: ``[0, s0, s0+s1, ...]``."""
+    return np.cumsum([0] + [s[0] for s in c.stages])
+
+
+def stage_at(c, step: int) -> int:
+    """The stage that runs global step ``step`` (the last stage once training is complete)."""
+    bounds = stage_bounds(c)
+    return int(min(np.searchsorted(bounds, step, side="right") - 1, len(c.stages) - 1))
+
+
+def _open_data(c, is_main: bool) -> list:
+    """Check every shard before anything is compiled; damaged ones stop the run or, when the config
+    allows it, are left out — printed, and returned so the summary and metrics count them."""
+    if not c.data.skip_damaged_shards:
+        records.RecordSource(c.data.dir)  # raises DamagedShardError naming the first damaged shard
+        return []
+    damaged = [s for s in records.check_shards(c.data.dir) if not s.ok]
+    if damaged and is_main:
+        lost = sum(s.expected for s in damaged)
+        print(f"[train] WARNING: skipping {len(damaged)} damaged shard(s), {lost} records "
+              "(config.data.skip_damaged_shards=True):", flush=True)
+        for s in damaged:
+            print(f"[train]   {s.path}: {s.problem}", flush=True)
+    return damaged
+
+
 def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) -> dict:
-    """Run (or resume) training; returns a summary. ``stop_after``: return early after that many steps (tests)."""
-    workdir = Path(workdir)
+    """Run (or resume) training; returns a summary. ``stop_after``: return early after that many steps (tests).
+
+    ``workdir`` may be local or any ``etils.epath`` scheme (``gs://bucket/run``): checkpoints,
+    metrics, TensorBoard events, ``config.json`` and ``summary.json`` all go there."""
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
     num_obj, num_ocr = validate_config(c, jax.device_count(), manifest)
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    damaged_shards = _open_data(c, is_main)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type)
     model_cfg = build_model_config(c)
-    total_steps = sum(s[0] for s in c.stages)
+    total_steps = int(stage_bounds(c)[-1])
     if is_main:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        storage.write_text_atomic(workdir / "config.json", c.to_json_best_effort(indent=2))
         print(f"[train] {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}; "
               f"K={num_obj} V={num_ocr}; {total_steps} steps", flush=True)
 
     # ---- Model, centres, optimiser (sharded at creation) --------------------------
     init_centers = np.load(c.loss.init_centers) if c.loss.init_centers else None
-    state, setup = init_state(c, mesh, model_cfg, num_obj, num_ocr, total_steps, init_centers)
+    state, setup = init_state(c, mesh, model_cfg, num_obj, num_ocr, init_centers)
     train_step, batch_sh = make_train_step(c, setup)
     ckpt = checkpoint.Checkpointer(workdir, every=c.checkpoint_every, keep=c.keep_checkpoints,
                                    async_save=c.async_checkpointing)
     meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
                  "objective": c.objective, "region_layers": model_cfg.region_layers if c.objective == "rice" else 0}
 
-    # ---- Restore or init_from ---------------------------------------------------------
-    start = ckpt.latest_step() or 0
-    restored_meta = ckpt.restore_meta(start) if start else None
-    if not start:
-        state = apply_init_from(c.init_from, state, model_cfg)
-
     tokenizer = None
     if manifest.get("tokenizer"):
         from rice_jax.data.tokenizer import OCRTokenizer
 
-        tokenizer = OCRTokenizer(Path(c.data.dir) / manifest["tokenizer"]["file"])
+        tokenizer = OCRTokenizer(storage.path(c.data.dir) / manifest["tokenizer"]["file"])
     per_process_batch = c.batch_size // jax.process_count()
 
     def stage_iter(stage_idx: int):
         pcfg = pipeline.PipelineConfig(
             image_size=c.stages[stage_idx][1], num_regions=c.data.num_regions, max_labels=c.data.max_labels,
             text_fraction=c.data.text_fraction, fill=c.data.fill, min_box_size=c.data.min_box_size,
-            batch_size=per_process_batch, seed=c.seed * 1000 + stage_idx, worker_count=c.data.worker_count)
+            batch_size=per_process_batch, seed=c.seed * 1000 + stage_idx, worker_count=c.data.worker_count,
+            skip_damaged_shards=c.data.skip_damaged_shards)
         return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
 
-    bounds = np.cumsum([0] + [s[0] for s in c.stages])
-    stage = int(np.searchsorted(bounds, start, side="right") - 1) if start < total_steps else len(c.stages) - 1
-    data_iter = stage_iter(stage)
-    if start:
-        same_stage = restored_meta.get("stage") == stage
-        state = ckpt.restore(start, setup.abstract_state, data_iter if same_stage else None)
-        if is_main:
-            print(f"[train] resumed from step {start} (stage {stage})", flush=True)
+    # ---- Restore (newest intact checkpoint) or init_from ------------------------------------
+    def restore(step: int):
+        stage = stage_at(c, step)
+        it = stage_iter(stage)
+        same_stage = ckpt.restore_meta(step).get("stage") == stage
+        return ckpt.restore(step, setup.abstract_state, it if same_stage else None), it
 
-    # ---- Preemption -------------------------------------------------------------------
+    log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+    start, restored = ckpt.restore_newest_intact(restore, strict=c.strict_restore, log=log)
+    if start is None:
+        start = 0
+        state = apply_init_from(c.init_from, state, model_cfg)
+        data_iter = stage_iter(0)
+    else:
+        state, data_iter = restored
+        log(f"[train] resumed from step {start} (stage {stage_at(c, start)})")
+    stage = stage_at(c, start)
+
+    # ---- Preemption ---------------------------------------------------------------------
+    # Under jax.distributed, JAX's preemption service owns SIGTERM and all hosts agree on the step
+    # to stop at (ckpt.reached_preemption). A single process handles SIGTERM itself.
     stop = {"flag": False}
+    agreed = jax.process_count() > 1
     # Signal handlers can only be installed from the main thread (not e.g. from a test runner thread).
-    prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True)) if _in_main_thread() else None
+    prev_handler = (signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+                    if not agreed and _in_main_thread() else None)
 
     # ---- Loop ---------------------------------------------------------------------
     peak = c.peak_flops or measure_peak_flops()
@@ -342,11 +448,11 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     step = start
     last = time.perf_counter()
     steps_this_run = 0
+    skipped_shard_records = float(sum(s.expected for s in damaged_shards))
     compiled = None  # one ahead-of-time compile per stage (image size); also gives the FLOP count
     while step < total_steps:
-        new_stage = int(np.searchsorted(bounds, step, side="right") - 1)
-        if new_stage != stage:
-            stage, data_iter, compiled = new_stage, stage_iter(new_stage), None
+        if stage_at(c, step) != stage:
+            stage, data_iter, compiled = stage_at(c, step), stage_iter(stage_at(c, step)), None
         t0 = time.perf_counter()
         local = next(data_iter)
         batch = to_global_batch(local, batch_sh)
@@ -370,6 +476,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             m.update(images_per_s=c.batch_size / dt, step_time_s=dt, data_wait_fraction=(t1 - t0) / max(dt, 1e-9),
                      mfu=flops_per_step / dt / peak_total if flops_per_step else 0.0,
                      skipped_updates_total=float(state["skipped_updates"]), stage=stage)
+            if damaged_shards:
+                m.update(skipped_shards=float(len(damaged_shards)), skipped_shard_records=skipped_shard_records)
             writer.write(step, m)
             history.append({"step": step, **m})
             if bar is not None:
@@ -377,12 +485,14 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             last, steps_this_run = now, 0
         if bar is not None:
             bar.update(1)
+        preempt = ckpt.reached_preemption(step) if agreed else stop["flag"]
         meta = dict(meta_base, stage=stage, step=step)
-        ckpt.save(step, state, data_iter, meta, force=(step == total_steps or stop["flag"]))
-        if stop["flag"]:
+        if ckpt.save(step, state, data_iter, meta, force=(step == total_steps or preempt)):
+            writer.sync()
+        if preempt:
+            stop["flag"] = True
             ckpt.wait()
-            if is_main:
-                print(f"\n[train] SIGTERM: checkpoint written at step {step}; exiting", flush=True)
+            log(f"\n[train] preemption (SIGTERM): checkpoint written at step {step}; exiting")
             break
         if stop_after is not None and step - start >= stop_after:
             break
@@ -393,9 +503,10 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     if prev_handler is not None:
         signal.signal(signal.SIGTERM, prev_handler)
     summary = {"start_step": start, "end_step": step, "history": history, "peak_flops_per_device": peak,
-               "flops_per_step": flops_per_step, "preempted": stop["flag"]}
+               "flops_per_step": flops_per_step, "preempted": stop["flag"],
+               "skipped_shards": [s.path for s in damaged_shards]}
     if is_main:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        storage.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -55,6 +55,7 @@ class PipelineConfig:
     num_epochs: Optional[int] = None  # None = repeat forever
     worker_count: int = 0            # 0 = in-process threads; >0 = Grain worker processes
     prefetch_threads: int = 4
+    skip_damaged_shards: bool = False  # leave damaged shards out (counted) instead of stopping
 
     def __post_init__(self):
         if self.num_regions < 1:
@@ -170,7 +171,8 @@ class RegionExampleTransform:
 
 
 class _IndexedSource:
-    """(index, raw bytes) pairs so the transform knows the global record index."""
+    """(dataset index, raw bytes) pairs: the transform keys cluster labels and messages by the record's
+    index in the whole dataset (which differs from the source index when damaged shards are skipped)."""
 
     def __init__(self, src: records.RecordSource):
         self._src = src
@@ -179,7 +181,7 @@ class _IndexedSource:
         return len(self._src)
 
     def __getitem__(self, i):
-        return int(i), self._src.raw(int(i))
+        return self._src.dataset_index(int(i)), self._src.raw(int(i))
 
 
 def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=None,
@@ -191,7 +193,7 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    src = records.RecordSource(data_dir)
+    src = records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
     if tokenizer is None:
         manifest = records.read_manifest(data_dir)
         if manifest.get("tokenizer"):

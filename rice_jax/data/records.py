@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import msgpack
 import numpy as np
+
+from rice_jax import storage
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -170,7 +173,7 @@ def write_records(records: Iterable[RegionRecord], out_dir: str | os.PathLike, *
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
-    path = Path(data_dir) / MANIFEST
+    path = storage.path(data_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {data_dir} is not a rice_jax region dataset "
                                 "(create one with `python -m rice_jax.data.synthetic --out DIR`)")
@@ -181,10 +184,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 
 
 def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
-    path = Path(data_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    storage.write_text_atomic(storage.path(data_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def shard_paths(data_dir: str | os.PathLike) -> list[str]:
@@ -192,34 +192,118 @@ def shard_paths(data_dir: str | os.PathLike) -> list[str]:
     return [str(Path(data_dir) / s) for s in m["shards"]]
 
 
+class DamagedShardError(RecordError):
+    """A shard that is missing, empty, unreadable or holds a different number of records than the manifest."""
+
+
+SHARD_ADVICE = ("re-copy the shard from its source, or re-create the dataset; to train without it pass "
+                "--config.data.skip_damaged_shards=True (its records are left out and counted)")
+
+
+@dataclasses.dataclass
+class ShardStatus:
+    """What opening one shard found. ``problem`` is ``""`` for a healthy shard."""
+    path: str
+    expected: int                     # records the manifest promises
+    found: int                        # records the file's index holds (-1: could not open)
+    size_bytes: int                   # -1: missing
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+    def message(self) -> str:
+        return f"damaged shard {self.path}: {self.problem}; {SHARD_ADVICE}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def check_shard(path: str, expected: int) -> ShardStatus:
+    """Open one shard (its footer and index, not the records) and compare its count with the manifest."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not os.path.exists(path):
+        return ShardStatus(path, expected, -1, -1, "file is missing")
+    size = os.path.getsize(path)
+    if size == 0:
+        return ShardStatus(path, expected, -1, 0, "file is empty (0 bytes; an interrupted copy?)")
+    try:
+        reader = ArrayRecordReader(path)
+        found = int(reader.num_records())
+        reader.close()
+    except Exception as e:  # noqa: BLE001 - the reader reports truncation / corruption as RuntimeError
+        return ShardStatus(path, expected, -1, size, f"cannot be opened ({_first_line(e)}); the file is truncated "
+                                                    "or corrupted")
+    if found != expected:
+        return ShardStatus(path, expected, found, size, f"holds {found} records, the manifest says {expected}")
+    return ShardStatus(path, expected, found, size)
+
+
+def check_shards(data_dir: str | os.PathLike) -> list[ShardStatus]:
+    """:func:`check_shard` for every shard in the manifest, in manifest order."""
+    m = read_manifest(data_dir)
+    return [check_shard(str(Path(data_dir) / name), int(n)) for name, n in zip(m["shards"], m["shard_counts"])]
+
+
 class RecordSource:
     """Random access over all shards (a Grain ``RandomAccessDataSource``), decoding on read.
 
-    Index ``i`` is global across shards in manifest order; errors name
-    ``file:local_index``.
+    Every shard is checked against the manifest on opening (:func:`check_shard`): a damaged one
+    raises :class:`DamagedShardError` naming it, or, with ``skip_damaged=True``, is left out and
+    listed in :attr:`skipped`. Index ``i`` runs over the kept records; :meth:`dataset_index` maps it
+    to the record's index in the whole dataset (what sidecars such as cluster labels are keyed by)
+    and errors name ``file:local_index``.
     """
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike, *, skip_damaged: bool = False):
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-        self.data_dir = Path(data_dir)
-        self.paths = shard_paths(data_dir)
-        self._src = ArrayRecordDataSource(self.paths)
-        counts = read_manifest(data_dir)["shard_counts"]
-        self._starts = np.cumsum([0] + list(counts))
+        self.data_dir = Path(storage.require_local(
+            data_dir, "a region dataset's ArrayRecord shards",
+            "ArrayRecord reads local files only: mount the bucket, e.g. `gcsfuse BUCKET /gcs/BUCKET`, and pass "
+            "the mount path"))
+        status = check_shards(self.data_dir)
+        self.skipped = [s for s in status if not s.ok]
+        if self.skipped and not skip_damaged:
+            more = f" ({len(self.skipped)} of {len(status)} shards damaged; " \
+                   f"`python -m rice_jax.data.records --validate {data_dir}` lists them)" if len(self.skipped) > 1 else ""
+            raise DamagedShardError(self.skipped[0].message() + more)
+        kept = [s for s in status if s.ok]
+        if not kept:
+            raise DamagedShardError(f"{data_dir}: every shard is damaged; {self.skipped[0].message()}")
+        self.paths = [s.path for s in kept]
+        # Exact record ranges: the source need not re-open every file to count it.
+        self._src = ArrayRecordDataSource([f"{s.path}[0:{s.found}]" for s in kept])
+        all_starts = np.cumsum([0] + [s.expected for s in status])
+        self._all_paths = [s.path for s in status]
+        self._all_starts = all_starts
+        self._starts = np.cumsum([0] + [s.found for s in kept])
+        self._offsets = np.array([all_starts[i] for i, s in enumerate(status) if s.ok], np.int64)
+
+    @property
+    def skipped_records(self) -> int:
+        return int(sum(s.expected for s in self.skipped))
 
     def __len__(self) -> int:
         return len(self._src)
 
-    def where(self, index: int) -> str:
+    def dataset_index(self, index: int) -> int:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-        return f"{self.paths[shard]}:{index - self._starts[shard]}"
+        return int(self._offsets[shard] + index - self._starts[shard])
+
+    def where(self, dataset_index: int) -> str:
+        shard = int(np.searchsorted(self._all_starts, dataset_index, side="right") - 1)
+        return f"{self._all_paths[shard]}:{dataset_index - self._all_starts[shard]}"
 
     def raw(self, index: int) -> bytes:
         return self._src[index]
 
     def __getitem__(self, index: int) -> RegionRecord:
-        return decode(self._src[index], self.where(int(index)))
+        return decode(self._src[index], self.where(self.dataset_index(int(index))))
 
     def __iter__(self) -> Iterator[RegionRecord]:
         for i in range(len(self)):
@@ -233,3 +317,64 @@ def validate_dataset(data_dir: str | os.PathLike) -> dict:
     for rec in src:
         n += rec.num_regions
     return {"num_images": len(src), "num_regions": n}
+
+
+def validate_report(data_dir: str | os.PathLike, *, decode_records: bool = True) -> list[dict]:
+    """Per-shard health: the open check, then (``decode_records``) every record decoded and validated.
+
+    Unlike :func:`validate_dataset` it does not stop at the first problem: each shard gets a row
+    with its status, its record count against the manifest and the number of bad records, with
+    the first bad one named."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    rows = []
+    for st in check_shards(data_dir):
+        row = {"shard": os.path.basename(st.path), "bytes": st.size_bytes, "expected": st.expected,
+               "found": st.found, "bad_records": 0, "status": "ok" if st.ok else st.problem}
+        if st.ok and decode_records:
+            reader = ArrayRecordReader(st.path)
+            bad, first = 0, ""
+            for i in range(st.found):
+                try:
+                    decode(reader.read([i])[0], f"{st.path}:{i}")
+                except Exception as e:  # noqa: BLE001 - counted and reported, not raised
+                    bad += 1
+                    first = first or _first_line(e)
+            reader.close()
+            row["bad_records"] = bad
+            if bad:
+                row["status"] = f"{bad} bad record(s), first: {first}"
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m rice_jax.data.records",
+                                 description="Check a region dataset: every shard against the manifest, every record "
+                                             "against the schema. Exit 0 if healthy, 1 if anything is damaged.")
+    ap.add_argument("--validate", metavar="DIR", required=True, help="the dataset folder (with manifest.json)")
+    ap.add_argument("--shards-only", action="store_true", help="open each shard and count; do not decode records")
+    a = ap.parse_args(argv)
+    try:
+        rows = validate_report(a.validate, decode_records=not a.shards_only)
+    except (FileNotFoundError, RecordError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(r["shard"]) for r in rows) if rows else 5
+    print(f"{'shard':<{width}}  {'bytes':>12}  {'records':>15}  {'bad':>5}  status")
+    for r in rows:
+        rec = f"{r['found']}/{r['expected']}" if r["found"] >= 0 else f"?/{r['expected']}"
+        print(f"{r['shard']:<{width}}  {r['bytes']:>12}  {rec:>15}  {r['bad_records']:>5}  {r['status']}")
+    damaged = [r for r in rows if r["status"] != "ok"]
+    total = sum(r["expected"] for r in rows)
+    lost = sum(r["expected"] for r in damaged)
+    print(f"{len(rows) - len(damaged)}/{len(rows)} shards healthy; {lost} of {total} records in damaged shards")
+    if damaged:
+        print(f"advice: {SHARD_ADVICE}")
+    return 1 if damaged else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,13 +33,16 @@ class OCRTokenizer:
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
 
-        path = Path(path)
+        from rice_jax import storage
+
+        path = storage.path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no tokenizer.json (train one with rice_jax.data.tokenizer.build_for_dataset)")
+            raise FileNotFoundError(f"{path}: no tokenizer.json (build one with "
+                                    f"`python -m rice_jax.data.tokenizer --data {path.parent}`)")
         self.path = path
-        self._tok = Tokenizer.from_file(str(path))
+        self._tok = Tokenizer.from_str(path.read_text())
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str, max_tokens: int) -> np.ndarray:
