@@ -190,7 +190,7 @@ def restore_subtree(path: storage.PathLike, abstract: Any, keys: tuple[str, ...]
     returned as ``abstract`` has them."""
     mngr, step, meta = _open_read_only(path, step)
     saved = mngr.item_metadata(step)["state"]
-    sub = saved
+    sub = getattr(saved, "tree", saved)  # Orbax's TreeMetadata wraps the nested dict
     for k in keys:
         if not isinstance(sub, dict) or k not in sub:
             mngr.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from rice_jax import storage
 from rice_jax.data import pipeline, records, synthetic
 from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 
@@ -296,7 +296,7 @@ def main(argv=None):
     from rice_jax.data.tokenizer import OCRTokenizer
 
     m = records.read_manifest(a.data)
-    tok = OCRTokenizer(Path(a.data) / m["tokenizer"]["file"]) if m.get("tokenizer") else None
+    tok = OCRTokenizer(storage.path(a.data) / m["tokenizer"]["file"]) if m.get("tokenizer") else None
     rl = a.region_layers
     if rl is None:
         rl = 0
@@ -308,8 +308,10 @@ def main(argv=None):
                             region_layers=rl, all_layers=a.all_layers)
     print(json.dumps(res, indent=2))
     if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        storage.write_text_atomic(a.out, json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    from rice_jax import cli
+
+    cli.run(main)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rice_jax import storage
 from rice_jax.models.config import ViTConfig
 from rice_jax.models.vit import ViT
 
@@ -209,7 +212,8 @@ def load_hf(path: str | os.PathLike, *, from_hub: bool = False, revision: str | 
 
         path = snapshot_download(str(path), revision=revision,
                                  allow_patterns=["*.json", "*.safetensors", "*.bin"])
-    path = Path(path)
+    # Remote folders (gs://, s3://...) are copied to a temp dir first: safetensors and torch read local files.
+    path = Path(storage.download_dir(path))
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found (expected a Hugging Face MLCDVisionModel directory)")
@@ -217,21 +221,26 @@ def load_hf(path: str | os.PathLike, *, from_hub: bool = False, revision: str | 
     return vit_from_hf_state(cfg, read_hf_state(path), source=str(path))
 
 
-def save_hf(model, path: str | os.PathLike, *, torch_state_dict: bool = False) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (+ optional ``pytorch_model.bin``)."""
+def save_hf(model, path: str | os.PathLike, *, torch_state_dict: bool = False):
+    """Write ``config.json`` + ``model.safetensors`` (+ optional ``pytorch_model.bin``) to a local or
+    remote (``gs://``...) folder; returns the folder."""
     from safetensors.numpy import save_file
 
     vit = _backbone(model)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    dst = storage.path(path)
+    local = Path(tempfile.mkdtemp(prefix="rice_jax_export_")) if storage.is_remote(dst) else Path(dst)
+    local.mkdir(parents=True, exist_ok=True)
     state = vit_to_hf_state(vit)
-    (path / "config.json").write_text(json.dumps(vit.cfg.to_hf_dict(), indent=2) + "\n")
-    save_file(state, str(path / SAFETENSORS), metadata={"format": "pt"})
+    (local / "config.json").write_text(json.dumps(vit.cfg.to_hf_dict(), indent=2) + "\n")
+    save_file(state, str(local / SAFETENSORS), metadata={"format": "pt"})
     if torch_state_dict:
         import torch
 
-        torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, path / TORCH_STATE_DICT)
-    return path
+        torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, local / TORCH_STATE_DICT)
+    if storage.is_remote(dst):
+        storage.upload_dir(local, dst)
+        shutil.rmtree(local, ignore_errors=True)
+    return dst
 
 
 # ----------------------------------------------------------------------------- parity check
@@ -280,11 +289,13 @@ def main(argv=None):
         cfg = _backbone(model).cfg
         h, w = args.image_size or (cfg.image_size, cfg.image_size)
         x = np.random.default_rng(0).standard_normal((2, h, w, cfg.num_channels)).astype(np.float32)
-        diffs = compare_with_transformers(model, out, x)
+        diffs = compare_with_transformers(model, storage.download_dir(out), x)
         print(json.dumps({"verify": diffs}))
         if max(diffs.values()) > 1e-3:
             raise SystemExit(f"export parity check failed: {diffs}")
 
 
 if __name__ == "__main__":
-    main()
+    from rice_jax import cli
+
+    cli.run(main)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import io
+
+from rice_jax import storage
 
 # One panel per tuple; a key missing from the run (e.g. OCR terms of a global-only run) is skipped.
 PANELS = (
@@ -22,13 +24,13 @@ TITLES = ("losses", "cosine to positive / negative centres", "top-1 cluster accu
           "utilisation")
 
 
-def plot(workdir: str | Path) -> Path:
+def plot(workdir: str | storage.PathLike):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     if not rows:
         raise ValueError(f"{workdir}/metrics.jsonl is empty")
@@ -45,7 +47,9 @@ def plot(workdir: str | Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = workdir / "curves.png"
-    fig.savefig(out, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    out.write_bytes(buf.getvalue())
     plt.close(fig)
     return out
 

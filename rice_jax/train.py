@@ -492,7 +492,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         if preempt:
             stop["flag"] = True
             ckpt.wait()
-            log(f"\n[train] preemption (SIGTERM): checkpoint written at step {step}; exiting")
+            print(f"\n[train] process {jax.process_index()}: preemption (SIGTERM): checkpoint written at step {step}; "
+                  "exiting", flush=True)
             break
         if stop_after is not None and step - start >= stop_after:
             break
@@ -529,7 +530,9 @@ def main(argv):
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     elif FLAGS.distributed:
         jax.distributed.initialize()  # TPU pods / SLURM: everything from the environment
-    train(FLAGS.config, FLAGS.workdir)
+    from rice_jax import cli
+
+    cli.run(lambda: train(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

@@ -58,10 +58,11 @@ def test_aux_diagnostics_dense():
     assert int(aux["num_sampled"]) == c.shape[0]
 
 
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
 @pytest.mark.parametrize("shape", [(1, 8), (2, 4)])
 @pytest.mark.parametrize("k", [64, 1003])
-def test_class_parallel_matches_dense(shape, k):
-    mesh = make_mesh(*shape)
+def test_class_parallel_matches_dense(shape, k, axis_type):
+    mesh = make_mesh(*shape, axis_type=axis_type)
     f, c, labels = make_problem(b=16, k=k, d=32, m=4, seed=k)
     l0, (gf0, gc0) = _grads(losses.margin_softmax_loss, f, c, labels)
     l1, (gf1, gc1) = _grads(losses.margin_softmax_loss, f, c, labels, mesh=mesh)
@@ -89,9 +90,9 @@ def _sampled(f, c, labels, rate, seed, mesh=None, **kw):
                                       rng=jax.random.key(seed), mesh=mesh, **kw)
 
 
-@pytest.mark.parametrize("use_mesh", [False, True])
+@pytest.mark.parametrize("use_mesh", [False, "auto", "explicit"])
 def test_sampled_loss_bounded_by_full_and_keeps_positives(use_mesh):
-    mesh = make_mesh(2, 4) if use_mesh else None
+    mesh = make_mesh(2, 4, axis_type=use_mesh) if use_mesh else None
     f, c, labels = make_problem(b=16, k=400, d=16, m=3)
     full, _ = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(labels), mesh=mesh)
     n_pos = len({int(x) for x in labels.ravel() if x >= 0})

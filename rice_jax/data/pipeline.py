@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
+from rice_jax import storage
 from rice_jax.data import records
 
 # The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use).
@@ -72,10 +72,11 @@ def resize_normalize(img: Image.Image, size: int) -> np.ndarray:
 
 def load_cluster_labels(data_dir: str | os.PathLike) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The clustering sidecar, joined by (global record index, region index): ``(offsets, labels)``."""
-    path = Path(data_dir) / CLUSTER_LABELS_FILE
+    path = storage.path(data_dir) / CLUSTER_LABELS_FILE
     if not path.exists():
         return None
-    z = np.load(path)
+    with path.open("rb") as f:
+        z = np.load(io.BytesIO(f.read()))
     return z["offsets"], z["labels"]
 
 
@@ -199,7 +200,7 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
         if manifest.get("tokenizer"):
             from rice_jax.data.tokenizer import OCRTokenizer
 
-            tokenizer = OCRTokenizer(Path(data_dir) / manifest["tokenizer"]["file"])
+            tokenizer = OCRTokenizer(storage.path(data_dir) / manifest["tokenizer"]["file"])
     transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
     ds = grain.MapDataset.source(_IndexedSource(src))
     if len(ds) < cfg.batch_size * process_count:

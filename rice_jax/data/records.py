@@ -357,11 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--validate", metavar="DIR", required=True, help="the dataset folder (with manifest.json)")
     ap.add_argument("--shards-only", action="store_true", help="open each shard and count; do not decode records")
     a = ap.parse_args(argv)
-    try:
-        rows = validate_report(a.validate, decode_records=not a.shards_only)
-    except (FileNotFoundError, RecordError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = validate_report(a.validate, decode_records=not a.shards_only)
     width = max(len(r["shard"]) for r in rows) if rows else 5
     print(f"{'shard':<{width}}  {'bytes':>12}  {'records':>15}  {'bad':>5}  status")
     for r in rows:
@@ -377,4 +373,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rice_jax import cli
+
+    sys.exit(cli.run(main))

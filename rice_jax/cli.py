@@ -1,0 +1,33 @@
+"""How every ``python -m rice_jax.*`` command ends on an expected failure: one line, exit code 2.
+
+Expected failures are bad input the user can fix — a missing dataset or tokenizer, a damaged
+shard or checkpoint, a config value out of range; their messages already name the file or
+field and the command to run. A traceback would bury that line. Set ``RICE_JAX_TRACEBACK=1``
+to get the traceback anyway. Anything else (a bug) still raises normally.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+EXIT_BAD_INPUT = 2
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from rice_jax.checkpoint import CheckpointDamaged
+    from rice_jax.data.records import RecordError
+
+    return (FileNotFoundError, NotADirectoryError, RecordError, CheckpointDamaged, ValueError)
+
+
+def run(fn: Callable[[], object]) -> object:
+    """Call ``fn()``; on an expected error print ``error: <first line>`` to stderr and exit 2."""
+    try:
+        return fn()
+    except expected_errors() as e:
+        if os.environ.get("RICE_JAX_TRACEBACK"):
+            raise
+        lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
