@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rice_jax import storage
+from rice_jax.sharding import path_to_str as sharding_path
 
 CKPT_SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "damaged_checkpoints"   # beside CKPT_SUBDIR: unreadable checkpoints are moved here, never deleted
@@ -25,6 +26,10 @@ BACKBONE = ("params", "model", "backbone")
 
 class CheckpointDamaged(RuntimeError):
     """A checkpoint that cannot be read; the message names the step, its folder and the first error line."""
+
+
+class CheckpointIncompatible(ValueError):
+    """A readable checkpoint whose arrays do not fit this run's state (another config): never "damaged"."""
 
 
 def _manager(directory, *, every: int = 1, keep: Optional[int] = None, async_save: bool = True,
@@ -86,10 +91,26 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict:
         return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def check_layout(self, step: int, abstract_state) -> None:
+        """Raise :class:`CheckpointIncompatible` if the saved state's tree or shapes differ from
+        ``abstract_state`` (e.g. the config changed K or the backbone). Shardings may differ."""
+        saved = self.mngr.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        want = {sharding_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        have = {sharding_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+        diff = [f"{k}: saved {have.get(k)}, this run {want.get(k)}" for k in sorted(set(want) | set(have))
+                if have.get(k) != want.get(k)]
+        if diff:
+            raise CheckpointIncompatible(
+                f"checkpoint step {step} ({self.directory / str(step)}) does not fit this run's state "
+                f"({len(diff)} arrays differ, e.g. {diff[0]}): resume with the config it was written with, "
+                "or start in a new workdir (init_from=ckpt:... takes its backbone)")
+
     def restore(self, step: int, abstract_state, data_iter=None):
         """State onto the shardings of ``abstract_state``; the iterator (if given) in place."""
         import grain
 
+        self.check_layout(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -108,6 +129,8 @@ class Checkpointer:
             err = None
             try:
                 result = restore_fn(step)
+            except CheckpointIncompatible:
+                raise  # a config change, not damage: never move a good checkpoint aside
             except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
                 err, result = e, None
             if _all_processes_true(err is None):

@@ -15,10 +15,10 @@ EXIT_BAD_INPUT = 2
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from rice_jax.checkpoint import CheckpointDamaged
+    from rice_jax.checkpoint import CheckpointDamaged, CheckpointIncompatible
     from rice_jax.data.records import RecordError
 
-    return (FileNotFoundError, NotADirectoryError, RecordError, CheckpointDamaged, ValueError)
+    return (FileNotFoundError, NotADirectoryError, RecordError, CheckpointDamaged, CheckpointIncompatible, ValueError)
 
 
 def run(fn: Callable[[], object]) -> object:

@@ -353,3 +353,13 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(data_dir, tmp_path):
     (a, sa), (b, sb) = _final_params(tmp_path / "ref"), _final_params(run)
     assert sa == sb == total
     _assert_same_tree(a, b)
+
+
+def test_changed_config_is_not_mistaken_for_damage(data_dir, tmp_path):
+    c = small_config(data_dir, steps=2, every=100)
+    train.train(c, tmp_path)
+    c2 = small_config(data_dir, steps=4, every=100)
+    c2.loss.pad_classes_to = 1024          # centre matrices of another size
+    with pytest.raises(checkpoint.CheckpointIncompatible, match="centers_obj"):
+        train.train(c2, tmp_path)
+    assert not (tmp_path / "damaged_checkpoints").exists() and (tmp_path / "checkpoints" / "2").exists()
