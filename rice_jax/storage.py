@@ -27,8 +27,10 @@ PathLike = str | os.PathLike
 
 def path(p: PathLike) -> epath.Path:
     """The one path type for user paths; local paths are made absolute (Orbax requires it)."""
-    out = epath.Path(p)
-    return out if is_remote(out) else epath.Path(os.path.abspath(os.fspath(out)))
+    s = os.fspath(p)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    return epath.Path(s) if is_remote(s) else epath.Path(os.path.abspath(s))
 
 
 def is_remote(p: PathLike) -> bool:
