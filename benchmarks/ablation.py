@@ -14,7 +14,6 @@ benchmarks/results/ablation.json and ablation.png, prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import tempfile
 import time
@@ -24,17 +23,15 @@ import numpy as np
 
 from benchmarks.common import RESULTS, report
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("rice", "mlcd", "rice_oracle", "random_init", "teacher")
 LABELS = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
           "random_init": "random init", "teacher": "handcrafted teacher"}
 
 
 def _config(arg):
-    spec = importlib.util.spec_from_file_location("rice_cfg", ROOT / "configs" / "rice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    from rice_jax.configs.rice import get_config
+
+    return get_config(arg)
 
 
 def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int):

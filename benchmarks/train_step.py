@@ -12,10 +12,8 @@ measured in the same run (best of jnp.dot and torch.matmul on 2048^2, fp32).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +21,12 @@ import numpy as np
 
 from benchmarks.common import report, timeit, torch_threads
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(objective: str, preset: str, batch: int, image: int, k: int, v: int):
-    spec = importlib.util.spec_from_file_location("rice_cfg", ROOT / "configs" / "rice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(f"tiny,objective={objective}")
+    from rice_jax.configs.rice import get_config
+
+    c = get_config(f"tiny,objective={objective}")
     c.model.backbone = preset
     c.batch_size = batch
     c.stages = ((10, image),)

@@ -9,14 +9,12 @@ an interrupted training run resumes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stage(name: str) -> float:
@@ -25,10 +23,9 @@ def _stage(name: str) -> float:
 
 
 def _config(arg: str):
-    spec = importlib.util.spec_from_file_location("rice_config", ROOT / "configs" / "rice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    from rice_jax.configs.rice import get_config
+
+    return get_config(arg)
 
 
 def _dataset(path: Path, n: int, seed: int, vocab: int):
@@ -79,7 +76,7 @@ def main(argv=None):
     summary["clustering"] = {k: rep.get(k) for k in ("k", "nmi", "ari", "inertia")}
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _stage("3. RICE pretraining (configs/rice.py:tiny, checkpoints in workdir/train)")
+    t = _stage("3. RICE pretraining (rice_jax/configs/rice.py:tiny, checkpoints in workdir/train)")
     from rice_jax import train
 
     c = _config("tiny")

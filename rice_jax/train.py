@@ -1,6 +1,6 @@
 """RICE pretraining: one train loop, read top to bottom.
 
-    python -m rice_jax.train --config configs/rice.py:tiny --workdir DIR [--config.key=value ...]
+    python -m rice_jax.train --config rice_jax/configs/rice.py:tiny --workdir DIR [--config.key=value ...]
 
 Set-up -> mesh -> data -> model, centres and optimiser (initialised directly
 sharded) -> restore (or init_from) -> jitted train step -> loop with metrics,
@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rice_jax import checkpoint, losses, sharding, storage
 from rice_jax.data import pipeline, records
 from rice_jax.models import config as mcfg
+from rice_jax.models import rice as rice_settings
 from rice_jax.models.rice import RICEConfig, RICEModel
 
 BATCH_KEYS = ("image", "boxes", "region_valid", "region_kind", "labels", "image_ok")
@@ -67,9 +68,7 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- model + optimiser
 def build_model_config(c) -> RICEConfig:
-    bb = mcfg.get_preset(c.model.backbone, dtype=c.model.dtype, remat_policy=c.model.remat_policy)
-    return RICEConfig(backbone=bb, region_layers=c.model.region_layers, region_attend_cls=c.model.region_attend_cls,
-                      embed_dim=c.model.embed_dim or None, embed_batchnorm=c.model.embed_batchnorm)
+    return rice_settings.config_from_settings(c.model)
 
 
 def _decay_mask(params) -> Any:
@@ -153,7 +152,7 @@ def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, init_
                 "skipped_updates": jnp.zeros((), jnp.int32)}
 
     abstract = jax.eval_shape(create)
-    shardings = sharding.tree_shardings(abstract, mesh)
+    shardings = sharding.tree_shardings(abstract, mesh, rules=tuple(tuple(r) for r in c.sharding_rules))
     state = jax.jit(create, out_shardings=shardings)()
     graphdef = nnx.split(nnx.eval_shape(lambda: RICEModel(model_cfg, rngs=nnx.Rngs(0))))[0]
     if init_centers is not None:
@@ -399,11 +398,9 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     per_process_batch = c.batch_size // jax.process_count()
 
     def stage_iter(stage_idx: int):
-        pcfg = pipeline.PipelineConfig(
-            image_size=c.stages[stage_idx][1], num_regions=c.data.num_regions, max_labels=c.data.max_labels,
-            text_fraction=c.data.text_fraction, fill=c.data.fill, min_box_size=c.data.min_box_size,
-            batch_size=per_process_batch, seed=c.seed * 1000 + stage_idx, worker_count=c.data.worker_count,
-            skip_damaged_shards=c.data.skip_damaged_shards)
+        pcfg = pipeline.PipelineConfig(**{k: v for k, v in c.data.items() if k != "dir"},
+                                       image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
+                                       seed=c.seed * 1000 + stage_idx)
         return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
 
     # ---- Restore (newest intact checkpoint) or init_from ------------------------------------
@@ -539,7 +536,7 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "configs/rice.py:VARIANT", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "rice_jax/configs/rice.py:VARIANT", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and logs go here")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the environment")
     flags.DEFINE_string("coordinator_address", "", "host:port for a local multi-process CPU run")

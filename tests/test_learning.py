@@ -3,12 +3,12 @@
 Oracle labels (the generator's categories) isolate the learning from the quality
 of the pseudo-labels; the probes are frozen-backbone and on held-out images.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
 from flax import nnx
 
+from rice_jax.configs.rice import get_config
 from rice_jax import checkpoint, clustering, evaluate, train
 from rice_jax.data import synthetic
 from rice_jax.models.vit import ViT
@@ -18,10 +18,7 @@ STEPS = 450
 
 
 def _config():
-    spec = importlib.util.spec_from_file_location("rice_cfg", ROOT / "configs" / "rice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("tiny")
+    return get_config("tiny")
 
 
 @pytest.mark.slow

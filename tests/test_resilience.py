@@ -136,9 +136,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(data_dir, tmp_path):
     name = _damage(d, "zero_byte")
     env = _env()
     cases = [
-        ([sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'configs' / 'rice.py'}:tiny",
+        ([sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'rice_jax' / 'configs' / 'rice.py'}:tiny",
           f"--workdir={tmp_path / 'w'}", f"--config.data.dir={d}"], name),
-        ([sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'configs' / 'rice.py'}:tiny",
+        ([sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'rice_jax' / 'configs' / 'rice.py'}:tiny",
           f"--workdir={tmp_path / 'w'}", f"--config.data.dir={tmp_path / 'nothing'}"], "not a rice_jax region dataset"),
         ([sys.executable, "-m", "rice_jax.data.tokenizer", "--data", str(d)], name),
         ([sys.executable, "-m", "rice_jax.clustering", "--data", str(d), "--k", "4"], name),

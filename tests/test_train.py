@@ -1,5 +1,4 @@
 """Training: configs, loss falls, exact resume after kill -9, SIGTERM, 8->4 restore, init_from, NaN skip."""
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rice_jax.configs.rice import get_config
 from rice_jax import checkpoint, train
 from rice_jax.sharding import make_mesh
 from tests.helpers import synthetic_dataset
@@ -22,10 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(arg="tiny"):
-    spec = importlib.util.spec_from_file_location("rice_cfg", ROOT / "configs" / "rice.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +52,7 @@ def _overrides(c):
 
 
 def _cmd(c, workdir):
-    return [sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'configs' / 'rice.py'}:tiny",
+    return [sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'rice_jax' / 'configs' / 'rice.py'}:tiny",
             f"--workdir={workdir}", *_overrides(c)]
 
 
@@ -216,3 +213,24 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     assert len(la) == len(lb) == 3
     # Same examples, same sampling; only the order of float sums over rows differs.
     np.testing.assert_allclose(lb, la, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["b16", "l14_336"])
+def test_runlocal_variants_train_on_cpu(data_dir, tmp_path, variant):
+    """The paper configs' own model width, heads, patch, region layers, loss and two-stage schedule,
+    a few real steps on this CPU (``runlocal`` cuts batch, image size, steps and depth only)."""
+    c = get_config(f"{variant},runlocal")
+    with c.unlocked():
+        c.data.dir = str(data_dir)
+        c.peak_flops = 1e11
+    s = train.train(c, tmp_path)
+    assert s["end_step"] == 6 and [h["stage"] for h in s["history"]] == [0, 0, 0, 1, 1, 1]
+    lrs = [h["lr"] for h in s["history"]]
+    assert max(lrs[3:]) == pytest.approx(0.1 * max(lrs[:3]), rel=1e-6)   # the paper's lr / 10 stage
+    assert all(np.isfinite(h["loss"]) for h in s["history"])
+    preset = {"b16": "vit_b16_224", "l14_336": "vit_l14_336"}[variant]
+    meta = checkpoint.read_meta(tmp_path)
+    from rice_jax.models.config import get_preset
+
+    assert meta["backbone"]["hidden_size"] == get_preset(preset).hidden_size
+    assert meta["backbone"]["num_layers"] == c.model.region_layers + 2

@@ -39,6 +39,8 @@ CLUSTER_LABELS_FILE = "cluster_labels.npz"
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
+    """Everything the input pipeline needs. A training config's ``c.data`` section is these fields
+    (except :data:`PER_STAGE_FIELDS`, which the train loop sets per stage) plus ``dir``."""
     image_size: int = 224
     num_regions: int = 10            # N
     max_labels: int = 10             # M (token ids per OCR region)
@@ -62,6 +64,9 @@ class PipelineConfig:
             raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
         if self.fill not in ("pad", "resample"):
             raise ValueError(f"fill must be 'pad' or 'resample', got {self.fill!r}")
+
+
+PER_STAGE_FIELDS = ("image_size", "batch_size", "seed")
 
 
 def resize_normalize(img: Image.Image, size: int) -> np.ndarray:

@@ -14,6 +14,8 @@ REMAT_POLICIES = (
     "everything_saveable",
 )
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+# ViTConfig fields that are ours and not part of a checkpoint: a config may set them on any preset.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,5 +137,5 @@ PRESETS: dict[str, ViTConfig] = {
 
 def get_preset(name: str, **overrides) -> ViTConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown backbone preset {name!r}; choose from {sorted(PRESETS)}")
+        raise ValueError(f"unknown backbone preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

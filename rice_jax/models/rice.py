@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from rice_jax.models.config import ViTConfig
+from rice_jax.models.config import RUNTIME_FIELDS, ViTConfig, get_preset
 from rice_jax.models.region import box_patch_visibility, region_attention_mask
 from rice_jax.models.vit import ViT
 
@@ -28,7 +28,7 @@ class RICEConfig:
     backbone: ViTConfig = ViTConfig()
     region_layers: int = 2            # last k blocks run on [cls; patches; regions]
     region_attend_cls: bool = False   # let region tokens also see the class token
-    embed_dim: Optional[int] = None   # head output E; None or == D means identity (no head)
+    embed_dim: int = 0                # head output E; 0 (or None, or == D) means identity (no head)
     # Standardise the embeddings over the batch (valid rows only; no parameters, training-only).
     # Region tokens start from the class-token state, so at initialisation every region of every
     # image embeds to nearly the same vector (mean pairwise cosine ~0.9): removing the batch mean
@@ -38,6 +38,33 @@ class RICEConfig:
     def __post_init__(self):
         if not 1 <= self.region_layers <= self.backbone.num_layers:
             raise ValueError(f"region_layers must be in [1, {self.backbone.num_layers}], got {self.region_layers}")
+
+
+def settings_defaults() -> dict:
+    """The flat model settings a training config exposes (``c.model``), with their defaults.
+
+    Every :class:`RICEConfig` field but ``backbone``, plus ``backbone`` as a preset name and the
+    ViT runtime fields (:data:`RUNTIME_FIELDS`), and ``num_layers`` (0 = the preset's depth; a
+    smaller value keeps the first blocks, e.g. for CPU runs): derived from the dataclasses, so a
+    field and its default exist once. :func:`config_from_settings` is the inverse."""
+    out = {f.name: f.default for f in dataclasses.fields(RICEConfig) if f.name != "backbone"}
+    vit = {f.name: f.default for f in dataclasses.fields(ViTConfig)}
+    out.update(backbone="vit_b16_224", num_layers=0, **{k: vit[k] for k in RUNTIME_FIELDS})
+    return out
+
+
+def config_from_settings(settings) -> RICEConfig:
+    """A :class:`RICEConfig` from flat settings (a mapping with the keys of :func:`settings_defaults`)."""
+    settings = dict(settings)
+    unknown = set(settings) - set(settings_defaults())
+    if unknown:
+        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(settings_defaults())}")
+    overrides = {k: settings.pop(k) for k in RUNTIME_FIELDS if k in settings}
+    depth = int(settings.pop("num_layers", 0) or 0)
+    if depth:
+        overrides["num_layers"] = depth
+    backbone = get_preset(settings.pop("backbone"), **overrides)
+    return RICEConfig(backbone=backbone, **settings)
 
 
 @struct.dataclass
@@ -70,7 +97,7 @@ class RICEModel(nnx.Module):
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else ViT(cfg.backbone, rngs=rngs)
         d = cfg.backbone.hidden_size
-        if cfg.embed_dim is None or cfg.embed_dim == d:
+        if not cfg.embed_dim or cfg.embed_dim == d:
             self.head = None
         else:
             self.head = nnx.Linear(d, cfg.embed_dim, use_bias=False, param_dtype=jnp.dtype(cfg.backbone.param_dtype),

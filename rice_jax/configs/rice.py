@@ -1,22 +1,37 @@
-r"""RICE pretraining configs: ``--config configs/rice.py:VARIANT[,objective=mlcd]``.
+r"""RICE pretraining configs: ``--config rice_jax/configs/rice.py:VARIANT[,objective=mlcd][,runlocal]``.
 
-    python -m rice_jax.train --config configs/rice.py:tiny --workdir /tmp/rice_tiny
-    python -m rice_jax.train --config configs/rice.py:l14_336 --workdir gs://... \
+    python -m rice_jax.train --config rice_jax/configs/rice.py:tiny --workdir /tmp/rice_tiny
+    python -m rice_jax.train --config rice_jax/configs/rice.py:l14_336 --workdir gs://... \
         --config.init_from=hf:/ckpt/rice-vit-large-patch14-560 --config.optim.lr=1e-4
 
-Variants: ``tiny`` (CPU, minutes), ``b16``, ``l14_336``, ``l14_560``. Add
-``,objective=mlcd`` for the global-only ablation (same model and data, region
-losses off, image-level multi-label cluster target instead). The dict is
-locked: an unknown key or a value of the wrong type fails at start-up;
-``rice_jax.train.validate_config`` adds the derived checks.
+Variants: ``tiny`` (CPU, minutes), ``b16``, ``l14_336``, ``l14_560``. Arguments:
+``objective=mlcd`` for the global-only ablation (same model and data, region
+losses off, image-level multi-label cluster target instead); ``runlocal`` runs
+the variant's real model, loss, optimiser, stages and mesh code for a few steps
+on a CPU (big_vision's habit): batch, image size, step counts and depth are cut
+to what two cores can do — width, heads, patch size, region layers, loss and
+schedule shape are the variant's own.
+
+``c.data`` is :class:`rice_jax.data.pipeline.PipelineConfig`'s fields and ``c.model``
+is :func:`rice_jax.models.rice.settings_defaults` — built from those dataclasses,
+so each field and its default exist in one place; this file only states where a
+variant departs from them. The dict is locked: an unknown key or a value of the
+wrong type fails at start-up; ``rice_jax.train.validate_config`` adds the
+derived checks.
 """
+import dataclasses
+
 import ml_collections
+
+from rice_jax import sharding
+from rice_jax.data import pipeline
+from rice_jax.models import rice as rice_model
 
 VARIANTS = ("tiny", "b16", "l14_336", "l14_560")
 
 
 def _parse(arg):
-    variant, objective = "tiny", "rice"
+    variant, objective, runlocal = "tiny", "rice", False
     for i, part in enumerate((arg or "tiny").split(",")):
         if "=" in part:
             k, v = part.split("=", 1)
@@ -25,7 +40,9 @@ def _parse(arg):
             elif k == "variant":
                 variant = v
             else:
-                raise ValueError(f"unknown config argument {k!r} (use variant=..., objective=...)")
+                raise ValueError(f"unknown config argument {k!r} (use variant=..., objective=..., runlocal)")
+        elif part == "runlocal":
+            runlocal = True
         elif i == 0:
             variant = part
         else:
@@ -34,36 +51,31 @@ def _parse(arg):
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if objective not in ("rice", "mlcd"):
         raise ValueError(f"objective must be 'rice' or 'mlcd', got {objective!r}")
-    return variant, objective
+    return variant, objective, runlocal
+
+
+def _data_section() -> ml_collections.ConfigDict:
+    fields = {f.name: f.default for f in dataclasses.fields(pipeline.PipelineConfig)
+              if f.name not in pipeline.PER_STAGE_FIELDS}
+    return ml_collections.ConfigDict({"dir": "", **fields})
 
 
 def get_config(arg=None):
-    variant, objective = _parse(arg)
+    variant, objective, runlocal = _parse(arg)
     c = ml_collections.ConfigDict()
     c.variant = variant
     c.seed = 0
     c.init_from = ""             # "" | "hf:DIR" (local HF MLCDVisionModel) | "ckpt:DIR" (our checkpoint, params only)
 
-    # ---- Data ------------------------------------------------------------------------
-    c.data = ml_collections.ConfigDict()
-    c.data.dir = ""              # rice_jax region dataset (records + manifest); required
+    # ---- Data: PipelineConfig fields (+ dir); image size, batch and seed are set per stage --------
+    c.data = _data_section()
     c.data.num_regions = 10      # N region tokens per image (paper: 10)
     c.data.max_labels = 10       # M token ids per OCR region (paper: 10)
-    c.data.text_fraction = 0.5   # share of the N slots that may go to text regions
-    c.data.fill = "pad"          # "pad" or "resample" (with replacement, as the paper)
-    c.data.worker_count = 0      # Grain worker processes (0 = threads in-process)
-    c.data.min_box_size = 8.0    # output pixels
-    c.data.skip_damaged_shards = False  # True: train without shards that fail the open check (printed, counted)
+    c.data.min_box_size = 8.0    # training drops boxes under 8 output px (the pipeline's generic default is 4)
 
-    # ---- Model -----------------------------------------------------------------------
-    c.model = ml_collections.ConfigDict()
+    # ---- Model: RICEConfig fields, the backbone preset name and the ViT runtime fields -------------
+    c.model = ml_collections.ConfigDict(rice_model.settings_defaults())
     c.model.backbone = "vit_b16_224"   # a rice_jax.models.config preset
-    c.model.region_layers = 2          # last k blocks carry region tokens
-    c.model.region_attend_cls = False
-    c.model.embed_dim = 0              # head output E; 0 = identity (E = D)
-    c.model.embed_batchnorm = False    # standardise embeddings over the batch before the loss (training-only)
-    c.model.dtype = "float32"          # compute dtype ("bfloat16" for accelerators)
-    c.model.remat_policy = "none"      # jax.checkpoint_policies name or "none"
 
     # ---- Objective -------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()
@@ -94,13 +106,16 @@ def get_config(arg=None):
 
     # ---- Schedule --------------------------------------------------------------------
     c.batch_size = 32768               # global
-    c.stages = ((400_000, 224),)     # resolution schedule: (steps, image_size) stages run in order
+    c.stages = ((400_000, 224),)       # resolution schedule: (steps, image_size) stages run in order
 
-    # ---- Mesh ------------------------------------------------------------------------
+    # ---- Mesh and parameter layout ---------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1 = all remaining devices
     c.mesh.fsdp = 1
     c.mesh.axis_type = "auto"          # "auto" or "explicit" (JAX sharding-in-types); same results
+    # (regex on the parameter path, tactic) pairs, first match wins; tactics: class_parallel, fsdp,
+    # replicate. A layout change is an edit here (or --config.sharding_rules=...).
+    c.sharding_rules = sharding.DEFAULT_RULES
 
     # ---- Checkpoints and logging -----------------------------------------------------
     c.checkpoint_every = 1000
@@ -117,7 +132,6 @@ def get_config(arg=None):
         # minutes on 2 cores; lr 2e-3 beat 1e-3 there (oracle labels, held-out region probe
         # 0.50 vs 0.39), a warm-up of 100 steps.
         c.model.backbone = "vit_tiny"
-        c.model.embed_dim = 0
         c.data.num_regions = 6
         c.data.max_labels = 4
         c.batch_size = 32
@@ -146,5 +160,24 @@ def get_config(arg=None):
         c.loss.ocr_weight = 0.0
         c.loss.global_weight = 1.0
     c.objective = objective
+
+    c.runlocal = runlocal
+    if runlocal:
+        _shrink_for_cpu(c)
     c.lock()
     return c
+
+
+def _shrink_for_cpu(c) -> None:
+    """A few real steps of the variant on a CPU: every stage (each at 4 patches per side, so the
+    resolution switch and its lr multiplier still happen), 8 images per step, fp32, the first
+    ``region_layers + 2`` blocks of the backbone (the region blocks and plain blocks before them)."""
+    patch = rice_model.get_preset(c.model.backbone).patch_size
+    c.stages = tuple((3, patch * (4 + 2 * i)) for i in range(len(c.stages)))
+    c.batch_size = 8
+    c.optim.warmup_steps = 1
+    c.model.dtype = "float32"          # XLA:CPU runs bf16 matmuls far slower than fp32
+    c.model.num_layers = c.model.region_layers + 2
+    c.checkpoint_every = 3
+    c.log_every = 1
+    c.progress_bar = False
