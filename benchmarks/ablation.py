@@ -55,8 +55,8 @@ def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int):
 def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     from flax import nnx
 
-    from rice_jax import checkpoint, evaluate, train
-    from rice_jax.data.tokenizer import OCRTokenizer
+    from rice_jax import backbones, evaluate, train
+    from rice_jax.data import tokenizer
     from rice_jax.models.config import get_preset
     from rice_jax.models.vit import ViT
 
@@ -65,7 +65,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     eval_dir = dirs["eval"]
     if method == "teacher":
         return evaluate.evaluate_handcrafted(eval_dir, image), None
-    tok = OCRTokenizer(eval_dir)
+    tok = tokenizer.for_dataset(eval_dir)
     rl = c.model.region_layers
     if method == "random_init":
         vit = ViT(get_preset(c.model.backbone), rngs=nnx.Rngs(seed))
@@ -79,7 +79,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     if s["preempted"]:  # SIGTERM: train saved and returned early; do not report a half-trained row
         raise SystemExit(f"[ablation] {method} seed {seed} stopped by SIGTERM")
     seconds = time.perf_counter() - t
-    res = evaluate.evaluate_backbone(checkpoint.load_backbone(workdir), eval_dir, image, tok,
+    res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}"), eval_dir, image, tok,
                                      region_layers=rl if method != "mlcd" else 0, all_layers=True)
     return res, {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
                  "train_seconds": seconds, "steps": s["end_step"]}

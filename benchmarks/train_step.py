@@ -3,8 +3,9 @@
 JAX: the real jitted train step of rice_jax.train (forward + backward + AdamW), both the
 RICE objective (N region tokens in the last k blocks + object/OCR losses) and the
 global-only objective. PyTorch: HF ``MLCDVisionModel`` + the same multi-label margin
-softmax on the pooled embedding + AdamW, eager, same batch, same threads. The peak is
-measured in the same run (best of jnp.dot and torch.matmul on 2048^2, fp32).
+softmax on the pooled embedding + AdamW, eager, same batch, same threads. MFU uses the
+training loop's peak (``rice_jax.perf.peak_flops``: best jnp matmul on 2048^2, fp32, same
+run); torch.matmul's rate is recorded beside it.
 
     python -m benchmarks.train_step [--preset vit_b16_224 --batch 8]   # writes results
     python -m benchmarks.train_step --smoke
@@ -38,13 +39,14 @@ def _config(objective: str, preset: str, batch: int, image: int, k: int, v: int)
 
 
 def peak_flops(n: int = 2048) -> dict:
+    """The training loop's peak (rice_jax.perf: best jnp matmul, same run) and, for reference, torch's."""
+    from rice_jax import perf
+
     torch = torch_threads()
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    tj = timeit(lambda: f(x).block_until_ready(), repeats=5)["min_s"]
+    jax_peak = perf.peak_flops(n)
     xt = torch.ones(n, n)
     tt = timeit(lambda: xt @ xt, repeats=5)["min_s"]
-    return {"jax_dot": 2 * n**3 / tj, "torch_matmul": 2 * n**3 / tt, "peak": max(2 * n**3 / tj, 2 * n**3 / tt)}
+    return {"jax_dot": jax_peak, "torch_matmul": 2 * n**3 / tt, "peak": jax_peak}
 
 
 def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):

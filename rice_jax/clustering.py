@@ -100,34 +100,21 @@ class HandcraftedExtractor:
 
 
 class ViTExtractor:
-    """ROI mean-pool of the backbone's patch tokens inside each box (batched, jitted, batch-sharded)."""
+    """ROI mean-pool of the backbone's last-block patch tokens inside each box
+    (:class:`rice_jax.features.RegionFeatures`: batched, jitted, batch-sharded over every device)."""
 
     def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16):
         import jax
-        from flax import nnx
 
-        from rice_jax import sharding
-        from rice_jax.models.region import box_patch_visibility, roi_mean_pool
+        from rice_jax.features import RegionFeatures
 
         self.name, self.vit = name, vit
         self.image_size = image_size or vit.cfg.image_size
-        self.batch_size = batch_size
-        self.dim = vit.cfg.hidden_size
-        graphdef, state = nnx.split(vit)
         n_dev = jax.device_count()
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-        mesh = sharding.make_mesh(data=-1, fsdp=1)
-        self._shard = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
-        state = jax.device_put(state, sharding.replicated(mesh))
-
-        @jax.jit
-        def pool(x, boxes, valid):
-            model = nnx.merge(graphdef, state)
-            tokens = model(x).last_hidden_state[:, 1:]                        # [B, T, D]
-            gh, gw = model.grid(x.shape[1], x.shape[2])
-            return roi_mean_pool(tokens, box_patch_visibility(boxes, valid, gh, gw))
-
-        self._pool = pool
+        self.dim = vit.cfg.hidden_size
+        self._features = RegionFeatures(vit, self.image_size, layers=(-1,))
+        self._key = str(vit.cfg.num_layers)
 
     def __call__(self, src: records.RecordSource, chunk: int):
         s = self.image_size
@@ -140,7 +127,7 @@ class ViTExtractor:
             valid = np.zeros((self.batch_size, n), bool)
             for j, (img, _, nb) in enumerate(batch):
                 x[j], boxes[j, : len(nb)], valid[j, : len(nb)] = img, nb, True
-            feats = np.asarray(self._pool(self._shard(x), self._shard(boxes), self._shard(valid)))
+            feats = self._features(x, boxes, valid)["roi"][self._key]
             ids = [(i, r) for _, rs, _ in batch for i, r in rs]
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
@@ -160,15 +147,11 @@ class ViTExtractor:
 def make_extractor(spec: str, image_size: int | None = None):
     if spec == "handcrafted":
         return HandcraftedExtractor()
-    if spec.startswith("hf:"):
-        from rice_jax import export
+    from rice_jax import backbones
 
-        return ViTExtractor(export.load_hf(spec[3:]), spec, image_size)
-    if spec.startswith("ckpt:"):
-        from rice_jax import checkpoint
-
-        return ViTExtractor(checkpoint.load_backbone(spec[5:]), spec, image_size)
-    raise ValueError(f"unknown extractor {spec!r}: use 'handcrafted', 'hf:DIR' or 'ckpt:DIR'")
+    if spec.partition(":")[0] not in backbones.SCHEMES:
+        raise ValueError(f"unknown extractor {spec!r}: use handcrafted, oracle, or a backbone (hf:DIR, ckpt:DIR, hub:ID)")
+    return ViTExtractor(backbones.load(spec), spec, image_size)
 
 
 # ----------------------------------------------------------------------------- k-means

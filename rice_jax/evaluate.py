@@ -22,28 +22,12 @@ import argparse
 import io
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from rice_jax import storage
 from rice_jax.data import pipeline, records, synthetic
-from rice_jax.models.region import box_patch_visibility, roi_mean_pool
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """Probe layer -> index into the hidden states ``[embed, block 1, ..., block L]``.
-
-    ``0`` is the patch embedding (after the pre-norm), ``i`` the output of block
-    ``i``; negative values count from the end (``-1`` = last block, ``-2`` = the
-    penultimate block, i.e. what LLaVA-style users take).
-    """
-    idx = layer if layer >= 0 else num_layers + 1 + layer
-    if not 0 <= idx <= num_layers:
-        raise ValueError(f"--layer {layer} is outside [-{num_layers + 1}, {num_layers}] for a {num_layers}-block model")
-    return idx
+from rice_jax.features import RegionFeatures, resolve_layer
 
 
 def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_per_image: int = 24, seed: int = 0,
@@ -57,34 +41,10 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     each region item gets ``feat["region_token"]``: the post-normed region
     token, i.e. the model's own region embedding (no training head).
     """
-    from rice_jax.models.rice import RICEConfig, RICEModel
-
     src = records.RecordSource(data_dir)
     manifest = records.read_manifest(data_dir)
-    num_layers = vit.cfg.num_layers
-    idxs = sorted({resolve_layer(l, num_layers) for l in layers})
-    rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
-                     backbone=vit) if region_layers else None
-    graphdef, state = nnx.split(rice if rice is not None else vit)
+    feats = RegionFeatures(vit, image_size, layers=layers, region_layers=region_layers, keep_tokens=True)
     gh, gw = vit.grid(image_size, image_size)
-
-    @jax.jit
-    def fwd(state, x, boxes, valid):
-        model = nnx.merge(graphdef, state)
-        bb = model.backbone if rice is not None else model
-        h = bb.embed(x)
-        cos, sin = bb.rope(gh, gw)
-        hidden = [h]
-        for i in range(num_layers):
-            h = bb.run_block(i, h, cos, sin)
-            hidden.append(h)
-        vis = box_patch_visibility(boxes, valid, gh, gw)
-        roi = {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs}
-        tokens = {str(i): hidden[i][:, 1:] for i in idxs}
-        if rice is not None:
-            _, r = model.region_blocks(hidden[model.first_region_block], (gh, gw), boxes, valid)
-            roi["region_token"] = bb.post_norm(r)
-        return roi, tokens, bb.post_norm(h[:, 0])
 
     rng = np.random.default_rng(seed)
     regions, patches, images = [], [], []
@@ -101,7 +61,8 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
             x[j] = pipeline.resize_normalize(img, image_size)
             boxes[j, : r.num_regions] = r.boxes / np.array([w, h, w, h], np.float32)
             valid[j, : r.num_regions] = True
-        roi, tokens, pooled = jax.tree.map(np.asarray, fwd(state, jnp.asarray(x), jnp.asarray(boxes), jnp.asarray(valid)))
+        out = feats(x, boxes, valid)
+        roi, tokens, pooled = out["roi"], out["tokens"], out["pooled"]
         for j, r in enumerate(recs):
             i = idx[s + j]
             for k in range(r.num_regions):
@@ -268,13 +229,9 @@ def evaluate_handcrafted(data_dir, image_size: int) -> dict:
 
 
 def load_model(checkpoint: str | None = None, hf: str | None = None):
-    if hf:
-        from rice_jax import export
+    from rice_jax import backbones
 
-        return export.load_hf(hf)
-    from rice_jax import checkpoint as ckpt
-
-    return ckpt.load_backbone(checkpoint)
+    return backbones.load(f"hf:{hf}" if hf else f"ckpt:{checkpoint}")
 
 
 def main(argv=None):
@@ -293,10 +250,9 @@ def main(argv=None):
                          "checkpoint, 0 for an HF model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    from rice_jax.data.tokenizer import OCRTokenizer
+    from rice_jax.data.tokenizer import for_dataset
 
-    m = records.read_manifest(a.data)
-    tok = OCRTokenizer(storage.path(a.data) / m["tokenizer"]["file"]) if m.get("tokenizer") else None
+    tok = for_dataset(a.data)
     rl = a.region_layers
     if rl is None:
         rl = 0

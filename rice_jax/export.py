@@ -273,16 +273,15 @@ def main(argv=None):
     ap.add_argument("--verify", action="store_true", help="reload with transformers and compare outputs")
     ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     args = ap.parse_args(argv)
-    if args.from_checkpoint:
-        from rice_jax import checkpoint
-
-        model = checkpoint.load_backbone(args.from_checkpoint)
-    elif args.from_preset:
+    if args.from_preset:
         from rice_jax.models.config import get_preset
 
         model = ViT(get_preset(args.from_preset), rngs=nnx.Rngs(args.seed))
     else:
-        model = load_hf(args.from_hub or args.from_hf, from_hub=bool(args.from_hub))
+        from rice_jax import backbones
+
+        model = backbones.load(f"ckpt:{args.from_checkpoint}" if args.from_checkpoint else
+                               f"hub:{args.from_hub}" if args.from_hub else f"hf:{args.from_hf}")
     out = save_hf(model, args.to_hf, torch_state_dict=args.torch_state_dict)
     print(f"wrote {out}")
     if args.verify:

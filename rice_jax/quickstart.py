@@ -102,12 +102,12 @@ def main(argv=None):
     t = _stage("4. region-probe evaluation of the backbone on held-out data (trained vs random init)")
     from flax import nnx
 
-    from rice_jax import checkpoint, evaluate
-    from rice_jax.data.tokenizer import OCRTokenizer
+    from rice_jax import backbones, evaluate
+    from rice_jax.data import tokenizer
     from rice_jax.models.vit import ViT
 
-    vit = checkpoint.load_backbone(train_dir_run)
-    tok = OCRTokenizer(eval_dir)
+    vit = backbones.load(f"ckpt:{train_dir_run}")
+    tok = tokenizer.for_dataset(eval_dir)
     rl = c.model.region_layers
     summary["eval"] = {
         "trained": evaluate.evaluate_backbone(vit, eval_dir, image_size, tok, region_layers=rl, all_layers=True),

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rice_jax import checkpoint, losses, sharding, storage
+from rice_jax import backbones, checkpoint, losses, perf, sharding, storage
 from rice_jax.data import pipeline, records
 from rice_jax.models import config as mcfg
 from rice_jax.models import rice as rice_settings
@@ -173,27 +173,10 @@ def _put_centers(centers: np.ndarray, target: jax.Array) -> jax.Array:
 
 
 def apply_init_from(spec: str, state, model_cfg: RICEConfig):
-    """Overwrite the backbone parameters from ``hf:DIR`` or ``ckpt:DIR`` (params only; any epath scheme).
-
-    ``ckpt:`` reads only the backbone subtree, straight into the live backbone's shardings (Orbax
-    partial restore): the source run's centres and optimiser moments are never read."""
-    if not spec:
-        return state
-    target = state["params"]["model"]["backbone"]
-    if spec.startswith("hf:"):
-        from rice_jax import export
-
-        vit = export.load_hf(spec[3:])
-        src = nnx.to_pure_dict(nnx.state(vit))
-        loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)
-        state["params"]["model"]["backbone"] = jax.tree.map(
-            lambda t, v: jax.make_array_from_callback(t.shape, t.sharding, lambda idx: v[idx]), target, loaded)
-    elif spec.startswith("ckpt:"):
-        abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), target)
-        restored, _, _ = checkpoint.restore_subtree(spec[5:], abstract)
-        state["params"]["model"]["backbone"] = restored
-    else:
-        raise ValueError(f"config.init_from={spec!r}: use 'hf:DIR' or 'ckpt:DIR'")
+    """Overwrite the backbone parameters from a :mod:`rice_jax.backbones` spec (params only)."""
+    if spec:
+        target = state["params"]["model"]["backbone"]
+        state["params"]["model"]["backbone"] = backbones.load_params_into(spec, target)
     return state
 
 
@@ -320,20 +303,6 @@ class MetricWriter:
             self.mirror.close()
 
 
-def measure_peak_flops() -> float:
-    """Best dense fp32 matmul rate of one device (FLOP/s), measured now."""
-    n = 1024
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 # ----------------------------------------------------------------------------- main loop
 def stage_bounds(c) -> np.ndarray:
     """Global step at which each stage starts, plus the total: ``[0, s0, s0+s1, ...]``."""
@@ -390,11 +359,9 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
                  "objective": c.objective, "region_layers": model_cfg.region_layers if c.objective == "rice" else 0}
 
-    tokenizer = None
-    if manifest.get("tokenizer"):
-        from rice_jax.data.tokenizer import OCRTokenizer
+    from rice_jax.data.tokenizer import for_dataset
 
-        tokenizer = OCRTokenizer(storage.path(c.data.dir) / manifest["tokenizer"]["file"])
+    tokenizer = for_dataset(c.data.dir, manifest)
     per_process_batch = c.batch_size // jax.process_count()
 
     def stage_iter(stage_idx: int):
@@ -431,9 +398,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
                     if not agreed and _in_main_thread() else None)
 
     # ---- Loop ---------------------------------------------------------------------
-    peak = c.peak_flops or measure_peak_flops()
-    # CPU-emulated devices share the host's cores: the machine's peak is one measurement, not n of them.
-    peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
+    peak = c.peak_flops or perf.peak_flops(dtype=c.model.dtype)
     writer = MetricWriter(workdir, is_main)
     flops_per_step = None
     bar = None
@@ -471,7 +436,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             now = time.perf_counter()
             dt = (now - last) / max(steps_this_run, 1)
             m.update(images_per_s=c.batch_size / dt, step_time_s=dt, data_wait_fraction=(t1 - t0) / max(dt, 1e-9),
-                     mfu=flops_per_step / dt / peak_total if flops_per_step else 0.0,
+                     mfu=perf.mfu(flops_per_step, dt, peak),
                      skipped_updates_total=float(state["skipped_updates"]), stage=stage)
             if damaged_shards:
                 m.update(skipped_shards=float(len(damaged_shards)), skipped_shard_records=skipped_shard_records)

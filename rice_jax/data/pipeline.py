@@ -201,11 +201,9 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
         process_index, process_count = jax.process_index(), jax.process_count()
     src = records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
     if tokenizer is None:
-        manifest = records.read_manifest(data_dir)
-        if manifest.get("tokenizer"):
-            from rice_jax.data.tokenizer import OCRTokenizer
+        from rice_jax.data.tokenizer import for_dataset
 
-            tokenizer = OCRTokenizer(storage.path(data_dir) / manifest["tokenizer"]["file"])
+        tokenizer = for_dataset(data_dir)
     transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
     ds = grain.MapDataset.source(_IndexedSource(src))
     if len(ds) < cfg.batch_size * process_count:

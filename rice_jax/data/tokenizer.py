@@ -67,6 +67,16 @@ class OCRTokenizer:
         self.__init__(state["path"])
 
 
+def for_dataset(data_dir: str | os.PathLike, manifest: dict | None = None) -> "OCRTokenizer | None":
+    """The tokenizer a dataset's manifest names, or None if it has none (the one lookup everyone uses)."""
+    from rice_jax import storage
+    from rice_jax.data import records
+
+    manifest = records.read_manifest(data_dir) if manifest is None else manifest
+    entry = manifest.get("tokenizer")
+    return OCRTokenizer(storage.path(data_dir) / entry["file"]) if entry else None
+
+
 def build_for_dataset(data_dir: str | os.PathLike, vocab_size: int = 512) -> OCRTokenizer:
     """Train on every transcript of a dataset, save ``tokenizer.json`` there, record it in the manifest."""
     from rice_jax.data import records

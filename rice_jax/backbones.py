@@ -1,0 +1,60 @@
+"""The one way to name and load a pretrained backbone: ``hf:DIR``, ``ckpt:DIR`` or ``hub:ID``.
+
+Training (``init_from``), clustering (``--extractor``), evaluation and export all
+take the same spec string:
+
+- ``hf:DIR``   a Hugging Face ``MLCDVisionModel`` folder (local or any epath scheme);
+- ``ckpt:DIR`` a rice_jax training workdir or checkpoint folder: only the backbone
+  subtree is read (Orbax partial restore), never the centres or optimiser state;
+- ``hub:ID``   a hub model id, downloaded first — the only network access in the
+  project, and only when a user writes it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+SCHEMES = ("hf", "ckpt", "hub")
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """``"ckpt:/runs/a"`` -> ``("ckpt", "/runs/a")``; a one-line error for anything else."""
+    scheme, sep, where = str(spec).partition(":")
+    if not sep or scheme not in SCHEMES or not where:
+        raise ValueError(f"backbone {spec!r}: use hf:DIR (Hugging Face MLCDVisionModel folder), ckpt:DIR "
+                         "(rice_jax training run) or hub:ID (downloads)")
+    return scheme, where
+
+
+def load(spec: str, **runtime):
+    """The ViT of ``spec`` on this host's first device. ``runtime``: ViT runtime options (dtype, ...)."""
+    scheme, where = parse(spec)
+    if scheme == "ckpt":
+        from rice_jax import checkpoint
+
+        return checkpoint.load_backbone(where, **runtime)
+    from rice_jax import export
+
+    return export.load_hf(where, from_hub=scheme == "hub", **runtime)
+
+
+def load_params_into(spec: str, target: Any) -> Any:
+    """Backbone parameters of ``spec`` as a pure dict shaped and sharded like ``target`` (live arrays).
+
+    ``ckpt:`` restores straight into ``target``'s shardings (FSDP included) without reading
+    anything else; ``hf:``/``hub:`` weights are read on the host and placed shard by shard."""
+    scheme, where = parse(spec)
+    if scheme == "ckpt":
+        from rice_jax import checkpoint
+
+        abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), target)
+        restored, _, _ = checkpoint.restore_subtree(where, abstract)
+        return restored
+    from rice_jax import checkpoint
+
+    src = nnx.to_pure_dict(nnx.state(load(spec)))
+    loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)
+    return jax.tree.map(lambda t, v: jax.make_array_from_callback(t.shape, t.sharding, lambda idx: v[idx]),
+                        target, loaded)

@@ -1,0 +1,87 @@
+"""Backbone features of boxes: the one sharded ROI extractor (clustering and evaluation use it).
+
+A frozen ViT runs on a batch of images; the patch tokens after chosen blocks are
+mean-pooled inside each box (:func:`rice_jax.models.region.roi_mean_pool`), and
+optionally the model also runs as a RICE model whose last ``k`` blocks carry one
+region token per box (the model's own region embedding). The batch is split over
+every device of a data-parallel mesh; parameters are replicated.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rice_jax import sharding
+from rice_jax.models.region import box_patch_visibility, roi_mean_pool
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Index into the hidden states ``[embeddings, block 1, ..., block L]`` of an L-block model.
+
+    ``0`` is the patch embedding (after the pre-LN), ``i`` the output of block
+    ``i``; negative values count from the end (``-1`` = last block, ``-2`` = the
+    penultimate block, i.e. what LLaVA-style users take).
+    """
+    idx = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"--layer {layer} is outside [-{num_layers + 1}, {num_layers}] for a {num_layers}-block model")
+    return idx
+
+
+class RegionFeatures:
+    """``features(x [B,H,W,3], boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
+
+    ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` with ``region_layers``),
+    ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``pooled``: ``[B, D]``
+    (post-LN class token). Any B: batches are padded to a multiple of the device count.
+    """
+
+    def __init__(self, vit, image_size: int, *, layers: Sequence[int] = (-1,), region_layers: int = 0,
+                 keep_tokens: bool = False):
+        from rice_jax.models.rice import RICEConfig, RICEModel
+
+        self.num_layers = num_layers = vit.cfg.num_layers
+        self.layers = sorted({resolve_layer(l, num_layers) for l in layers})
+        self.image_size = image_size
+        rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
+                         backbone=vit) if region_layers else None
+        graphdef, state = nnx.split(rice if rice is not None else vit)
+        self.mesh = sharding.make_mesh(data=-1, fsdp=1)
+        self._state = jax.device_put(state, sharding.replicated(self.mesh))
+        gh, gw = vit.grid(image_size, image_size)
+        idxs = self.layers
+
+        @jax.jit
+        def fwd(state, x, boxes, valid):
+            model = nnx.merge(graphdef, state)
+            bb = model.backbone if rice is not None else model
+            h = bb.embed(x)
+            cos, sin = bb.rope(gh, gw)
+            hidden = [h]
+            for i in range(num_layers):
+                h = bb.run_block(i, h, cos, sin)
+                hidden.append(h)
+            vis = box_patch_visibility(boxes, valid, gh, gw)
+            out = {"roi": {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs},
+                   "pooled": bb.post_norm(h[:, 0])}
+            if keep_tokens:
+                out["tokens"] = {str(i): hidden[i][:, 1:] for i in idxs}
+            if rice is not None:
+                _, r = model.region_blocks(hidden[model.first_region_block], (gh, gw), boxes, valid)
+                out["roi"]["region_token"] = bb.post_norm(r)
+            return out
+
+        self._fwd = fwd
+
+    def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> dict:
+        b = x.shape[0]
+        pad = -b % self.mesh.size
+        if pad:
+            x, boxes, valid = (np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in (x, boxes, valid))
+        put = lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))
+        out = self._fwd(self._state, put(np.asarray(x, np.float32)), put(np.asarray(boxes, np.float32)),
+                        put(np.asarray(valid, bool)))
+        return jax.tree.map(lambda a: np.asarray(a)[:b], out)

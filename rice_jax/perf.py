@@ -1,0 +1,42 @@
+"""The one definition of peak FLOP/s and MFU used by training metrics and benchmarks.
+
+Peak = the best rate of a dense ``n x n`` matmul on one device of the current
+backend, measured in the same process (5 repeats, best kept), in the model's
+compute dtype. A datasheet number would flatter nobody on a CPU and would be
+wrong under power caps; measuring it where the step runs makes an MFU in
+``metrics.jsonl`` and one in a benchmark JSON the same quantity.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def peak_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+    """Best measured dense matmul rate of one device (FLOP/s)."""
+    x = jnp.ones((n, n), jnp.dtype(dtype))
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def machine_peak(per_device: float) -> float:
+    """Peak of all devices together. CPU-emulated devices share the host's cores, so there the
+    machine's peak is the one measurement, not ``n`` of them."""
+    if jax.devices()[0].platform == "cpu":
+        return per_device
+    return per_device * jax.device_count()
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_per_device: float) -> float:
+    """Model FLOPs utilisation of a whole (all-device) step."""
+    if not flops_per_step or step_time_s <= 0:
+        return 0.0
+    return flops_per_step / step_time_s / machine_peak(peak_per_device)
