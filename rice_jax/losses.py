@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from rice_jax.data.records import KIND_OBJECT, KIND_TEXT
 from rice_jax.sharding import ALL_AXES, conform
 
 _COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite
@@ -291,45 +292,60 @@ def mean_pairwise_cosine(x: jax.Array, mask: jax.Array) -> jax.Array:
     return (jnp.sum(total * total) - n) / jnp.maximum(n * (n - 1.0), 1.0)
 
 
-def rice_loss(region_embed: jax.Array, region_valid: jax.Array, region_kind: jax.Array, labels: jax.Array,
-              centers_obj: jax.Array, centers_ocr: jax.Array, *, object_weight: float = 1.0,
-              ocr_weight: float = 1.0, global_embed: Optional[jax.Array] = None,
-              global_labels: Optional[jax.Array] = None, global_weight: float = 0.0,
+def image_labels(region_valid: jax.Array, region_kind: jax.Array, labels: jax.Array) -> jax.Array:
+    """Image-level multi-label target ``[B, N]`` (MLCD-style): the clusters of the image's valid object
+    regions (column 0 of their labels), −1 elsewhere; repeated clusters count once."""
+    return jnp.where(region_valid & (region_kind == KIND_OBJECT), labels[..., 0], -1)
+
+
+def rice_loss(region_embed: Optional[jax.Array], global_embed: Optional[jax.Array], region_valid: jax.Array,
+              region_kind: jax.Array, labels: jax.Array, centers_obj: jax.Array, centers_ocr: jax.Array, *,
+              object_weight: float = 1.0, ocr_weight: float = 1.0, global_weight: float = 0.0,
               rng: Optional[jax.Array] = None, num_obj_classes: Optional[int] = None,
               num_ocr_classes: Optional[int] = None, **loss_kw):
     """The RICE objective: mean object-region loss + mean OCR-region loss (+ optional image term).
 
-    ``region_embed [B,N,E]``, ``region_valid [B,N]``, ``region_kind [B,N]``
-    (0 object, 1 text), ``labels [B,N,M]`` (−1 pad; objects use column 0).
-    Object regions score against ``centers_obj [K,E]`` with one positive, OCR
-    regions against ``centers_ocr [V,E]`` with all their token ids. Padded
-    regions contribute nothing. ``global_embed [B,E]`` with ``global_labels
-    [B,M]`` adds the image-level (MLCD-style) term against ``centers_obj``.
+    This function owns what the batch's labels mean. ``labels [B,N,M]`` (−1 pad) per region slot,
+    ``region_kind [B,N]`` (``KIND_OBJECT`` 0 / ``KIND_TEXT`` 1), ``region_valid [B,N]``:
+
+    - object region: its k-means cluster in column 0 — one positive among ``centers_obj [K,E]``;
+    - text region: the token ids of its transcript in all M columns — every one a positive among
+      ``centers_ocr [V,E]``;
+    - image (``global_weight`` > 0): the clusters of its valid object regions
+      (:func:`image_labels`), multi-label against ``centers_obj`` on ``global_embed [B,E]``.
+
+    ``region_embed [B,N,E]`` may be None when both region weights are 0 (the global-only
+    objective needs no region tokens); padded regions contribute nothing.
     """
-    b, n, e = region_embed.shape
-    flat = region_embed.reshape(b * n, e)
-    valid = region_valid.reshape(b * n)
-    kind = region_kind.reshape(b * n)
-    lab = labels.reshape(b * n, -1)
-    obj_labels = jnp.where((valid & (kind == 0))[:, None], lab[:, :1], -1)
-    ocr_labels = jnp.where((valid & (kind == 1))[:, None], lab, -1)
+    if (object_weight or ocr_weight) and region_embed is None:
+        raise ValueError("object/OCR weights > 0 need region_embed [B, N, E]")
+    if global_weight and global_embed is None:
+        raise ValueError("global_weight > 0 needs global_embed [B, E]")
     rngs = jax.random.split(rng if rng is not None else jax.random.key(0), 3)
     total, metrics = 0.0, {}
+    if object_weight or ocr_weight:
+        b, n, e = region_embed.shape
+        flat = region_embed.reshape(b * n, e)
+        valid = region_valid.reshape(b * n)
+        kind = region_kind.reshape(b * n)
+        lab = labels.reshape(b * n, -1)
+        is_obj, is_ocr = valid & (kind == KIND_OBJECT), valid & (kind == KIND_TEXT)
     if object_weight:
+        obj_labels = jnp.where(is_obj[:, None], lab[:, :1], -1)
         l_obj, a_obj = margin_softmax_loss(flat, centers_obj, obj_labels, rng=rngs[0],
                                            num_classes=num_obj_classes, **loss_kw)
         total = total + object_weight * l_obj
         metrics.update(loss_object=l_obj, **{f"object/{k}": v for k, v in a_obj.items()})
-        metrics["object/pairwise_cos"] = mean_pairwise_cosine(flat, valid & (kind == 0))
+        metrics["object/pairwise_cos"] = mean_pairwise_cosine(flat, is_obj)
     if ocr_weight:
+        ocr_labels = jnp.where(is_ocr[:, None], lab, -1)
         l_ocr, a_ocr = margin_softmax_loss(flat, centers_ocr, ocr_labels, rng=rngs[1],
                                            num_classes=num_ocr_classes, **loss_kw)
         total = total + ocr_weight * l_ocr
         metrics.update(loss_ocr=l_ocr, **{f"ocr/{k}": v for k, v in a_ocr.items()})
-        metrics["ocr/pairwise_cos"] = mean_pairwise_cosine(flat, valid & (kind == 1))
-    if global_weight and global_embed is not None:
-        if global_labels is None:
-            raise ValueError("global_weight > 0 needs global_labels [B, M]")
+        metrics["ocr/pairwise_cos"] = mean_pairwise_cosine(flat, is_ocr)
+    if global_weight:
+        global_labels = image_labels(region_valid, region_kind, labels)
         l_g, a_g = margin_softmax_loss(global_embed, centers_obj, global_labels, rng=rngs[2],
                                        num_classes=num_obj_classes, **loss_kw)
         total = total + global_weight * l_g

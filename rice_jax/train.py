@@ -206,20 +206,12 @@ def make_train_step(c, setup: Setup):
 
         def loss_fn(params):
             region_embed, global_embed = forward(params["model"], batch["image"], batch["boxes"], batch["region_valid"])
-            if not region_losses:
-                region_embed = jnp.zeros((batch["image"].shape[0], 1, global_embed.shape[-1]), global_embed.dtype)
-            valid = batch["region_valid"] if region_losses else jnp.zeros((region_embed.shape[0], 1), bool)
-            # Image-level multi-label target (MLCD-style): the clusters of the image's object regions.
-            obj = batch["region_valid"] & (batch["region_kind"] == 0)
-            global_labels = jnp.where(obj, batch["labels"][..., 0], -1)
             return losses.rice_loss(
-                region_embed, valid, batch["region_kind"][:, : valid.shape[1]], batch["labels"][:, : valid.shape[1]],
-                params["centers_obj"], params["centers_ocr"],
-                object_weight=c.loss.object_weight, ocr_weight=c.loss.ocr_weight,
-                global_embed=global_embed, global_labels=global_labels, global_weight=c.loss.global_weight,
-                rng=rng, num_obj_classes=setup.num_obj, num_ocr_classes=setup.num_ocr, mesh=mesh,
-                scale=c.loss.scale, margin=c.loss.margin, margin_type=c.loss.margin_type,
-                sample_rate=c.loss.sample_rate)
+                region_embed, global_embed, batch["region_valid"], batch["region_kind"], batch["labels"],
+                params["centers_obj"], params["centers_ocr"], object_weight=c.loss.object_weight,
+                ocr_weight=c.loss.ocr_weight, global_weight=c.loss.global_weight, rng=rng,
+                num_obj_classes=setup.num_obj, num_ocr_classes=setup.num_ocr, mesh=mesh, scale=c.loss.scale,
+                margin=c.loss.margin, margin_type=c.loss.margin_type, sample_rate=c.loss.sample_rate)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)

@@ -205,7 +205,7 @@ def test_rice_loss_combines_object_and_ocr_and_ignores_padding():
                 labels[i, j, : r.integers(1, m + 1)] = r.integers(0, v, m)[: 1]
     c_obj = r.standard_normal((k, e)).astype(np.float32)
     c_ocr = r.standard_normal((v, e)).astype(np.float32)
-    total, met = losses.rice_loss(jnp.asarray(emb), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+    total, met = losses.rice_loss(jnp.asarray(emb), None, jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
                                   jnp.asarray(c_obj), jnp.asarray(c_ocr))
     obj = valid & (kind == 0)
     ocr = valid & (kind == 1)
@@ -215,11 +215,35 @@ def test_rice_loss_combines_object_and_ocr_and_ignores_padding():
     np.testing.assert_allclose(float(met["loss_ocr"]), ref_ocr, rtol=1e-5)
     np.testing.assert_allclose(float(total), ref_obj + ref_ocr, rtol=1e-5)
     # Padded regions: no gradient, and their content does not matter.
-    g = jax.grad(lambda x: losses.rice_loss(x, jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+    g = jax.grad(lambda x: losses.rice_loss(x, None, jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
                                             jnp.asarray(c_obj), jnp.asarray(c_ocr))[0])(jnp.asarray(emb))
     assert np.all(np.asarray(g)[~valid] == 0)
     emb2 = emb.copy()
     emb2[~valid] = 1e3
-    t2, _ = losses.rice_loss(jnp.asarray(emb2), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+    t2, _ = losses.rice_loss(jnp.asarray(emb2), None, jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
                              jnp.asarray(c_obj), jnp.asarray(c_ocr))
     assert float(t2) == float(total)
+
+
+def test_global_only_objective_needs_no_region_embedding():
+    """rice_loss derives the image-level labels itself: the clusters of the valid object regions."""
+    r = np.random.default_rng(4)
+    b, n, m, e, k = 6, 5, 3, 16, 9
+    g = r.standard_normal((b, e)).astype(np.float32)
+    valid = r.random((b, n)) < 0.8
+    kind = (r.random((b, n)) < 0.3).astype(np.int32)
+    labels = r.integers(0, k, (b, n, m)).astype(np.int32)
+    c_obj = r.standard_normal((k, e)).astype(np.float32)
+    total, met = losses.rice_loss(None, jnp.asarray(g), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+                                  jnp.asarray(c_obj), jnp.zeros((4, e)), object_weight=0.0, ocr_weight=0.0,
+                                  global_weight=1.0)
+    want = np.full((b, n), -1, np.int32)
+    for i in range(b):
+        seen = sorted({int(labels[i, j, 0]) for j in range(n) if valid[i, j] and kind[i, j] == 0})
+        want[i, : len(seen)] = seen
+    ref, _, _ = reference_loss(g, c_obj, want)
+    np.testing.assert_allclose(float(total), ref, rtol=1e-5)
+    assert "loss_object" not in met and "loss_ocr" not in met
+    with pytest.raises(ValueError, match="need region_embed"):
+        losses.rice_loss(None, jnp.asarray(g), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
+                         jnp.asarray(c_obj), jnp.zeros((4, e)))
