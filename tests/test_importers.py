@@ -37,11 +37,14 @@ def test_coco_import_handles_bad_input(tmp_path):
             {"image_id": 1, "bbox": [5, 5, -3, 4], "category_id": 7},              # inverted: dropped
             {"image_id": 1, "bbox": [200, 200, 5, 5], "category_id": 7},           # outside: dropped
             {"image_id": 4, "bbox": [0, 0, 50, 50], "category_id": 7},
+            {"image_id": 99, "bbox": [0, 0, 5, 5], "category_id": 7},              # no such image: counted
+            {"image_id": 98, "bbox": [0, 0, 5, 5], "category_id": 9},
         ],
     }
     (tmp_path / "ann.json").write_text(json.dumps(ann).replace("NaN", "NaN"))
     ocr = {"1": [{"bbox": [1, 40, 30, 10], "text": "Hello"}, {"bbox": [1, 1, 5, 5], "text": "  "}],
-           "c.jpg": [{"bbox": [2, 2, 20, 8], "text": "world"}]}
+           "c.jpg": [{"bbox": [2, 2, 20, 8], "text": "world"}],
+           "nope.jpg": [{"bbox": [2, 2, 20, 8], "text": "orphan"}]}
     (tmp_path / "ocr.json").write_text(json.dumps(ocr))
     out = tmp_path / "out"
     stats = coco.ImportStats()
@@ -52,6 +55,7 @@ def test_coco_import_handles_bad_input(tmp_path):
     assert imp["dropped_object_nan_box"] == 1 and imp["dropped_object_empty_or_inverted_box"] == 1
     assert imp["dropped_object_box_outside_image"] == 1 and imp["clipped_object_box"] == 1
     assert imp["dropped_text_empty_transcript"] == 1
+    assert imp["dropped_object_unknown_image"] == 2 and imp["dropped_text_unknown_image"] == 1
     assert imp["images_written"] == 2 and m["num_images"] == 2
     recs = {r.image_id: r for r in records.RecordSource(out)}
     a = recs["1"]

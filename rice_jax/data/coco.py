@@ -86,7 +86,15 @@ def iter_coco(instances: str | os.PathLike, image_dir: str | os.PathLike, *, ocr
     by_image = collections.defaultdict(list)
     for a in coco.get("annotations", []):
         by_image[a.get("image_id")].append(a)
+    known = {info.get("id") for info in coco.get("images", [])}
+    orphans = sum(len(v) for k, v in by_image.items() if k not in known)
+    if orphans:  # annotations whose image_id names no image: nothing to attach them to, so count them
+        stats["dropped_object_unknown_image"] += orphans
     image_dir = Path(image_dir)
+    ocr_orphans = set(map(str, ocr_map)) - {str(i) for i in known} - {str(info.get("file_name")) for info in
+                                                                       coco.get("images", [])}
+    if ocr_orphans:
+        stats["dropped_text_unknown_image"] += sum(len(ocr_map[k]) for k in ocr_orphans)
     for info in coco.get("images", []):
         stats["images_seen"] += 1
         got = _read_image(image_dir / info["file_name"], stats)
