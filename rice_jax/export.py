@@ -1,4 +1,4 @@
-"""Hugging Face / PyTorch import and export of the backbone (design.md §3, §4).
+"""Hugging Face / PyTorch import and export of the backbone (docs/design.md §3, §4).
 
 ``load_hf(dir)`` builds our JAX :class:`ViT` from a local ``MLCDVisionModel``
 directory (``config.json`` + safetensors, sharded or not, keys with or without

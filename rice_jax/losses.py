@@ -7,7 +7,7 @@ PartialFC sample), with L2-normalised features and centres and ``c = cos θ``::
 
 ``φ(c) = cos(arccos(c) + m)`` (ArcFace) or ``c − m`` (CosFace). Objects have one
 positive (their cluster), OCR regions up to M (their token ids); this is the
-unified multi-label form of MLCD/RICE (design.md §1.4).
+unified multi-label form of MLCD/RICE (docs/design.md §1).
 
 Class-parallel (``mesh`` given): the centre matrix is sharded along K over
 every mesh axis. Inside one ``jax.shard_map`` each device all-gathers the

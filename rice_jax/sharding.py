@@ -1,4 +1,4 @@
-"""Mesh construction and parameter sharding rules (design.md §5).
+"""Mesh construction and parameter sharding rules (docs/design.md §5).
 
 One mesh builder for the whole code base. Parameters are placed by a short
 table of ``(regex on the parameter path -> tactic)`` rules, first match wins

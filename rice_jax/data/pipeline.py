@@ -1,4 +1,4 @@
-"""Grain input pipeline: ArrayRecord region records -> fixed-shape batches (design.md §3).
+"""Grain input pipeline: ArrayRecord region records -> fixed-shape batches (docs/design.md §3).
 
     source -> process slice -> seed -> shuffle (reshuffled each epoch) -> repeat
       -> random_map(decode, crop/resize with boxes, sample N regions, labels, normalise)

@@ -1,6 +1,6 @@
 """MLCD/RICE vision transformer in Flax NNX, numerically the HF ``MLCDVisionModel``.
 
-Layout choices made for speed without changing the maths (design.md §6):
+Layout choices made for speed without changing the maths (docs/design.md §6):
 - the patch "conv" is a reshape + one matmul (stride == kernel, no bias);
 - q, k and v come from one fused projection straight into ``[B, heads, T, Dh]``
   and the output projection contracts heads back, so no transposes are
@@ -39,7 +39,7 @@ def _resolve_attention_impl(impl: str) -> str:
     if impl != "auto":
         return impl
     # cuDNN flash attention on GPU; elsewhere the einsum path, which measured
-    # ~2x faster than jax.nn.dot_product_attention on XLA:CPU (design.md §6).
+    # ~2x faster than jax.nn.dot_product_attention on XLA:CPU (docs/design.md §6).
     return "cudnn" if jax.default_backend() == "gpu" else "einsum"
 
 
