@@ -146,33 +146,61 @@ def evaluate_backbone(vit, data_dir, image_size: int | None = None, tokenizer=No
     layers = tuple(range(num_layers + 1)) if all_layers else (layer,)
     regions, patches, images = extract(vit, data_dir, image_size, layers=layers, region_layers=region_layers)
     res = {"layer": layer}
+    res.update(region_probe(regions, key, num_layers if all_layers else None, region_layers > 0))
+    res.update(dense_probe(patches, key))
+    res.update(ocr_probe(regions, tokenizer, key, region_layers > 0))
+    res.update(image_probe(images))
+    return res
+
+
+def region_probe(regions, key: str, num_layers: int | None = None, region_tokens: bool = False) -> dict:
+    """Region category from ROI features at layer ``key`` (linear + kNN); every depth when
+    ``num_layers`` is given (``per_layer``); the model's own region tokens when ``region_tokens``."""
     obj = [r for r in regions if r["kind"] == 0 and r["category"] >= 0]
     tr, te = _split(obj)
-    if tr and te and len({t["category"] for t in tr}) > 1:
-        probes = {str(i): _region_probes(tr, te, str(i)) for i in (range(num_layers + 1) if all_layers else [key])}
-        res["region_linear_acc"], res["region_knn_acc"] = probes[key]
-        if region_layers:
-            res["region_token_linear_acc"], res["region_token_knn_acc"] = _region_probes(tr, te, "region_token")
-        if all_layers:
-            res["per_layer"] = {l: dict(zip(("region_linear_acc", "region_knn_acc"), v)) for l, v in probes.items()}
-        res["num_regions_test"] = len(te)
-    if patches:
-        tr, te = _split(patches)
-        pred, _, _ = _probe(tr, te, "label", key)
-        y = np.array([t["label"] for t in te])
-        ious = [np.sum((pred == c) & (y == c)) / np.sum((pred == c) | (y == c)) for c in np.unique(y)]
-        res["dense_miou"] = float(np.mean(ious))
+    if not (tr and te and len({t["category"] for t in tr}) > 1):
+        return {}
+    keys = [str(i) for i in range(num_layers + 1)] if num_layers is not None else [key]
+    probes = {k: _region_probes(tr, te, k) for k in keys}
+    res = dict(zip(("region_linear_acc", "region_knn_acc"), probes[key]))
+    if region_tokens:
+        res["region_token_linear_acc"], res["region_token_knn_acc"] = _region_probes(tr, te, "region_token")
+    if num_layers is not None:
+        res["per_layer"] = {l: dict(zip(("region_linear_acc", "region_knn_acc"), v)) for l, v in probes.items()}
+    res["num_regions_test"] = len(te)
+    return res
+
+
+def dense_probe(patches, key: str) -> dict:
+    """Per-patch semantic class (synthetic ground truth) from patch tokens: mean IoU."""
+    if not patches:
+        return {}
+    tr, te = _split(patches)
+    pred, _, _ = _probe(tr, te, "label", key)
+    y = np.array([t["label"] for t in te])
+    ious = [np.sum((pred == c) & (y == c)) / np.sum((pred == c) | (y == c)) for c in np.unique(y)]
+    return {"dense_miou": float(np.mean(ious))}
+
+
+def ocr_probe(regions, tokenizer, key: str, region_tokens: bool = False) -> dict:
+    """Token ids of text regions from their features: recall@5 (and from region tokens)."""
     txt = [r for r in regions if r["kind"] == 1]
-    if tokenizer is not None and len(txt) > 10:
-        res["ocr_token_recall@5"] = _ocr_recall(txt, tokenizer, key)
-        if region_layers:
-            res["region_token_ocr_recall@5"] = _ocr_recall(txt, tokenizer, "region_token")
+    if tokenizer is None or len(txt) <= 10:
+        return {}
+    res = {"ocr_token_recall@5": _ocr_recall(txt, tokenizer, key)}
+    if region_tokens:
+        res["region_token_ocr_recall@5"] = _ocr_recall(txt, tokenizer, "region_token")
+    return res
+
+
+def image_probe(images) -> dict:
+    """Image category (largest object's) from the post-LN class token: linear accuracy."""
     imgs = [i for i in images if i["category"] >= 0]
     tr, te = _split(imgs)
-    if tr and te and len({t["category"] for t in tr}) > 1:
-        pred, _, _ = _probe(tr, te, "category")
-        res["global_linear_acc"] = float(np.mean(pred == np.array([t["category"] for t in te])))
-    return res
+    if not (tr and te and len({t["category"] for t in tr}) > 1):
+        return {}
+    pred, _, _ = _probe(tr, te, "category")
+    return {"global_linear_acc": float(np.mean(pred == np.array([t["category"] for t in te])))}
 
 
 def _ocr_recall(txt, tokenizer, feat_key, k: int = 5) -> float:

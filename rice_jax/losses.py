@@ -118,6 +118,47 @@ def sample_classes(labels_local: jax.Array, valid_rows: jax.Array, rng: jax.Arra
     return idx, active, is_pos
 
 
+def _scored_classes(centers, local, valid_rows, rng, shard, n_sample, capacity, psum):
+    """The classes one shard scores: all of its classes (``capacity`` None) or the PartialFC subset.
+
+    Returns ``(normalised centres [width, D], active [width], slot of each label [B, M] (width =
+    not scored), number of active classes, None or (positive classes, positive classes sampled))``.
+    """
+    k = centers.shape[0]
+    if capacity is None:  # exact: every class of the shard
+        return l2_normalize(centers), valid_rows, local, jnp.sum(valid_rows), None
+    key = jax.random.fold_in(rng, shard)
+    idx, active, is_pos_class = sample_classes(local, valid_rows, key, n_sample, capacity)
+    c_s = l2_normalize(jnp.take(centers, idx, axis=0))
+    slot_of = jnp.full((k + 1,), capacity, jnp.int32).at[idx].set(jnp.arange(capacity, dtype=jnp.int32))
+    slot_of = jnp.where(jnp.arange(k + 1) < k, slot_of, capacity)
+    pos_slot = slot_of[local]
+    # Positives pushed beyond the capacity (only with a small max_positives_per_shard).
+    pos_slot = jnp.where(pos_slot < capacity, pos_slot, capacity)
+    sampled_pos = jnp.zeros((capacity,), bool).at[pos_slot.reshape(-1)].set(True, mode="drop") & active
+    return c_s, active, pos_slot, jnp.sum(active), (psum(jnp.sum(is_pos_class)), psum(jnp.sum(sampled_pos)))
+
+
+def _diagnostics(cos, neg_mask, pos_cos, pos_valid, has_pos, n_active, pmax, psum) -> dict:
+    """Gradient-free row statistics. Top-1: the best-scoring class among those scored (all classes
+    at rho = 1, the PartialFC sample otherwise) is one of the row's positives."""
+    cos_ng = jax.lax.stop_gradient(cos)
+    neg_max = pmax(jnp.max(jnp.where(neg_mask, cos_ng, -2.0), axis=-1))
+    neg_sum = psum(jnp.sum(jnp.where(neg_mask, cos_ng, 0.0), axis=-1))
+    neg_cnt = psum(jnp.sum(neg_mask, axis=-1))
+    pos_max = jnp.max(jnp.where(pos_valid, jax.lax.stop_gradient(pos_cos), -2.0), axis=-1)
+    rows = has_pos & jnp.any(pos_valid, axis=-1)
+    n_eval = jnp.maximum(jnp.sum(rows), 1)
+    n_pos = jnp.sum(pos_valid)
+    return {
+        "pos_cos_mean": jnp.sum(jnp.where(pos_valid, pos_cos, 0.0)) / jnp.maximum(n_pos, 1),
+        "neg_cos_mean": jnp.sum(jnp.where(rows, neg_sum / jnp.maximum(neg_cnt, 1), 0.0)) / n_eval,
+        "top1_acc": jnp.sum(rows & (pos_max > neg_max)) / n_eval,
+        "num_rows": jnp.sum(has_pos),
+        "num_sampled": psum(n_active),
+    }
+
+
 def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, capacity,
                 scale, margin, margin_type):
     """Loss on one centre shard (or on all centres when ``axis`` is None)."""
@@ -145,25 +186,9 @@ def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, 
     c_pos = l2_normalize(jnp.take(centers, jnp.minimum(local, k - 1), axis=0))
     pos_cos = psum(jnp.where(in_shard, jnp.einsum("bd,bmd->bm", f, c_pos), 0.0))
 
-    if capacity is None:  # exact: every class of the shard
-        c_s, active = l2_normalize(centers), valid_rows
-        pos_slot = local
-        n_active, n_pos_sampled = jnp.sum(valid_rows), None
-        width = k
-    else:
-        key = jax.random.fold_in(rng, shard)
-        idx, active, is_pos_class = sample_classes(local, valid_rows, key, n_sample, capacity)
-        c_s = l2_normalize(jnp.take(centers, idx, axis=0))
-        slot_of = jnp.full((k + 1,), capacity, jnp.int32).at[idx].set(jnp.arange(capacity, dtype=jnp.int32))
-        slot_of = jnp.where(jnp.arange(k + 1) < k, slot_of, capacity)
-        pos_slot = slot_of[local]
-        # Positives pushed beyond the capacity (only with a small max_positives_per_shard).
-        pos_slot = jnp.where(pos_slot < capacity, pos_slot, capacity)
-        n_active = jnp.sum(active)
-        sampled_pos = jnp.zeros((capacity,), bool).at[pos_slot.reshape(-1)].set(True, mode="drop") & active
-        n_pos_sampled = psum(jnp.sum(sampled_pos))
-        n_pos_total = psum(jnp.sum(is_pos_class))
-        width = capacity
+    c_s, active, pos_slot, n_active, sampled = _scored_classes(centers, local, valid_rows, rng, shard,
+                                                               n_sample, capacity, psum)
+    width = c_s.shape[0]
 
     cos = f @ c_s.T  # [B, width]: the only B x classes array, and only for this shard's subset
     is_pos_bj = jnp.zeros((b, width), bool).at[jnp.arange(b)[:, None], pos_slot].set(True, mode="drop")
@@ -179,24 +204,9 @@ def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, 
     per_row = jnp.where(has_pos, pos_term + neg_term, 0.0)
     n_rows = jnp.sum(has_pos)
     loss = jnp.sum(per_row) / jnp.maximum(n_rows, 1)
-    n_pos = jnp.sum(pos_valid)
-    # Diagnostics (no gradient). Top-1: the best-scoring class among those scored (all classes
-    # at rho = 1, the PartialFC sample otherwise) is one of the row's positives.
-    cos_ng = jax.lax.stop_gradient(cos)
-    neg_max = pmax(jnp.max(jnp.where(neg_mask, cos_ng, -2.0), axis=-1))
-    neg_sum = psum(jnp.sum(jnp.where(neg_mask, cos_ng, 0.0), axis=-1))
-    neg_cnt = psum(jnp.sum(neg_mask, axis=-1))
-    pos_max = jnp.max(jnp.where(pos_valid, jax.lax.stop_gradient(pos_cos), -2.0), axis=-1)
-    rows = has_pos & jnp.any(pos_valid, axis=-1)
-    n_eval = jnp.maximum(jnp.sum(rows), 1)
-    aux = {
-        "pos_cos_mean": jnp.sum(jnp.where(pos_valid, pos_cos, 0.0)) / jnp.maximum(n_pos, 1),
-        "neg_cos_mean": jnp.sum(jnp.where(rows, neg_sum / jnp.maximum(neg_cnt, 1), 0.0)) / n_eval,
-        "top1_acc": jnp.sum(rows & (pos_max > neg_max)) / n_eval,
-        "num_rows": n_rows,
-        "num_sampled": psum(n_active),
-    }
-    if capacity is not None:
+    aux = _diagnostics(cos, neg_mask, pos_cos, pos_valid, has_pos, n_active, pmax, psum)
+    if sampled is not None:
+        n_pos_total, n_pos_sampled = sampled
         aux["num_positive_classes"] = n_pos_total
         aux["num_positive_classes_sampled"] = n_pos_sampled
         aux["positives_dropped"] = n_pos_total - n_pos_sampled
@@ -330,26 +340,23 @@ def rice_loss(region_embed: Optional[jax.Array], global_embed: Optional[jax.Arra
         kind = region_kind.reshape(b * n)
         lab = labels.reshape(b * n, -1)
         is_obj, is_ocr = valid & (kind == KIND_OBJECT), valid & (kind == KIND_TEXT)
+    # (name, weight, features, centres, labels, rows that count, rng, real class count) per term.
+    terms = []
     if object_weight:
-        obj_labels = jnp.where(is_obj[:, None], lab[:, :1], -1)
-        l_obj, a_obj = margin_softmax_loss(flat, centers_obj, obj_labels, rng=rngs[0],
-                                           num_classes=num_obj_classes, **loss_kw)
-        total = total + object_weight * l_obj
-        metrics.update(loss_object=l_obj, **{f"object/{k}": v for k, v in a_obj.items()})
-        metrics["object/pairwise_cos"] = mean_pairwise_cosine(flat, is_obj)
+        terms.append(("object", object_weight, flat, centers_obj, jnp.where(is_obj[:, None], lab[:, :1], -1),
+                      is_obj, rngs[0], num_obj_classes))
     if ocr_weight:
-        ocr_labels = jnp.where(is_ocr[:, None], lab, -1)
-        l_ocr, a_ocr = margin_softmax_loss(flat, centers_ocr, ocr_labels, rng=rngs[1],
-                                           num_classes=num_ocr_classes, **loss_kw)
-        total = total + ocr_weight * l_ocr
-        metrics.update(loss_ocr=l_ocr, **{f"ocr/{k}": v for k, v in a_ocr.items()})
-        metrics["ocr/pairwise_cos"] = mean_pairwise_cosine(flat, is_ocr)
+        terms.append(("ocr", ocr_weight, flat, centers_ocr, jnp.where(is_ocr[:, None], lab, -1), is_ocr, rngs[1],
+                      num_ocr_classes))
     if global_weight:
-        global_labels = image_labels(region_valid, region_kind, labels)
-        l_g, a_g = margin_softmax_loss(global_embed, centers_obj, global_labels, rng=rngs[2],
-                                       num_classes=num_obj_classes, **loss_kw)
-        total = total + global_weight * l_g
-        metrics.update(loss_global=l_g, **{f"global/{k}": v for k, v in a_g.items()})
-        metrics["global/pairwise_cos"] = mean_pairwise_cosine(global_embed, jnp.any(global_labels >= 0, axis=-1))
+        img = image_labels(region_valid, region_kind, labels)
+        terms.append(("global", global_weight, global_embed, centers_obj, img, jnp.any(img >= 0, axis=-1), rngs[2],
+                      num_obj_classes))
+    for name, weight, x, centers, term_labels, rows, key, k in terms:
+        loss, aux = margin_softmax_loss(x, centers, term_labels, rng=key, num_classes=k, **loss_kw)
+        total = total + weight * loss
+        metrics[f"loss_{name}"] = loss
+        metrics.update({f"{name}/{a}": v for a, v in aux.items()})
+        metrics[f"{name}/pairwise_cos"] = mean_pairwise_cosine(x, rows)
     metrics["loss"] = total
     return total, metrics

@@ -323,71 +323,13 @@ def _open_data(c, is_main: bool) -> list:
     return damaged
 
 
-def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) -> dict:
-    """Run (or resume) training; returns a summary. ``stop_after``: return early after that many steps (tests).
-
-    ``workdir`` may be local or any ``etils.epath`` scheme (``gs://bucket/run``): checkpoints,
-    metrics, TensorBoard events, ``config.json`` and ``summary.json`` all go there."""
-    workdir = storage.path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
-    num_obj, num_ocr = validate_config(c, jax.device_count(), manifest)
-    damaged_shards = _open_data(c, is_main)
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type)
-    model_cfg = build_model_config(c)
-    total_steps = int(stage_bounds(c)[-1])
-    if is_main:
-        storage.write_text_atomic(workdir / "config.json", c.to_json_best_effort(indent=2))
-        print(f"[train] {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}; "
-              f"K={num_obj} V={num_ocr}; {total_steps} steps", flush=True)
-
-    # ---- Model, centres, optimiser (sharded at creation) --------------------------
-    init_centers = np.load(c.loss.init_centers) if c.loss.init_centers else None
-    state, setup = init_state(c, mesh, model_cfg, num_obj, num_ocr, init_centers)
-    train_step, batch_sh = make_train_step(c, setup)
-    ckpt = checkpoint.Checkpointer(workdir, every=c.checkpoint_every, keep=c.keep_checkpoints,
-                                   async_save=c.async_checkpointing)
-    meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
-                 "objective": c.objective, "region_layers": model_cfg.region_layers if c.objective == "rice" else 0}
-
-    from rice_jax.data.tokenizer import for_dataset
-
-    tokenizer = for_dataset(c.data.dir, manifest)
-    per_process_batch = c.batch_size // jax.process_count()
-
-    def stage_iter(stage_idx: int):
-        pcfg = pipeline.PipelineConfig(**{k: v for k, v in c.data.items() if k != "dir"},
-                                       image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
-                                       seed=c.seed * 1000 + stage_idx)
-        return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
-
-    # ---- Restore (newest intact checkpoint) or init_from ------------------------------------
-    def restore(step: int):
-        stage = stage_at(c, step)
-        it = stage_iter(stage)
-        same_stage = ckpt.restore_meta(step).get("stage") == stage
-        return ckpt.restore(step, setup.abstract_state, it if same_stage else None), it
-
+def make_stage_iter(c, tokenizer):
+    """``stage_iter(i)``: a fresh Grain iterator of this process's batches for stage ``i``."""
+    stage_iter = make_stage_iter(c, tokenizer)
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-    start, restored = ckpt.restore_newest_intact(restore, strict=c.strict_restore, log=log)
-    if start is None:
-        start = 0
-        state = apply_init_from(c.init_from, state, model_cfg)
-        data_iter = stage_iter(0)
-    else:
-        state, data_iter = restored
-        log(f"[train] resumed from step {start} (stage {stage_at(c, start)})")
+    start, state, data_iter = restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log)
     stage = stage_at(c, start)
-
-    # ---- Preemption ---------------------------------------------------------------------
-    # Under jax.distributed, JAX's preemption service owns SIGTERM and all hosts agree on the step
-    # to stop at (ckpt.reached_preemption). A single process handles SIGTERM itself.
-    stop = {"flag": False}
-    agreed = jax.process_count() > 1
-    # Signal handlers can only be installed from the main thread (not e.g. from a test runner thread).
-    prev_handler = (signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-                    if not agreed and _in_main_thread() else None)
+    preemption = Preemption(ckpt)
 
     # ---- Loop ---------------------------------------------------------------------
     peak = c.peak_flops or perf.peak_flops(dtype=c.model.dtype)
@@ -412,14 +354,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         batch = to_global_batch(local, batch_sh)
         t1 = time.perf_counter()
         if compiled is None:
-            compiled = train_step.lower(state, batch).compile()
-            try:
-                ca = compiled.cost_analysis()
-                ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-                # cost_analysis is per device (SPMD partition); count the whole step.
-                flops_per_step = float(ca.get("flops", 0.0)) * jax.device_count()
-            except Exception:  # noqa: BLE001 - MFU is a diagnostic, never a reason to stop
-                flops_per_step = 0.0
+            compiled, flops_per_step = compile_step(train_step, state, batch)
         state, metrics = compiled(state, batch)
         step += 1
         steps_this_run += 1
@@ -439,12 +374,11 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             last, steps_this_run = now, 0
         if bar is not None:
             bar.update(1)
-        preempt = ckpt.reached_preemption(step) if agreed else stop["flag"]
+        preempt = preemption.reached(step)
         meta = dict(meta_base, stage=stage, step=step)
         if ckpt.save(step, state, data_iter, meta, force=(step == total_steps or preempt)):
             writer.sync()
         if preempt:
-            stop["flag"] = True
             ckpt.wait()
             print(f"\n[train] process {jax.process_index()}: preemption (SIGTERM): checkpoint written at step {step}; "
                   "exiting", flush=True)
@@ -455,10 +389,9 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     writer.close()
     if bar is not None:
         bar.close()
-    if prev_handler is not None:
-        signal.signal(signal.SIGTERM, prev_handler)
+    preemption.close()
     summary = {"start_step": start, "end_step": step, "history": history, "peak_flops_per_device": peak,
-               "flops_per_step": flops_per_step, "preempted": stop["flag"],
+               "flops_per_step": flops_per_step, "preempted": preemption.stopped,
                "skipped_shards": [s.path for s in damaged_shards]}
     if is_main:
         storage.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))

@@ -120,7 +120,49 @@ class RegionExampleTransform:
         norm = (clipped - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0]
         return norm.astype(np.float32), kept
 
-    # -- main -----------------------------------------------------------------------
+    # -- the three steps of an example ----------------------------------------------------
+    def decode_and_crop(self, rec: records.RegionRecord, rng: np.random.Generator):
+        """``(image [S,S,3] normalised, crop xyxy, (w, h))``, or None for an undecodable image."""
+        try:
+            img = Image.open(io.BytesIO(rec.image))
+            img = img.convert("RGB")
+        except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
+            return None
+        s = self.cfg.image_size
+        w, h = img.size
+        crop = self._crop(w, h, rng)
+        img = img.resize((s, s), Image.BICUBIC, box=crop)
+        return ((np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32), crop, (w, h)
+
+    def select_regions(self, rec: records.RegionRecord, kept: np.ndarray, size_px: np.ndarray,
+                       cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Indices of the regions that fill the N slots: usable after the crop (visible share and size),
+        objects with a cluster, text only with a tokenizer; text gets at most ``text_fraction`` of the
+        slots unless objects leave some free; ``fill="resample"`` repeats chosen regions up to N."""
+        c, n = self.cfg, self.cfg.num_regions
+        usable = (kept >= c.min_box_visible) & (size_px >= c.min_box_size)
+        obj = np.nonzero(usable & (rec.kind == records.KIND_OBJECT) & (cluster >= 0))[0]
+        txt = np.nonzero(usable & (rec.kind == records.KIND_TEXT))[0] if self.tokenizer is not None else np.zeros(0, int)
+        n_txt = min(len(txt), int(round(n * c.text_fraction)))
+        n_obj = min(len(obj), n - n_txt)
+        n_txt = min(len(txt), n - n_obj)  # give unused object slots back to text
+        chosen = np.concatenate([rng.permutation(obj)[:n_obj], rng.permutation(txt)[:n_txt]]).astype(int)
+        if c.fill == "resample" and 0 < len(chosen) < n:
+            chosen = np.concatenate([chosen, rng.choice(chosen, n - len(chosen))])
+        return chosen
+
+    def encode_labels(self, rec: records.RegionRecord, chosen: np.ndarray, cluster: np.ndarray) -> np.ndarray:
+        """``[len(chosen), M]`` labels in the batch contract (docs/design.md §3.3): an object's cluster
+        in column 0, a text region's transcript token ids; −1 pad."""
+        m = self.cfg.max_labels
+        labels = np.full((len(chosen), m), -1, np.int32)
+        for slot, r in enumerate(chosen):
+            if rec.kind[r] == records.KIND_OBJECT:
+                labels[slot, 0] = cluster[r]
+            else:
+                labels[slot] = self.tokenizer.encode(rec.text[r], m)
+        return labels
+
     def __call__(self, item, rng: np.random.Generator) -> dict:
         index, raw = item
         c = self.cfg
@@ -134,15 +176,10 @@ class RegionExampleTransform:
         }
         rec = records.decode(raw, self.where(index))  # schema violations name themselves
         out["image_id"] = rec.image_id
-        try:
-            img = Image.open(io.BytesIO(rec.image))
-            img = img.convert("RGB")
-        except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
+        decoded = self.decode_and_crop(rec, rng)
+        if decoded is None:
             return out
-        w, h = img.size
-        crop = self._crop(w, h, rng)
-        img = img.resize((s, s), Image.BICUBIC, box=crop)
-        out["image"] = ((np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+        out["image"], crop, (w, h) = decoded
         out["image_ok"] = np.bool_(True)
 
         # Scale boxes from the stored size to the decoded size (they agree for valid records).
@@ -153,26 +190,14 @@ class RegionExampleTransform:
         if self.cluster_labels is not None:
             off, lab = self.cluster_labels
             cluster = lab[off[index]:off[index + 1]]
-        usable = (kept >= c.min_box_visible) & (size_px >= c.min_box_size)
-        obj = np.nonzero(usable & (rec.kind == records.KIND_OBJECT) & (cluster >= 0))[0]
-        txt = np.nonzero(usable & (rec.kind == records.KIND_TEXT))[0] if self.tokenizer is not None else np.zeros(0, int)
-        n_txt = min(len(txt), int(round(n * c.text_fraction)))
-        n_obj = min(len(obj), n - n_txt)
-        n_txt = min(len(txt), n - n_obj)  # give unused object slots back to text
-        chosen = np.concatenate([rng.permutation(obj)[:n_obj], rng.permutation(txt)[:n_txt]]).astype(int)
-        if c.fill == "resample" and 0 < len(chosen) < n:
-            chosen = np.concatenate([chosen, rng.choice(chosen, n - len(chosen))])
+        chosen = self.select_regions(rec, kept, size_px, cluster, rng)
         k = len(chosen)
         out["boxes"][:k] = nb[chosen]
         out["region_valid"][:k] = True
         out["region_kind"][:k] = rec.kind[chosen]
         out["category"][:k] = rec.category[chosen]
         out["region_index"][:k] = chosen
-        for slot, r in enumerate(chosen):
-            if rec.kind[r] == records.KIND_OBJECT:
-                out["labels"][slot, 0] = cluster[r]
-            else:
-                out["labels"][slot] = self.tokenizer.encode(rec.text[r], m)
+        out["labels"][:k] = self.encode_labels(rec, chosen, cluster)
         return out
 
 
