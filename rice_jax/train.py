@@ -325,6 +325,99 @@ def _open_data(c, is_main: bool) -> list:
 
 def make_stage_iter(c, tokenizer):
     """``stage_iter(i)``: a fresh Grain iterator of this process's batches for stage ``i``."""
+    per_process_batch = c.batch_size // jax.process_count()
+
+    def stage_iter(stage_idx: int):
+        pcfg = pipeline.PipelineConfig(**{k: v for k, v in c.data.items() if k != "dir"},
+                                       image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
+                                       seed=c.seed * 1000 + stage_idx)
+        return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
+    return stage_iter
+
+
+def compile_step(train_step, state, batch):
+    """Ahead-of-time compile for this batch shape; also returns the step's FLOPs (all devices)."""
+    compiled = train_step.lower(state, batch).compile()
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        # cost_analysis is per device (SPMD partition); count the whole step.
+        return compiled, float(ca.get("flops", 0.0)) * jax.device_count()
+    except Exception:  # noqa: BLE001 - MFU is a diagnostic, never a reason to stop
+        return compiled, 0.0
+
+
+def restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log):
+    """``(start step, state, data iterator)``: the newest intact checkpoint (iterator included when it
+    was written in the same stage), else a fresh start with ``init_from`` applied."""
+    def restore(step: int):
+        stage = stage_at(c, step)
+        it = stage_iter(stage)
+        same_stage = ckpt.restore_meta(step).get("stage") == stage
+        return ckpt.restore(step, setup.abstract_state, it if same_stage else None), it
+
+    start, restored = ckpt.restore_newest_intact(restore, strict=c.strict_restore, log=log)
+    if start is None:
+        return 0, apply_init_from(c.init_from, state, model_cfg), stage_iter(0)
+    log(f"[train] resumed from step {start} (stage {stage_at(c, start)})")
+    return (start, *restored)
+
+
+class Preemption:
+    """When to stop for a preemption notice. One process handles SIGTERM itself; under
+    ``jax.distributed``, JAX's preemption service owns SIGTERM and every host agrees on the step
+    (``Checkpointer.reached_preemption``), so all of them save the same checkpoint."""
+
+    def __init__(self, ckpt):
+        self.ckpt, self.stopped = ckpt, False
+        self.agreed = jax.process_count() > 1
+        self._flag = False
+        # Signal handlers can only be installed from the main thread (not e.g. a test runner thread).
+        self._prev = (signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_flag", True))
+                      if not self.agreed and _in_main_thread() else None)
+
+    def reached(self, step: int) -> bool:
+        """Call at every step on every host."""
+        hit = self.ckpt.reached_preemption(step) if self.agreed else self._flag
+        self.stopped = self.stopped or hit
+        return hit
+
+    def close(self):
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+
+
+def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) -> dict:
+    """Run (or resume) training; returns a summary. ``stop_after``: return early after that many steps (tests).
+
+    ``workdir`` may be local or any ``etils.epath`` scheme (``gs://bucket/run``): checkpoints,
+    metrics, TensorBoard events, ``config.json`` and ``summary.json`` all go there."""
+    workdir = storage.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
+    num_obj, num_ocr = validate_config(c, jax.device_count(), manifest)
+    damaged_shards = _open_data(c, is_main)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type)
+    model_cfg = build_model_config(c)
+    total_steps = int(stage_bounds(c)[-1])
+    if is_main:
+        storage.write_text_atomic(workdir / "config.json", c.to_json_best_effort(indent=2))
+        print(f"[train] {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}; "
+              f"K={num_obj} V={num_ocr}; {total_steps} steps", flush=True)
+
+    # ---- Model, centres, optimiser (sharded at creation) --------------------------
+    init_centers = np.load(c.loss.init_centers) if c.loss.init_centers else None
+    state, setup = init_state(c, mesh, model_cfg, num_obj, num_ocr, init_centers)
+    train_step, batch_sh = make_train_step(c, setup)
+    ckpt = checkpoint.Checkpointer(workdir, every=c.checkpoint_every, keep=c.keep_checkpoints,
+                                   async_save=c.async_checkpointing)
+    meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
+                 "objective": c.objective, "region_layers": model_cfg.region_layers if c.objective == "rice" else 0}
+
+    from rice_jax.data.tokenizer import for_dataset
+
+    tokenizer = for_dataset(c.data.dir, manifest)
     stage_iter = make_stage_iter(c, tokenizer)
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     start, state, data_iter = restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log)
