@@ -6,9 +6,11 @@
 1. Features of every *object* region are computed in chunks by a pluggable
    extractor and streamed to a float32 memmap (``region_features.npy``), so
    memory is bounded by the chunk size, never by the number of regions.
-2. Spherical k-means: scikit-learn ``MiniBatchKMeans`` (``partial_fit`` over
-   the memmap, several passes) on L2-normalised features; centres are
-   re-normalised. ``--backend faiss`` uses faiss when installed (large K).
+2. Spherical k-means on L2-normalised features, streamed from the memmap:
+   ``--backend jax`` (default from K = 4096) runs Lloyd passes on the device
+   mesh with the centres sharded along K (:mod:`rice_jax.kmeans`; resumable
+   between passes); ``sklearn`` is ``MiniBatchKMeans`` (``partial_fit``, several
+   passes); ``faiss`` uses faiss-cpu when installed.
 3. Assignment (chunked, cosine argmax) is written as a sidecar joined by
    (global record index, region index): ``cluster_labels.npz`` with
    ``offsets [num_images+1]`` and ``labels [num_regions]`` (−1 for text
@@ -33,6 +35,7 @@ from rice_jax.data import pipeline, records
 
 FEATURES_FILE = "region_features.npy"
 CENTERS_FILE = "centers.npy"
+TOPK_FILE = "cluster_topk.npz"   # (record, region) ids, [R, topk] nearest clusters and their scores
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -100,21 +103,28 @@ class HandcraftedExtractor:
 
 
 class ViTExtractor:
-    """ROI mean-pool of the backbone's last-block patch tokens inside each box
-    (:class:`rice_jax.features.RegionFeatures`: batched, jitted, batch-sharded over every device)."""
+    """ROI mean-pool of a backbone's last-block patch tokens inside each box. Our JAX ViT
+    (``hf:``/``ckpt:``/``hub:`` specs) runs through :class:`rice_jax.features.RegionFeatures`
+    (jitted, batch-sharded over every device); any other Hugging Face vision encoder
+    (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
 
     def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16):
         import jax
 
-        from rice_jax.features import RegionFeatures
+        from rice_jax.features import RegionFeatures, TransformersRegionFeatures
 
-        self.name, self.vit = name, vit
-        self.image_size = image_size or vit.cfg.image_size
+        self.name = name
         n_dev = jax.device_count()
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-        self.dim = vit.cfg.hidden_size
-        self._features = RegionFeatures(vit, self.image_size, layers=(-1,))
-        self._key = str(vit.cfg.num_layers)
+        if isinstance(vit, TransformersRegionFeatures):
+            self.image_size, self.dim = vit.image_size, vit.dim
+            self._features = vit
+        else:
+            self.image_size = image_size or vit.cfg.image_size
+            self.dim = vit.cfg.hidden_size
+            ours = RegionFeatures(vit, self.image_size, layers=(-1,))
+            key = str(vit.cfg.num_layers)
+            self._features = lambda x, b, v: ours(x, b, v)["roi"][key]
 
     def __call__(self, src: records.RecordSource, chunk: int):
         s = self.image_size
@@ -127,7 +137,7 @@ class ViTExtractor:
             valid = np.zeros((self.batch_size, n), bool)
             for j, (img, _, nb) in enumerate(batch):
                 x[j], boxes[j, : len(nb)], valid[j, : len(nb)] = img, nb, True
-            feats = self._features(x, boxes, valid)["roi"][self._key]
+            feats = self._features(x, boxes, valid)
             ids = [(i, r) for _, rs, _ in batch for i, r in rs]
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
@@ -147,10 +157,15 @@ class ViTExtractor:
 def make_extractor(spec: str, image_size: int | None = None):
     if spec == "handcrafted":
         return HandcraftedExtractor()
+    if spec.startswith("transformers:"):
+        from rice_jax.features import TransformersRegionFeatures
+
+        return ViTExtractor(TransformersRegionFeatures(spec.partition(":")[2], image_size), spec)
     from rice_jax import backbones
 
     if spec.partition(":")[0] not in backbones.SCHEMES:
-        raise ValueError(f"unknown extractor {spec!r}: use handcrafted, oracle, or a backbone (hf:DIR, ckpt:DIR, hub:ID)")
+        raise ValueError(f"unknown extractor {spec!r}: use handcrafted, oracle, a backbone (hf:DIR, ckpt:DIR, "
+                         "hub:ID) or any Hugging Face vision encoder (transformers:DIR)")
     return ViTExtractor(backbones.load(spec), spec, image_size)
 
 
@@ -173,8 +188,32 @@ def extract_to_memmap(src, extractor, out: Path, chunk: int) -> tuple[np.ndarray
     return ids[:n], feats[:n]
 
 
-def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int = 5, backend: str = "sklearn"):
-    """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D]."""
+# At and above this K the default backend is the mesh k-means (rice_jax.kmeans); below it
+# scikit-learn's MiniBatchKMeans is quicker to start and plenty.
+JAX_BACKEND_MIN_K = 4096
+BACKENDS = ("auto", "sklearn", "faiss", "jax")
+
+
+def resolve_backend(backend: str, k: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: use one of {BACKENDS}")
+    if backend == "auto":
+        return "jax" if k >= JAX_BACKEND_MIN_K else "sklearn"
+    return backend
+
+
+def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int = 5, backend: str = "sklearn",
+               state_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print):
+    """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D].
+
+    ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
+    sharded on the mesh; ``state_dir`` makes its passes resumable)."""
+    if backend == "jax":
+        from rice_jax.kmeans import MeshKMeans
+
+        km = MeshKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed,
+                        checkpoint_dir=str(state_dir) if state_dir else None, log=log)
+        return km.fit(feats, passes=passes, init="kmeans++" if k < JAX_BACKEND_MIN_K else "random")
     if backend == "faiss":
         import faiss  # optional extra
 
@@ -257,7 +296,7 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
 
 
 def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
-        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "sklearn",
+        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1,
         image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -271,9 +310,22 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     ids, feats = extract_to_memmap(src, ext, out, chunk)
     if k < 1 or k > len(ids):
         raise ValueError(f"--k {k} must be between 1 and the number of object regions ({len(ids)}); lower K")
-    log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k}")
-    centers = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend)
-    labels, inertia = assign(feats, centers, chunk)
+    backend = resolve_backend(backend, k)
+    if topk > 1 and backend != "jax":
+        raise ValueError(f"--topk {topk} needs --backend jax (the multi-label assignment runs on the mesh)")
+    log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k} ({backend})")
+    fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
+                        state_dir=out / "kmeans_state", log=log)
+    if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
+        labels, inertia = fitted.assign(feats)
+        centers = fitted.centers_numpy()
+        if topk > 1:
+            top, scores = fitted.assign_topk(feats, topk)
+            np.savez(out / TOPK_FILE, ids=ids, labels=top, scores=scores)
+            log(f"[clustering] top-{topk} assignment in {out / TOPK_FILE}")
+    else:
+        centers = fitted
+        labels, inertia = assign(feats, centers, chunk)
     np.save(out / CENTERS_FILE, centers)
     _write_labels(data_dir, src, ids, labels)
     report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia,
@@ -286,18 +338,23 @@ def main(argv=None):
     ap.add_argument("--data", required=True)
     ap.add_argument("--k", type=int, default=0, help="number of clusters (not used by --extractor oracle)")
     ap.add_argument("--extractor", default="handcrafted",
-                    help="handcrafted | hf:DIR | ckpt:DIR | oracle (ground-truth categories as labels)")
+                    help="handcrafted | hf:DIR | ckpt:DIR | hub:ID (our ViT) | transformers:DIR (CLIP, SigLIP, "
+                         "DINOv2, MLCD... in PyTorch) | oracle (ground-truth categories as labels)")
     ap.add_argument("--out", default=None, help="where features and centres go (default: the data dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--passes", type=int, default=5)
-    ap.add_argument("--backend", choices=("sklearn", "faiss"), default="sklearn")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
+                         "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--topk", type=int, default=1,
+                    help=f"also write each region's T nearest clusters to {TOPK_FILE} (multi-label use; jax backend)")
     a = ap.parse_args(argv)
     if a.extractor != "oracle" and a.k < 1:
         ap.error("--k K is required (the number of clusters)")
     run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,
-        backend=a.backend, image_size=a.image_size)
+        backend=a.backend, image_size=a.image_size, topk=a.topk)
 
 
 if __name__ == "__main__":

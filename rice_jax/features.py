@@ -85,3 +85,63 @@ class RegionFeatures:
         out = self._fwd(self._state, put(np.asarray(x, np.float32)), put(np.asarray(boxes, np.float32)),
                         put(np.asarray(valid, bool)))
         return jax.tree.map(lambda a: np.asarray(a)[:b], out)
+
+
+class TransformersRegionFeatures:
+    """ROI features from any Hugging Face vision encoder in a local folder (PyTorch, CPU or GPU):
+    ``CLIPVisionModel``, ``SiglipVisionModel``, ``Dinov2Model``, ``MLCDVisionModel``, or a full
+    ``CLIPModel``/``SiglipModel`` (its vision tower is used). The paper clustered CLIP region features.
+
+    The encoder's last hidden state minus its prefix tokens (class / register tokens: whatever
+    precedes the ``(H/p)·(W/p)`` patch tokens) is mean-pooled inside each box with the same
+    visibility rule as ours (:func:`rice_jax.models.region.box_patch_visibility`). Pixels are
+    normalised with the folder's ``preprocessor_config.json`` mean/std when present, CLIP's otherwise.
+    """
+
+    def __init__(self, path: str, image_size: int | None = None, device: str | None = None):
+        import json
+        import os
+
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        from rice_jax import storage
+        from rice_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+
+        local = storage.download_dir(path)
+        model = AutoModel.from_pretrained(local)
+        if hasattr(model, "vision_model") and not type(model).__name__.endswith("VisionModel"):
+            model = model.vision_model
+        cfg = AutoConfig.from_pretrained(local)
+        cfg = getattr(cfg, "vision_config", cfg)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.eval().to(self.device)
+        self.patch = int(cfg.patch_size if not isinstance(cfg.patch_size, (list, tuple)) else cfg.patch_size[0])
+        self.image_size = image_size or int(cfg.image_size if not isinstance(cfg.image_size, (list, tuple))
+                                            else cfg.image_size[0])
+        if self.image_size % self.patch:
+            raise ValueError(f"{path}: image size {self.image_size} is not a multiple of the patch size {self.patch}")
+        self.dim = int(cfg.hidden_size)
+        mean, std = CLIP_MEAN, CLIP_STD
+        pre = os.path.join(local, "preprocessor_config.json")
+        if os.path.exists(pre):
+            p = json.load(open(pre))
+            mean = np.asarray(p.get("image_mean", mean), np.float32)
+            std = np.asarray(p.get("image_std", std), np.float32)
+        # Our pipeline hands CLIP-normalised pixels; re-normalise to this encoder's statistics.
+        self._scale = (CLIP_STD / std).astype(np.float32)
+        self._shift = ((CLIP_MEAN - mean) / std).astype(np.float32)
+
+    def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """``x [B,S,S,3]`` CLIP-normalised (as :func:`rice_jax.data.pipeline.resize_normalize`) -> ``[B,N,D]``."""
+        import torch
+
+        x = np.asarray(x, np.float32) * self._scale + self._shift
+        with torch.no_grad():
+            pix = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
+            hidden = self.model(pixel_values=pix).last_hidden_state.float().cpu().numpy()
+        gh, gw = x.shape[1] // self.patch, x.shape[2] // self.patch
+        tokens = hidden[:, hidden.shape[1] - gh * gw:]
+        vis = np.asarray(box_patch_visibility(np.asarray(boxes, np.float32), np.asarray(valid, bool), gh, gw),
+                         np.float32)
+        return np.einsum("bnt,btd->bnd", vis, tokens) / np.maximum(vis.sum(-1, keepdims=True), 1.0)

@@ -75,6 +75,23 @@ def _nearest_shard(c_s, x_s, valid_s, *, axis, k_real, metric):
     return x, valid, best, arg, offset
 
 
+def _topk_shard(c_s, x_s, valid_s, *, axis, k_real, metric, topk):
+    """The ``topk`` nearest centres of every row: local top-k per shard, then top-k of the gathered
+    ``W·topk`` candidates (O(B·topk·W) communication, never ``[B, K]``)."""
+    x = jax.lax.all_gather(x_s, axis, tiled=True)
+    if metric == "cosine":
+        x = _normalize(x)
+    ks = c_s.shape[0]
+    offset = jax.lax.axis_index(axis) * ks
+    score = _scores(x, c_s, metric)
+    score = jnp.where((jnp.arange(ks) + offset < k_real)[None, :], score, -jnp.inf)
+    val, idx = jax.lax.top_k(score, min(topk, ks))
+    vals = jax.lax.all_gather(val, axis, axis=1, tiled=True)                 # [B, W·t], shard-major
+    idxs = jax.lax.all_gather(idx.astype(jnp.int32) + offset, axis, axis=1, tiled=True)
+    best, pos = jax.lax.top_k(vals, topk)
+    return best, jnp.take_along_axis(idxs, pos, axis=1)
+
+
 def _accumulate_shard(c_s, sums_s, counts_s, x_s, valid_s, *, axis, k_real, metric):
     x, valid, best, arg, offset = _nearest_shard(c_s, x_s, valid_s, axis=axis, k_real=k_real, metric=metric)
     ks = c_s.shape[0]
@@ -110,6 +127,7 @@ class MeshKMeans:
         self.vec_sharding = NamedSharding(self.mesh, P(ALL_AXES))
         self.centers = None
         self.passes_done = 0
+        self._topk_fns = {}
         kw = dict(axis=ALL_AXES, k_real=k, metric=metric)
         shard_map = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
         rows, vec = P(ALL_AXES, None), P(ALL_AXES)
@@ -241,6 +259,25 @@ class MeshKMeans:
     def centers_numpy(self) -> np.ndarray:
         return np.asarray(jax.device_get(self.centers))[: self.k]
 
+    def assign_topk(self, feats, topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels [R, topk], scores [R, topk])``: the ``topk`` nearest centres of every row, nearest
+        first (multi-label use: a region's several clusters)."""
+        if not 1 <= topk <= self.k:
+            raise ValueError(f"topk {topk} must be in [1, K={self.k}]")
+        key = ("topk", topk)
+        if key not in self._topk_fns:
+            rows, vec = P(ALL_AXES, None), P(ALL_AXES)
+            self._topk_fns[key] = jax.jit(jax.shard_map(
+                functools.partial(_topk_shard, axis=ALL_AXES, k_real=self.k, metric=self.metric, topk=topk),
+                mesh=self.mesh, in_specs=(rows, rows, vec), out_specs=(P(), P()), check_vma=False))
+        labels = np.empty((len(feats), topk), np.int32)
+        scores = np.empty((len(feats), topk), np.float32)
+        for start, x, valid in self._batches(feats):
+            best, arg = self._topk_fns[key](self.centers, x, valid)
+            n = min(self.batch_size, len(feats) - start)
+            labels[start:start + n], scores[start:start + n] = np.asarray(arg)[:n], np.asarray(best)[:n]
+        return labels, scores
+
     # ---------------------------------------------------------------- checkpoints
     def _checkpoints(self):
         if not self.checkpoint_dir:
@@ -256,15 +293,16 @@ class MeshKMeans:
     def _save(self, mngr) -> None:
         import orbax.checkpoint as ocp
 
-        state = {"centers": self.centers, "passes_done": np.int64(self.passes_done), "k": np.int64(self.k),
-                 "seed": np.int64(self.seed)}
+        scalar = lambda v: np.asarray(v, np.int64)
+        state = {"centers": self.centers, "passes_done": scalar(self.passes_done), "k": scalar(self.k),
+                 "seed": scalar(self.seed)}
         mngr.save(self.passes_done, args=ocp.args.StandardSave(state), force=True)
 
     def _restore(self, mngr) -> None:
         import orbax.checkpoint as ocp
 
         abstract = {"centers": jax.ShapeDtypeStruct((self.k_pad, self.dim), jnp.float32, sharding=self.row_sharding),
-                    "passes_done": np.int64(0), "k": np.int64(0), "seed": np.int64(0)}
+                    "passes_done": np.zeros((), np.int64), "k": np.zeros((), np.int64), "seed": np.zeros((), np.int64)}
         state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
         if int(state["k"]) != self.k or int(state["seed"]) != self.seed:
             raise ValueError(f"{self.checkpoint_dir}: k-means state for K={int(state['k'])}, seed={int(state['seed'])}; "

@@ -77,3 +77,73 @@ def test_vit_extractor_from_local_hf_dir(syn, tmp_path):
     feats = np.load(d / clustering.FEATURES_FILE)
     assert feats.shape[1] == 64
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
+
+
+def _tiny_encoder(kind, path):
+    import transformers as T
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    model = {"clip": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**kw)),
+             "siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**kw)),
+             "dinov2": lambda: T.Dinov2Model(T.Dinov2Config(**kw)),
+             "clip_full": lambda: T.CLIPModel(T.CLIPConfig(vision_config=kw, text_config=dict(
+                 hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)))}[kind]()
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def _cells_in_box(box, g):
+    """Independent statement of the visibility rule: cells whose open square meets the box, plus the
+    cell holding the box centre."""
+    x0, y0, x1, y1 = box
+    cells = {(i, j) for i in range(g) for j in range(g)
+             if min((j + 1) / g, x1) > max(j / g, x0) and min((i + 1) / g, y1) > max(i / g, y0)}
+    cells.add((min(int((y0 + y1) / 2 * g), g - 1), min(int((x0 + x1) / 2 * g), g - 1)))
+    return sorted(i * g + j for i, j in cells)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "dinov2", "clip_full"])
+def test_transformers_encoder_roi_features_match_a_direct_computation(kind, tmp_path):
+    import torch
+
+    from rice_jax.features import TransformersRegionFeatures
+
+    model = _tiny_encoder(kind, tmp_path / kind)
+    vision = model.vision_model if kind == "clip_full" else model
+    ext = TransformersRegionFeatures(str(tmp_path / kind))
+    r = np.random.default_rng(0)
+    x = r.standard_normal((3, 32, 32, 3)).astype(np.float32)
+    lo = r.uniform(0, 0.6, (3, 4, 2))
+    boxes = np.concatenate([lo, lo + r.uniform(0.05, 0.4, (3, 4, 2))], -1).clip(0, 1).astype(np.float32)
+    valid = np.ones((3, 4), bool)
+    got = ext(x, boxes, valid)
+    with torch.no_grad():   # CLIP statistics on both sides (no preprocessor_config.json saved)
+        hidden = vision(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).last_hidden_state.numpy()
+    patches = hidden[:, -16:]
+    for b in range(3):
+        for n in range(4):
+            want = patches[b, _cells_in_box(boxes[b, n], 4)].mean(0)
+            np.testing.assert_allclose(got[b, n], want, rtol=1e-4, atol=1e-5)
+
+
+def test_clustering_with_a_transformers_encoder(syn, tmp_path):
+    _tiny_encoder("dinov2", tmp_path / "enc")
+    d = _copy(syn, tmp_path / "c")
+    rep = clustering.run(d, 6, extractor=f"transformers:{tmp_path / 'enc'}", chunk=256, log=lambda s: None)
+    assert rep["extractor"].startswith("transformers:") and rep["clusters_used"] >= 2
+    assert np.load(d / clustering.FEATURES_FILE).shape[1] == 32
+
+
+def test_jax_backend_end_to_end(syn, tmp_path):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    d = _copy(syn, tmp_path / "c")
+    rep = clustering.run(d, 12, backend="jax", chunk=256, passes=10, topk=3, log=lambda s: None)
+    assert rep["backend"] == "jax" and rep["clusters_used"] >= 8
+    assert (tmp_path / "c" / "kmeans_state").is_dir()           # resumable between passes
+    ids_labels = np.load(d / pipeline.CLUSTER_LABELS_FILE)
+    assert (ids_labels["labels"] >= 0).sum() == rep["num_regions"]
+    assert rep["nmi"] > 0.3
+    top = np.load(d / clustering.TOPK_FILE)
+    assert top["labels"].shape == (rep["num_regions"], 3) and (np.diff(top["scores"], axis=1) <= 1e-6).all()

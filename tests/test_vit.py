@@ -130,7 +130,7 @@ def test_config_hf_roundtrip_and_presets():
     assert (l560.hidden_size, l560.intermediate_size, l560.num_layers, l560.num_heads, l560.image_size) == (1024, 4096, 24, 16, 560)
     n_params = sum(int(np.prod(v.shape)) for v in export.vit_to_hf_state_abstract(export._AbstractViT(l560)).values())
     assert 300e6 < n_params < 306e6  # RICE ViT-L/14-560: ~303M
-    with pytest.raises(KeyError, match="vit_b16_224"):
+    with pytest.raises(ValueError, match="vit_b16_224"):
         mcfg.get_preset("vit_huge")
     with pytest.raises(ValueError, match="remat_policy"):
         mcfg.ViTConfig(remat_policy="sometimes")

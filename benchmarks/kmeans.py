@@ -1,0 +1,114 @@
+"""k-means at scale, one run, same features: rice_jax mesh k-means vs faiss-cpu vs scikit-learn.
+
+Features: N unit vectors in D dims drawn around 4K hidden directions (a stand-in for region
+embeddings). Each method runs the same number of passes over them; reported: seconds per
+pass, final inertia (squared distance on the sphere, measured the same way for all three),
+and, for the mesh k-means, per-device compiled memory at K = 1M (abstract shapes; nothing is
+allocated) on 2 and 8 devices, plus the projection to the paper's 2B x 1M.
+
+    python -m benchmarks.kmeans                 # 1M x 256, K = 10K, 5 passes (several minutes)
+    python -m benchmarks.kmeans --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.common import report
+
+
+def features(n: int, d: int, hidden: int, seed: int = 0) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    dirs = r.standard_normal((hidden, d)).astype(np.float32)
+    x = dirs[r.integers(0, hidden, n)] + 0.6 * r.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def sphere_inertia(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> float:
+    c = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    return float(sum(np.sum(2.0 - 2.0 * (x[s:s + chunk] @ c.T).max(1)) for s in range(0, len(x), chunk)))
+
+
+def run_jax(x, k, passes, seed):
+    from rice_jax.kmeans import MeshKMeans
+
+    km = MeshKMeans(k, x.shape[1], metric="cosine", batch_size=8192, seed=seed, log=lambda s: None)
+    km.init_random(x)
+    km.lloyd_pass(x[:8192 * 2])             # compile outside the timing
+    km.init_random(x)
+    km.passes_done = 0
+    t = time.perf_counter()
+    km.fit(x, passes=passes, init="given")
+    return (time.perf_counter() - t) / passes, km.centers_numpy()
+
+
+def run_faiss(x, k, passes, seed):
+    import faiss
+
+    init = x[np.sort(np.random.default_rng(seed).choice(len(x), k, replace=False))]
+    km = faiss.Kmeans(x.shape[1], k, niter=passes, seed=seed, spherical=True, max_points_per_centroid=10**9)
+    t = time.perf_counter()
+    km.train(x, init_centroids=init)
+    return (time.perf_counter() - t) / passes, km.centroids
+
+
+def run_sklearn(x, k, passes, seed):
+    from sklearn.cluster import MiniBatchKMeans
+
+    r = np.random.default_rng(seed)
+    init = x[np.sort(r.choice(len(x), k, replace=False))]
+    km = MiniBatchKMeans(k, init=init, n_init=1, batch_size=8192, random_state=seed)
+    t = time.perf_counter()
+    for _ in range(passes):
+        for s in range(0, len(x), 8192):
+            km.partial_fit(x[s:s + 8192])
+    return (time.perf_counter() - t) / passes, km.cluster_centers_
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--k", type=int, default=10_000)
+    ap.add_argument("--passes", type=int, default=5)
+    a = ap.parse_args(argv)
+    import jax
+
+    from rice_jax import perf, sharding
+    from rice_jax.kmeans import compiled_memory_per_device
+
+    n, d, k, passes = (20_000, 32, 100, 2) if a.smoke else (a.n, a.d, a.k, a.passes)
+    x = features(n, d, hidden=max(k // 2, 2))
+    rows = {}
+    for name, fn in (("jax_mesh", run_jax), ("faiss_cpu", run_faiss), ("sklearn_minibatch", run_sklearn)):
+        try:
+            sec, centers = fn(x, k, passes, seed=0)
+        except ImportError as e:
+            rows[name] = {"skipped": f"not installed ({e.name})"}
+            continue
+        rows[name] = {"seconds_per_pass": sec, "inertia": sphere_inertia(x, centers)}
+    mem = {}
+    k_big = 1_000_000 if not a.smoke else 10_000
+    for w in (2, jax.device_count()):
+        mesh = sharding.make_mesh(w, 1, devices=jax.devices()[:w])
+        mem[str(w)] = compiled_memory_per_device(k_big, d, 1024, mesh=mesh)
+    # Projection: a Lloyd pass costs 2·N·K·D FLOPs (scores) + O(N·D); measured rate on this machine.
+    flops_pass = 2.0 * n * k * d
+    rate = flops_pass / rows["jax_mesh"]["seconds_per_pass"]
+    paper = 2.0 * 2e9 * 1e6 * 1024
+    assumed_chip = 0.5 * 459e12           # TPU v5p bf16 peak 459 TFLOP/s at an assumed 50% MFU
+    projection = {"flops_per_pass_2B_x_1M_x_1024": paper, "this_machine_hours_per_pass": paper / rate / 3600,
+                  "v5p_256_chips_minutes_per_pass_at_50pct": paper / (256 * assumed_chip) / 60,
+                  "assumption": "TPU v5p, 459 TFLOP/s bf16 per chip, 50% of peak, 256 chips; D = 1024 (ViT-L)"}
+    return report("kmeans" if not a.smoke else "kmeans_smoke", {
+        "N": n, "D": d, "K": k, "passes": passes, "devices": jax.device_count(), "methods": rows,
+        "jax_flop_rate": rate, "peak_flops": perf.peak_flops(1024 if a.smoke else 2048),
+        "memory_per_device_k1m": {"K": k_big, "D": d, "batch": 1024, "by_devices": mem},
+        "projection": projection}, write=not a.smoke)
+
+
+if __name__ == "__main__":
+    main()
