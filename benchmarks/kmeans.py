@@ -59,11 +59,12 @@ def run_sklearn(x, k, passes, seed):
 
     r = np.random.default_rng(seed)
     init = x[np.sort(r.choice(len(x), k, replace=False))]
-    km = MiniBatchKMeans(k, init=init, n_init=1, batch_size=8192, random_state=seed)
+    b = max(8192, 2 * k)                  # partial_fit needs at least K rows per call
+    km = MiniBatchKMeans(k, init=init, n_init=1, batch_size=b, random_state=seed)
     t = time.perf_counter()
     for _ in range(passes):
-        for s in range(0, len(x), 8192):
-            km.partial_fit(x[s:s + 8192])
+        for s in range(0, len(x) - b + 1, b):
+            km.partial_fit(x[s:s + b])
     return (time.perf_counter() - t) / passes, km.cluster_centers_
 
 
@@ -90,6 +91,7 @@ def main(argv=None):
             rows[name] = {"skipped": f"not installed ({e.name})"}
             continue
         rows[name] = {"seconds_per_pass": sec, "inertia": sphere_inertia(x, centers)}
+        print(f"[kmeans bench] {name}: {rows[name]}", flush=True)
     mem = {}
     k_big = 1_000_000 if not a.smoke else 10_000
     for w in (2, jax.device_count()):

@@ -7,6 +7,7 @@ python -m benchmarks.vit_forward
 python -m benchmarks.train_step
 python -m benchmarks.input_pipeline
 python -m benchmarks.clustering
+python -m benchmarks.kmeans   # faiss-cpu row needs `pip install faiss-cpu` (optional)
 python -m benchmarks.loss_scaling
 python -m benchmarks.ablation
 python -m benchmarks.readme_tables

@@ -203,11 +203,16 @@ def resolve_backend(backend: str, k: int) -> str:
 
 
 def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int = 5, backend: str = "sklearn",
-               state_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print):
+               state_dir: str | os.PathLike | None = None, levels: int = 1, log: Callable[[str], None] = print):
     """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D].
 
     ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
     sharded on the mesh; ``state_dir`` makes its passes resumable)."""
+    if backend == "jax" and levels == 2:
+        from rice_jax.kmeans import HierarchicalKMeans
+
+        return HierarchicalKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed, log=log).fit(
+            feats, passes=passes)
     if backend == "jax":
         from rice_jax.kmeans import MeshKMeans
 
@@ -296,7 +301,7 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
 
 
 def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
-        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1,
+        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1, levels: int = 1,
         image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -311,11 +316,13 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     if k < 1 or k > len(ids):
         raise ValueError(f"--k {k} must be between 1 and the number of object regions ({len(ids)}); lower K")
     backend = resolve_backend(backend, k)
-    if topk > 1 and backend != "jax":
-        raise ValueError(f"--topk {topk} needs --backend jax (the multi-label assignment runs on the mesh)")
+    if (topk > 1 or levels != 1) and backend != "jax":
+        raise ValueError("--topk and --levels 2 need --backend jax (they run on the mesh)")
+    if levels not in (1, 2) or (levels == 2 and topk > 1):
+        raise ValueError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical, without --topk)")
     log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k} ({backend})")
     fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
-                        state_dir=out / "kmeans_state", log=log)
+                        state_dir=out / "kmeans_state", levels=levels, log=log)
     if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
         labels, inertia = fitted.assign(feats)
         centers = fitted.centers_numpy()
@@ -348,13 +355,16 @@ def main(argv=None):
                     help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
                          "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
+                    help="2 = hierarchical k-means (about sqrt(K) coarse clusters, then fine ones inside each): for "
+                         "K >= 1M when a flat pass is too slow (jax backend)")
     ap.add_argument("--topk", type=int, default=1,
                     help=f"also write each region's T nearest clusters to {TOPK_FILE} (multi-label use; jax backend)")
     a = ap.parse_args(argv)
     if a.extractor != "oracle" and a.k < 1:
         ap.error("--k K is required (the number of clusters)")
     run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,
-        backend=a.backend, image_size=a.image_size, topk=a.topk)
+        backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels)
 
 
 if __name__ == "__main__":

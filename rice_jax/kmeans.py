@@ -108,6 +108,48 @@ def _inertia(x, best, valid, metric):
     return jnp.sum(jnp.where(valid, jnp.maximum(d2, 0.0), 0.0))
 
 
+def _max_over_processes(v: int) -> int:
+    if jax.process_count() == 1:
+        return int(v)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([v], np.int64))))
+
+
+def _slice_offsets(n_local: int) -> tuple[int, int]:
+    """(global index of this process's first row, total rows): processes hold contiguous slices in
+    process order, so global row indices — and every random choice made with them — are the same
+    whatever the number of processes."""
+    if jax.process_count() == 1:
+        return 0, n_local
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([n_local], np.int64))).reshape(-1)
+    return int(np.sum(counts[: jax.process_index()])), int(np.sum(counts))
+
+
+def _rows_at(feats, idx: np.ndarray, offset: int) -> np.ndarray:
+    """Rows at sorted *global* indices ``idx``, assembled from the processes that hold them."""
+    mine = (idx >= offset) & (idx < offset + len(feats))
+    rows = np.zeros((len(idx), feats.shape[1]), np.float32)
+    if mine.any():
+        rows[mine] = np.asarray(feats[idx[mine] - offset], np.float32)
+    if jax.process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(rows)).sum(axis=0)  # one owner per row
+
+
+def _to_host(a: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) sharded array as one numpy array on every process."""
+    if a.is_fully_addressable:
+        return np.asarray(jax.device_get(a))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
 class MeshKMeans:
     """k-means whose centres live sharded along K over ``mesh`` (default: every device)."""
 
@@ -134,6 +176,12 @@ class MeshKMeans:
         self._accumulate = jax.jit(shard_map(
             functools.partial(_accumulate_shard, **kw), in_specs=(rows, rows, vec, rows, vec),
             out_specs=(rows, vec, P(), P())), donate_argnums=(1, 2))
+        # The Lloyd update, shard-local: mean of the assigned rows (an empty cluster keeps its centre
+        # until re-seeded), re-seeding, re-normalising.
+        self._mean = jax.jit(lambda s, c, old: jnp.where((c > 0)[:, None], s / jnp.maximum(c, 1)[:, None], old),
+                             out_shardings=self.row_sharding)
+        self._reseed = jax.jit(lambda c, i, r: c.at[i].set(r), out_shardings=self.row_sharding)
+        self._normalize = jax.jit(_normalize, out_shardings=self.row_sharding)
         self._nearest = jax.jit(shard_map(
             lambda c, x, v: _nearest_shard(c, x, v, **kw)[1:4], in_specs=(rows, rows, vec),
             out_specs=(P(), P(), P())))
@@ -156,65 +204,75 @@ class MeshKMeans:
 
     def init_random(self, feats) -> None:
         """K distinct random rows of ``feats`` as the initial centres (deterministic from the seed)."""
-        if len(feats) < self.k:
+        if _slice_offsets(len(feats))[1] < self.k:
             raise ValueError(f"{len(feats)} feature rows for K = {self.k}: need at least K rows (lower K)")
+        offset, total = _slice_offsets(len(feats))
         rng = np.random.default_rng(self.seed)
-        idx = np.sort(rng.choice(len(feats), self.k, replace=False))
-        self.set_centers(np.asarray(feats[idx], np.float32))
+        self.set_centers(_rows_at(feats, np.sort(rng.choice(total, self.k, replace=False)), offset))
 
     def init_kmeans_plusplus(self, feats, sample: int = 65536) -> None:
         """k-means++ on a random sample (for small K; it is O(K · sample))."""
         from sklearn.cluster import kmeans_plusplus
 
+        offset, total = _slice_offsets(len(feats))
         rng = np.random.default_rng(self.seed)
-        idx = np.sort(rng.choice(len(feats), min(len(feats), max(sample, self.k)), replace=False))
-        x = np.asarray(feats[idx], np.float32)
+        x = _rows_at(feats, np.sort(rng.choice(total, min(total, max(sample, self.k)), replace=False)), offset)
         if self.metric == "cosine":
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         centers, _ = kmeans_plusplus(x, self.k, random_state=self.seed)
-        self.set_centers(centers)
+        self.set_centers(centers.astype(np.float32))
 
     # ---------------------------------------------------------------- passes
     def _batches(self, feats):
-        """Global batches ``(x [B, D], valid [B])`` over ``feats`` in order, the last one padded."""
-        n, b = len(feats), self.batch_size
-        for start in range(0, n, b):
-            chunk = np.asarray(feats[start:start + b], np.float32)
-            valid = np.zeros(b, bool)
+        """Global batches ``(start, x [B, D], valid [B], local rows)`` over this process's ``feats``.
+
+        Every process passes its own slice of the features; a global batch is the concatenation of
+        the processes' local batches (``make_array_from_process_local_data``). All processes step
+        the same number of times (the largest slice sets it; shorter slices pad with invalid rows).
+        ``local rows`` are the global batch positions holding this process's rows, in order."""
+        n, lb = len(feats), self.batch_size // jax.process_count()
+        steps = _max_over_processes(-(-n // lb))
+        positions = None
+        for i in range(steps):
+            chunk = np.asarray(feats[i * lb:(i + 1) * lb], np.float32).reshape(-1, self.dim)
+            valid = np.zeros(lb, bool)
             valid[: len(chunk)] = True
-            if len(chunk) < b:
-                chunk = np.concatenate([chunk, np.zeros((b - len(chunk), self.dim), np.float32)])
-            yield start, jax.device_put(chunk, self.row_sharding), jax.device_put(valid, self.vec_sharding)
+            if len(chunk) < lb:
+                chunk = np.concatenate([chunk, np.zeros((lb - len(chunk), self.dim), np.float32)])
+            x = jax.make_array_from_process_local_data(self.row_sharding, chunk)
+            v = jax.make_array_from_process_local_data(self.vec_sharding, valid)
+            if positions is None:
+                spans = sorted({(s.index[0].start or 0, x.shape[0] if s.index[0].stop is None else s.index[0].stop)
+                                for s in x.addressable_shards})
+                positions = np.concatenate([np.arange(a, b) for a, b in spans])
+            yield i * lb, x, v, positions
 
     def lloyd_pass(self, feats) -> float:
         """One assignment sweep over ``feats`` + the centre update; returns the sweep's inertia."""
         sums, counts = self._zeros()
         inertia = 0.0
-        for _, x, valid in self._batches(feats):
+        for _, x, valid, _ in self._batches(feats):
             sums, counts, part, _ = self._accumulate(self.centers, sums, counts, x, valid)
+            # Fetching the partial inertia also bounds the dispatch queue to one step: on XLA:CPU a
+            # deep queue of collective programs can starve one emulated device past the 40 s
+            # rendezvous timeout (measured: the process aborts at 1M x 256, K = 10K, 8 devices).
             inertia += float(part)
         self.centers = self._update(sums, counts, feats)
         self.passes_done += 1
         return inertia
 
     def _update(self, sums, counts, feats):
-        counts_host = np.asarray(jax.device_get(counts))[: self.k]
+        counts_host = _to_host(counts)[: self.k]
         empty = np.nonzero(counts_host == 0)[0]
-        new = jax.jit(lambda s, c: s / jnp.maximum(c, 1)[:, None].astype(s.dtype),
-                      out_shardings=self.row_sharding)(sums, counts)
-        keep = jax.jit(lambda n, o, c: jnp.where((c > 0)[:, None], n, o), out_shardings=self.row_sharding)
-        new = keep(new, self.centers, counts)
+        new = self._mean(sums, counts, self.centers)
         if len(empty):
             # Re-seed empty clusters with random rows (deterministic from seed and pass).
+            offset, total = _slice_offsets(len(feats))
             rng = np.random.default_rng([self.seed, self.passes_done])
-            rows = np.asarray(feats[np.sort(rng.choice(len(feats), len(empty), replace=len(feats) < len(empty)))],
-                              np.float32)
-            new = jax.jit(lambda c, i, r: c.at[i].set(r), out_shardings=self.row_sharding)(
-                new, jnp.asarray(empty, jnp.int32), jnp.asarray(rows))
+            rows = _rows_at(feats, np.sort(rng.choice(total, len(empty), replace=total < len(empty))), offset)
+            new = self._reseed(new, jnp.asarray(empty, jnp.int32), jnp.asarray(rows))
             self.log(f"[kmeans] pass {self.passes_done + 1}: {len(empty)} empty cluster(s) re-seeded")
-        if self.metric == "cosine":
-            new = jax.jit(_normalize, out_shardings=self.row_sharding)(new)
-        return new
+        return self._normalize(new) if self.metric == "cosine" else new
 
     def fit(self, feats, passes: int = 20, init: str = "random") -> "MeshKMeans":
         """``passes`` Lloyd iterations from ``init`` (``random`` | ``kmeans++`` | ``given``), resuming
@@ -240,15 +298,17 @@ class MeshKMeans:
         return self
 
     def assign(self, feats) -> tuple[np.ndarray, float]:
-        """Nearest centre of every row of ``feats`` and the total inertia (squared distances)."""
-        labels = np.empty(len(feats), np.int32)
+        """Nearest centre of every row of ``feats`` (this process's rows) and their total inertia."""
+        labels = np.full(len(feats), -1, np.int32)
         inertia = 0.0
-        for start, x, valid in self._batches(feats):
+        for start, x, valid, pos in self._batches(feats):
             _, best, arg = self._nearest(self.centers, x, valid)
-            xs = np.asarray(feats[start:start + self.batch_size], np.float32)
-            n = len(xs)
-            best = np.asarray(best)[:n]
-            labels[start:start + n] = np.asarray(arg)[:n]
+            n = max(0, min(len(pos), len(feats) - start))
+            if not n:
+                continue
+            xs = np.asarray(feats[start:start + n], np.float32)
+            best = np.asarray(best)[pos[:n]]
+            labels[start:start + n] = np.asarray(arg)[pos[:n]]
             if self.metric == "cosine":
                 d2 = 2.0 - 2.0 * best
             else:
@@ -257,7 +317,7 @@ class MeshKMeans:
         return labels, inertia
 
     def centers_numpy(self) -> np.ndarray:
-        return np.asarray(jax.device_get(self.centers))[: self.k]
+        return _to_host(self.centers)[: self.k]
 
     def assign_topk(self, feats, topk: int) -> tuple[np.ndarray, np.ndarray]:
         """``(labels [R, topk], scores [R, topk])``: the ``topk`` nearest centres of every row, nearest
@@ -272,10 +332,10 @@ class MeshKMeans:
                 mesh=self.mesh, in_specs=(rows, rows, vec), out_specs=(P(), P()), check_vma=False))
         labels = np.empty((len(feats), topk), np.int32)
         scores = np.empty((len(feats), topk), np.float32)
-        for start, x, valid in self._batches(feats):
+        for start, x, valid, pos in self._batches(feats):
             best, arg = self._topk_fns[key](self.centers, x, valid)
-            n = min(self.batch_size, len(feats) - start)
-            labels[start:start + n], scores[start:start + n] = np.asarray(arg)[:n], np.asarray(best)[:n]
+            n = max(0, min(len(pos), len(feats) - start))
+            labels[start:start + n], scores[start:start + n] = np.asarray(arg)[pos[:n]], np.asarray(best)[pos[:n]]
         return labels, scores
 
     # ---------------------------------------------------------------- checkpoints
@@ -311,6 +371,78 @@ class MeshKMeans:
         self.passes_done = int(state["passes_done"])
 
 
+class HierarchicalKMeans:
+    """Two-level k-means for very large K (the large-scale data-curation recipe): ``k1 ≈ √K`` coarse
+    centres over all rows, then each coarse cluster split into a share of the K fine centres
+    proportional to its size. A row scores ``k1 + K/k1`` centres instead of K — at K = 1M about
+    2000 instead of 1M — so a pass costs ~500x fewer FLOPs than a flat one; the price is that a
+    row can only join fine centres of its own coarse cluster. Both levels run on the mesh
+    (:class:`MeshKMeans`). Fine centres are numbered coarse cluster by coarse cluster.
+    """
+
+    def __init__(self, k: int, dim: int, *, k1: Optional[int] = None, metric: str = "cosine", mesh=None,
+                 batch_size: int = 16384, seed: int = 0, log: Callable[[str], None] = print):
+        self.k, self.dim, self.metric, self.mesh, self.seed, self.log = k, dim, metric, mesh, seed, log
+        self.k1 = int(k1 or max(1, round(math.sqrt(k))))
+        if not 1 <= self.k1 <= k:
+            raise ValueError(f"k1 {self.k1} must be in [1, K={k}]")
+        self.batch_size = batch_size
+        self.coarse: Optional[MeshKMeans] = None
+        self.fine: list[Optional[MeshKMeans]] = []
+        self.offsets = np.zeros(self.k1 + 1, np.int64)
+
+    def _split(self, sizes: np.ndarray) -> np.ndarray:
+        """Fine centres per coarse cluster: ∝ size (largest remainder), ≥ 1 for a non-empty cluster,
+        never more than its rows, summing to K when the rows allow it."""
+        share = self.k * sizes / max(sizes.sum(), 1)
+        n = np.minimum(np.maximum(np.floor(share).astype(np.int64), (sizes > 0).astype(np.int64)), sizes)
+        for i in np.argsort(-(share - np.floor(share))):
+            if n.sum() >= self.k:
+                break
+            if n[i] < sizes[i]:
+                n[i] += 1
+        return n
+
+    def fit(self, feats, passes: int = 20, coarse_passes: Optional[int] = None) -> "HierarchicalKMeans":
+        self.coarse = MeshKMeans(self.k1, self.dim, metric=self.metric, mesh=self.mesh, batch_size=self.batch_size,
+                                 seed=self.seed, log=self.log)
+        self.coarse.fit(feats, passes=coarse_passes or passes)
+        coarse_labels, _ = self.coarse.assign(feats)
+        sizes = np.bincount(coarse_labels, minlength=self.k1)
+        counts = self._split(sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.fine = []
+        for c in range(self.k1):
+            rows = np.nonzero(coarse_labels == c)[0]
+            if counts[c] == 0:
+                self.fine.append(None)
+                continue
+            km = MeshKMeans(int(counts[c]), self.dim, metric=self.metric, mesh=self.mesh,
+                            batch_size=min(self.batch_size, max(len(rows), 1)), seed=self.seed + 1 + c,
+                            log=lambda s: None)
+            km.fit(np.asarray(feats[rows], np.float32), passes=passes)
+            self.fine.append(km)
+        self.log(f"[kmeans] hierarchical: {self.k1} coarse x {int(self.offsets[-1])} fine centres")
+        return self
+
+    def assign(self, feats) -> tuple[np.ndarray, float]:
+        """Coarse cluster, then the nearest fine centre inside it: ``(global fine labels, inertia)``."""
+        coarse_labels, _ = self.coarse.assign(feats)
+        labels = np.full(len(feats), -1, np.int32)
+        inertia = 0.0
+        for c, km in enumerate(self.fine):
+            rows = np.nonzero(coarse_labels == c)[0]
+            if km is None or not len(rows):
+                continue
+            lab, part = km.assign(np.asarray(feats[rows], np.float32))
+            labels[rows] = lab + self.offsets[c]
+            inertia += part
+        return labels, inertia
+
+    def centers_numpy(self) -> np.ndarray:
+        return np.concatenate([km.centers_numpy() for km in self.fine if km is not None])
+
+
 def compiled_memory_per_device(k: int, dim: int, batch_size: int, mesh=None) -> dict:
     """Per-device bytes of one accumulation step compiled for ``k`` centres (abstract shapes only:
     nothing is allocated). For sizing, and for the test that memory falls as 1/W."""
@@ -324,3 +456,69 @@ def compiled_memory_per_device(k: int, dim: int, batch_size: int, mesh=None) -> 
     return {"argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),
             "total_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)}
+
+
+def main(argv=None):
+    """Cluster a feature file on the mesh; with several processes each reads its own contiguous slice.
+
+        python -m rice_jax.kmeans --features F.npy --k K --out centers.npy [--labels labels.npy]
+        # multi-host: the same command on every process, plus the distributed flags
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m rice_jax.kmeans", description=main.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--features", required=True, help="[R, D] float32 .npy (memory-mapped, never loaded whole)")
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--metric", choices=METRICS, default="cosine")
+    ap.add_argument("--passes", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=16384, help="global rows per step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", choices=("random", "kmeans++"), default="random")
+    ap.add_argument("--state-dir", default=None, help="save the state after every pass; a rerun resumes")
+    ap.add_argument("--out", required=True, help="centres [K, D] .npy (written by process 0)")
+    ap.add_argument("--labels", default=None, help="also write this process's labels (.npy; suffixed by process)")
+    ap.add_argument("--coordinator-address", default="", help="host:port: local multi-process CPU run (gloo)")
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
+    a = ap.parse_args(argv)
+    if a.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=a.coordinator_address, num_processes=a.num_processes,
+                                   process_id=a.process_id)
+    elif a.distributed:
+        jax.distributed.initialize()
+    from rice_jax import storage
+
+    feats = np.load(storage.require_local(a.features, "a feature file", "copy it locally or mount the bucket"),
+                    mmap_mode="r")
+    n, pid, nproc = len(feats), jax.process_index(), jax.process_count()
+    mine = feats[pid * n // nproc:(pid + 1) * n // nproc]
+    log = print if pid == 0 else (lambda s: None)
+    km = MeshKMeans(a.k, feats.shape[1], metric=a.metric, batch_size=a.batch_size, seed=a.seed,
+                    checkpoint_dir=a.state_dir, log=log)
+    km.fit(mine, passes=a.passes, init=a.init)
+    centers = km.centers_numpy()
+    labels, inertia = km.assign(mine)
+    total = float(np.sum(_gather_scalars(inertia)))
+    if pid == 0:
+        np.save(a.out, centers)
+        print(f"[kmeans] K={a.k} over {n} rows on {jax.device_count()} devices / {nproc} process(es): "
+              f"inertia {total:.6g}; centres in {a.out}", flush=True)
+    if a.labels:
+        np.save(a.labels if nproc == 1 else f"{a.labels}.process{pid}", labels)
+
+
+def _gather_scalars(v: float) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray([v])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray([v], np.float64)))
+
+
+if __name__ == "__main__":
+    from rice_jax import cli
+
+    cli.run(main)

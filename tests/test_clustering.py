@@ -147,3 +147,11 @@ def test_jax_backend_end_to_end(syn, tmp_path):
     assert rep["nmi"] > 0.3
     top = np.load(d / clustering.TOPK_FILE)
     assert top["labels"].shape == (rep["num_regions"], 3) and (np.diff(top["scores"], axis=1) <= 1e-6).all()
+
+
+def test_hierarchical_clustering_command(syn, tmp_path):
+    d = _copy(syn, tmp_path / "c")
+    rep = clustering.run(d, 16, backend="jax", levels=2, chunk=256, passes=5, log=lambda s: None)
+    assert rep["clusters_used"] >= 8 and np.load(d / clustering.CENTERS_FILE).shape[0] == 16
+    with pytest.raises(ValueError, match="need --backend jax"):
+        clustering.run(d, 16, backend="sklearn", levels=2, log=lambda s: None)

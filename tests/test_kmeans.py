@@ -131,3 +131,53 @@ def test_topk_assignment_matches_a_dense_reference():
     np.testing.assert_array_equal(labels, want)
     np.testing.assert_allclose(scores, np.take_along_axis(sim, want, 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(labels[:, 0], km.assign(x)[0])
+
+
+@pytest.mark.slow
+def test_two_processes_each_with_its_slice_match_one_process(tmp_path):
+    """2 processes x 4 CPU devices (gloo), each reading half of the feature file: the same centres and
+    labels as one process with 8 devices reading all of it."""
+    x, _ = _blobs(n=6000, d=16, k=24, seed=9)
+    np.save(tmp_path / "x.npy", x)
+    base = [sys.executable, "-m", "rice_jax.kmeans", "--features", str(tmp_path / "x.npy"), "--k", "30",
+            "--passes", "6", "--batch-size", "1024", "--seed", "3"]
+    one = subprocess.run(base + ["--out", str(tmp_path / "one.npy"), "--labels", str(tmp_path / "one_labels.npy")],
+                         env=_env(8), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    procs = [subprocess.Popen(base + ["--out", str(tmp_path / "two.npy"), "--labels", str(tmp_path / "two_labels.npy"),
+                                      "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                      "--process-id", str(i)], env=_env(4), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "2 process(es)" in outs[0][0] and "8 devices" in outs[0][0]
+    np.testing.assert_allclose(np.load(tmp_path / "two.npy"), np.load(tmp_path / "one.npy"), rtol=1e-5, atol=1e-6)
+    two_labels = np.concatenate([np.load(tmp_path / f"two_labels.npy.process{i}.npy") for i in range(2)])
+    np.testing.assert_array_equal(two_labels, np.load(tmp_path / "one_labels.npy"))
+
+
+def test_hierarchical_two_levels_close_to_flat():
+    from rice_jax.kmeans import HierarchicalKMeans
+
+    x, _ = _blobs(n=4000, d=16, k=60, seed=10)
+    flat = MeshKMeans(64, 16, metric="cosine", batch_size=512, seed=0, log=lambda s: None).fit(x, passes=10)
+    _, flat_inertia = flat.assign(x)
+    h = HierarchicalKMeans(64, 16, metric="cosine", batch_size=512, seed=0, log=lambda s: None).fit(x, passes=10)
+    labels, inertia = h.assign(x)
+    centers = h.centers_numpy()
+    assert centers.shape == (64, 16) and h.k1 == 8
+    assert labels.min() >= 0 and len(np.unique(labels)) > 48
+    assert inertia <= 1.25 * flat_inertia
+    # A row's label is the nearest fine centre among those of its coarse cluster.
+    coarse, _ = h.coarse.assign(x)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for i in range(0, len(x), 97):
+        c = coarse[i]
+        lo, hi = h.offsets[c], h.offsets[c + 1]
+        assert lo + np.argmax(centers[lo:hi] @ xn[i]) == labels[i]
