@@ -31,3 +31,24 @@ def run(fn: Callable[[], object]) -> object:
         lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
         print(f"error: {lines[0]}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def add_distributed_flags(ap) -> None:
+    """The multi-process flags of the argparse commands (train has the same ones through absl)."""
+    ap.add_argument("--coordinator-address", default="", help="host:port: local multi-process CPU run (gloo)")
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--distributed", action="store_true",
+                    help="jax.distributed.initialize() from the environment (TPU pods, SLURM)")
+
+
+def init_distributed(args) -> None:
+    """Join the job described by :func:`add_distributed_flags` (no-op for a single process)."""
+    import jax
+
+    if args.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()

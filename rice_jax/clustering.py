@@ -114,7 +114,7 @@ class ViTExtractor:
         from rice_jax.features import RegionFeatures, TransformersRegionFeatures
 
         self.name = name
-        n_dev = jax.device_count()
+        n_dev = jax.local_device_count()
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
         if isinstance(vit, TransformersRegionFeatures):
             self.image_size, self.dim = vit.image_size, vit.dim
@@ -174,10 +174,23 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def extract_to_memmap(src, extractor, out: Path, chunk: int) -> tuple[np.ndarray, np.memmap]:
-    """Stream features into ``out/region_features.npy``; returns (ids [R,2], memmap [R,D])."""
+class _RecordRange:
+    """Records ``[start, stop)`` of a source, indexed from 0 (one process's share of a dataset)."""
+
+    def __init__(self, src, start: int, stop: int):
+        self.src, self.start, self.stop = src, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        return self.src[self.start + i]
+
+
+def extract_to_memmap(src, extractor, out: Path, chunk: int, name: str = FEATURES_FILE) -> tuple[np.ndarray, np.memmap]:
+    """Stream features into ``out/name``; returns (ids [R,2], memmap [R,D])."""
     n_obj = sum(int((src[i].kind == records.KIND_OBJECT).sum()) for i in range(len(src)))
-    feats = np.lib.format.open_memmap(out / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(n_obj, extractor.dim))
+    feats = np.lib.format.open_memmap(out / name, mode="w+", dtype=np.float32, shape=(n_obj, extractor.dim))
     ids = np.zeros((n_obj, 2), np.int64)
     n = 0
     for chunk_ids, chunk_feats in extractor(src, chunk):
@@ -311,32 +324,50 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     src = records.RecordSource(data_dir)
     out = Path(out) if out else data_dir
     out.mkdir(parents=True, exist_ok=True)
+    import jax
+
+    from rice_jax.kmeans import gather_rows
+
+    # Several processes: each extracts the features of its contiguous share of the records; the
+    # mesh k-means then runs over all of them, and process 0 writes labels, centres and report.
+    pid, nproc = jax.process_index(), jax.process_count()
+    lo, hi = pid * len(src) // nproc, (pid + 1) * len(src) // nproc
     ext = make_extractor(extractor, image_size)
-    ids, feats = extract_to_memmap(src, ext, out, chunk)
-    if k < 1 or k > len(ids):
-        raise ValueError(f"--k {k} must be between 1 and the number of object regions ({len(ids)}); lower K")
+    ids, feats = extract_to_memmap(_RecordRange(src, lo, hi) if nproc > 1 else src, ext, out, chunk,
+                                   FEATURES_FILE if nproc == 1 else f"region_features.process{pid}.npy")
+    ids[:, 0] += lo
+    n_total = int(np.sum(gather_rows(np.asarray([len(ids)], np.int64))))
+    if k < 1 or k > n_total:
+        raise ValueError(f"--k {k} must be between 1 and the number of object regions ({n_total}); lower K")
     backend = resolve_backend(backend, k)
-    if (topk > 1 or levels != 1) and backend != "jax":
-        raise ValueError("--topk and --levels 2 need --backend jax (they run on the mesh)")
-    if levels not in (1, 2) or (levels == 2 and topk > 1):
-        raise ValueError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical, without --topk)")
-    log(f"[clustering] {len(ids)} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k} ({backend})")
+    if (topk > 1 or levels != 1 or nproc > 1) and backend != "jax":
+        raise ValueError("--topk, --levels 2 and multi-process runs need --backend jax (they run on the mesh)")
+    if levels not in (1, 2) or (levels == 2 and (topk > 1 or nproc > 1)):
+        raise ValueError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical; one process, without --topk)")
+    log(f"[clustering] {n_total} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k} "
+        f"({backend}, {nproc} process(es))")
     fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
-                        state_dir=out / "kmeans_state", levels=levels, log=log)
+                        state_dir=out / "kmeans_state", levels=levels, log=log if pid == 0 else (lambda s: None))
     if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
         labels, inertia = fitted.assign(feats)
         centers = fitted.centers_numpy()
+        ids, labels = gather_rows(ids), gather_rows(labels)
+        inertia = float(np.sum(gather_rows(np.asarray([inertia], np.float64))))
         if topk > 1:
             top, scores = fitted.assign_topk(feats, topk)
-            np.savez(out / TOPK_FILE, ids=ids, labels=top, scores=scores)
-            log(f"[clustering] top-{topk} assignment in {out / TOPK_FILE}")
+            top, scores = gather_rows(top), gather_rows(scores)
+            if pid == 0:
+                np.savez(out / TOPK_FILE, ids=ids, labels=top, scores=scores)
+                log(f"[clustering] top-{topk} assignment in {out / TOPK_FILE}")
     else:
         centers = fitted
         labels, inertia = assign(feats, centers, chunk)
+    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia,
+              "centers": str(out / CENTERS_FILE), "processes": nproc}
+    if pid != 0:
+        return report
     np.save(out / CENTERS_FILE, centers)
     _write_labels(data_dir, src, ids, labels)
-    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia,
-              "centers": str(out / CENTERS_FILE)}
     return _record_report(data_dir, src, ids, labels, k, report, log)
 
 
@@ -355,12 +386,16 @@ def main(argv=None):
                     help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
                          "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
+    from rice_jax import cli
+
+    cli.add_distributed_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
                     help="2 = hierarchical k-means (about sqrt(K) coarse clusters, then fine ones inside each): for "
                          "K >= 1M when a flat pass is too slow (jax backend)")
     ap.add_argument("--topk", type=int, default=1,
                     help=f"also write each region's T nearest clusters to {TOPK_FILE} (multi-label use; jax backend)")
     a = ap.parse_args(argv)
+    cli.init_distributed(a)
     if a.extractor != "oracle" and a.k < 1:
         ap.error("--k K is required (the number of clusters)")
     run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,

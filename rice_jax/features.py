@@ -49,7 +49,8 @@ class RegionFeatures:
         rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
                          backbone=vit) if region_layers else None
         graphdef, state = nnx.split(rice if rice is not None else vit)
-        self.mesh = sharding.make_mesh(data=-1, fsdp=1)
+        # This process's devices: extraction is per-process work (each process reads its own records).
+        self.mesh = sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices())
         self._state = jax.device_put(state, sharding.replicated(self.mesh))
         gh, gw = vit.grid(image_size, image_size)
         idxs = self.layers

@@ -43,6 +43,7 @@ from rice_jax.losses import padded_num_classes
 from rice_jax.sharding import ALL_AXES
 
 METRICS = ("cosine", "euclidean")
+SCORE_BLOCK = 512   # centres scored at once per device (see _nearest_in_shard)
 
 
 def _normalize(x):
@@ -57,18 +58,40 @@ def _scores(x, c, metric):
     return 2.0 * xc - jnp.sum(c * c, axis=-1)[None, :]
 
 
-def _nearest_shard(c_s, x_s, valid_s, *, axis, k_real, metric):
+def _nearest_in_shard(x, c_s, offset, *, k_real, metric, block):
+    """(best score, first index reaching it) of every row over this shard's centres, ``block``
+    centres at a time: the ``[B, block]`` scores stay in cache while they are reduced, instead of a
+    ``[B, K/W]`` array being written and read twice (measured 3.3x faster on XLA:CPU at B = 8192,
+    K/W = 10K). Ties go to the smallest index, as NumPy's argmax."""
+    ks = c_s.shape[0]
+    nb = ks // block
+    big = jnp.iinfo(jnp.int32).max
+    cols = jnp.arange(block, dtype=jnp.int32)
+
+    def body(carry, inp):
+        best, arg = carry
+        c_blk, j = inp
+        first = offset + j * block
+        score = _scores(x, c_blk, metric)
+        score = jnp.where((cols + first < k_real)[None, :], score, -jnp.inf)   # padded centres never win
+        m = jnp.max(score, axis=-1)
+        i = jnp.min(jnp.where(score == m[:, None], cols[None, :], big), axis=-1) + first
+        better = m > best
+        return (jnp.where(better, m, best), jnp.where(better, i, arg)), None
+
+    init = (jnp.full((x.shape[0],), -jnp.inf, jnp.float32), jnp.full((x.shape[0],), big, jnp.int32))
+    (best, arg), _ = jax.lax.scan(body, init, (c_s.reshape(nb, block, -1), jnp.arange(nb, dtype=jnp.int32)))
+    return best, arg
+
+
+def _nearest_shard(c_s, x_s, valid_s, *, axis, k_real, metric, block):
     """On one centre shard: global (best score, nearest index) of every row of the all-gathered batch."""
     x = jax.lax.all_gather(x_s, axis, tiled=True)
     valid = jax.lax.all_gather(valid_s, axis, tiled=True)
     if metric == "cosine":
         x = _normalize(x)
-    ks = c_s.shape[0]
-    offset = jax.lax.axis_index(axis) * ks
-    score = _scores(x, c_s, metric)
-    score = jnp.where((jnp.arange(ks) + offset < k_real)[None, :], score, -jnp.inf)
-    local_best = jnp.max(score, axis=-1)
-    local_arg = jnp.argmax(score, axis=-1).astype(jnp.int32) + offset
+    offset = jax.lax.axis_index(axis) * c_s.shape[0]
+    local_best, local_arg = _nearest_in_shard(x, c_s, offset, k_real=k_real, metric=metric, block=block)
     best = jax.lax.pmax(local_best, axis)
     big = jnp.iinfo(jnp.int32).max
     arg = jax.lax.pmin(jnp.where(local_best == best, local_arg, big), axis)
@@ -92,8 +115,9 @@ def _topk_shard(c_s, x_s, valid_s, *, axis, k_real, metric, topk):
     return best, jnp.take_along_axis(idxs, pos, axis=1)
 
 
-def _accumulate_shard(c_s, sums_s, counts_s, x_s, valid_s, *, axis, k_real, metric):
-    x, valid, best, arg, offset = _nearest_shard(c_s, x_s, valid_s, axis=axis, k_real=k_real, metric=metric)
+def _accumulate_shard(c_s, sums_s, counts_s, x_s, valid_s, *, axis, k_real, metric, block):
+    x, valid, best, arg, offset = _nearest_shard(c_s, x_s, valid_s, axis=axis, k_real=k_real, metric=metric,
+                                                 block=block)
     ks = c_s.shape[0]
     mine = valid & (arg >= offset) & (arg < offset + ks)
     local = jnp.where(mine, arg - offset, ks)  # ks = "not mine": dropped by the scatters
@@ -162,7 +186,9 @@ class MeshKMeans:
         self.k, self.dim, self.metric, self.seed, self.log = k, dim, metric, seed, log
         self.mesh = mesh if mesh is not None else sharding.make_mesh(-1, 1)
         w = self.mesh.size
-        self.k_pad = padded_num_classes(k, w)
+        # Centres are scored SCORE_BLOCK at a time inside a shard: pad K to a multiple of W·block.
+        self.block = min(SCORE_BLOCK, -(-k // w))
+        self.k_pad = padded_num_classes(k, w * self.block)
         self.batch_size = max(w, -(-batch_size // w) * w)
         self.checkpoint_dir = checkpoint_dir
         self.row_sharding = NamedSharding(self.mesh, P(ALL_AXES, None))
@@ -170,7 +196,7 @@ class MeshKMeans:
         self.centers = None
         self.passes_done = 0
         self._topk_fns = {}
-        kw = dict(axis=ALL_AXES, k_real=k, metric=metric)
+        kw = dict(axis=ALL_AXES, k_real=k, metric=metric, block=self.block)
         shard_map = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
         rows, vec = P(ALL_AXES, None), P(ALL_AXES)
         self._accumulate = jax.jit(shard_map(
@@ -478,18 +504,11 @@ def main(argv=None):
     ap.add_argument("--state-dir", default=None, help="save the state after every pass; a rerun resumes")
     ap.add_argument("--out", required=True, help="centres [K, D] .npy (written by process 0)")
     ap.add_argument("--labels", default=None, help="also write this process's labels (.npy; suffixed by process)")
-    ap.add_argument("--coordinator-address", default="", help="host:port: local multi-process CPU run (gloo)")
-    ap.add_argument("--num-processes", type=int, default=1)
-    ap.add_argument("--process-id", type=int, default=0)
-    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the environment")
+    from rice_jax import cli, storage
+
+    cli.add_distributed_flags(ap)
     a = ap.parse_args(argv)
-    if a.coordinator_address:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=a.coordinator_address, num_processes=a.num_processes,
-                                   process_id=a.process_id)
-    elif a.distributed:
-        jax.distributed.initialize()
-    from rice_jax import storage
+    cli.init_distributed(a)
 
     feats = np.load(storage.require_local(a.features, "a feature file", "copy it locally or mount the bucket"),
                     mmap_mode="r")
@@ -501,7 +520,7 @@ def main(argv=None):
     km.fit(mine, passes=a.passes, init=a.init)
     centers = km.centers_numpy()
     labels, inertia = km.assign(mine)
-    total = float(np.sum(_gather_scalars(inertia)))
+    total = float(np.sum(gather_rows(np.asarray([inertia], np.float64))))
     if pid == 0:
         np.save(a.out, centers)
         print(f"[kmeans] K={a.k} over {n} rows on {jax.device_count()} devices / {nproc} process(es): "
@@ -510,12 +529,19 @@ def main(argv=None):
         np.save(a.labels if nproc == 1 else f"{a.labels}.process{pid}", labels)
 
 
-def _gather_scalars(v: float) -> np.ndarray:
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """Every process's rows of ``x`` concatenated in process order, on every process (rows may differ
+    in number between processes)."""
     if jax.process_count() == 1:
-        return np.asarray([v])
+        return x
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(np.asarray([v], np.float64)))
+    n = int(_max_over_processes(len(x)))
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)], np.int64))).reshape(-1)
+    padded = np.zeros((n,) + x.shape[1:], x.dtype)
+    padded[: len(x)] = x
+    allx = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([allx[p, : counts[p]] for p in range(len(counts))])
 
 
 if __name__ == "__main__":

@@ -155,3 +155,36 @@ def test_hierarchical_clustering_command(syn, tmp_path):
     assert rep["clusters_used"] >= 8 and np.load(d / clustering.CENTERS_FILE).shape[0] == 16
     with pytest.raises(ValueError, match="need --backend jax"):
         clustering.run(d, 16, backend="sklearn", levels=2, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_clustering_command_on_two_processes_equals_one(syn, tmp_path):
+    """`python -m rice_jax.clustering --backend jax` on 2 processes x 4 CPU devices (gloo), each
+    extracting its half of the records: the labels and centres of a 1-process, 8-device run."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_train import _env
+
+    one, two = _copy(syn, tmp_path / "one"), _copy(syn, tmp_path / "two")
+    base = [sys.executable, "-m", "rice_jax.clustering", "--k", "12", "--backend", "jax", "--passes", "6",
+            "--chunk", "256"]
+    r = subprocess.run(base + ["--data", str(one)], env=_env(8), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    procs = [subprocess.Popen(base + ["--data", str(two), "--coordinator-address", f"127.0.0.1:{port}",
+                                      "--num-processes", "2", "--process-id", str(i)], env=_env(4),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "2 process(es)" in outs[0][0]
+    a, b = np.load(one / pipeline.CLUSTER_LABELS_FILE), np.load(two / pipeline.CLUSTER_LABELS_FILE)
+    np.testing.assert_array_equal(a["offsets"], b["offsets"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    np.testing.assert_allclose(np.load(two / clustering.CENTERS_FILE), np.load(one / clustering.CENTERS_FILE),
+                               rtol=1e-5, atol=1e-6)
+    assert records.read_manifest(two)["clustering"]["processes"] == 2
