@@ -174,7 +174,15 @@ def _find_dir(path: storage.PathLike):
 
 def _open_read_only(path: storage.PathLike, step: Optional[int]):
     """(read-only manager, step, meta) of the checkpoint at ``step`` (default: the latest)."""
-    mngr = _manager(_find_dir(path), read_only=True, async_save=False)
+    from absl import logging as absl_logging
+
+    # Orbax warns at every read-only open that a read-only manager does not save: true, and noise.
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        mngr = _manager(_find_dir(path), read_only=True, async_save=False)
+    finally:
+        absl_logging.set_verbosity(level)
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{path}: no checkpoint found (expected {path}/{CKPT_SUBDIR}/<step>)")
