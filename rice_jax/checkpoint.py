@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rice_jax import storage
+from rice_jax.cli import first_line
 from rice_jax.sharding import path_to_str as sharding_path
 
 CKPT_SUBDIR = "checkpoints"
@@ -52,12 +53,6 @@ def _all_processes_true(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))
-
-
-def _first_line(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}"
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    return (lines[0] if lines else type(err).__name__)[:400]
 
 
 class Checkpointer:
@@ -136,7 +131,7 @@ class Checkpointer:
             if _all_processes_true(err is None):
                 return step, result
             folder = self.directory / str(step)
-            what = _first_line(err) if err is not None else "another host could not read it"
+            what = first_line(err, 400) if err is not None else "another host could not read it"
             if strict:
                 raise CheckpointDamaged(f"checkpoint step {step} ({folder}) cannot be read: {what}; rerun with "
                                         "--config.strict_restore=False to fall back to the newest intact one")

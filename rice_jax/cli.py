@@ -14,6 +14,13 @@ from typing import Callable
 EXIT_BAD_INPUT = 2
 
 
+def first_line(err: BaseException, max_chars: int = 300) -> str:
+    """``"TypeName: first non-empty line of the message"``: how errors are quoted inside our own
+    one-line messages (a damaged shard's reader error, an unreadable checkpoint's)."""
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:max_chars]
+
+
 def expected_errors() -> tuple[type[BaseException], ...]:
     from rice_jax.checkpoint import CheckpointDamaged, CheckpointIncompatible
     from rice_jax.data.records import RecordError

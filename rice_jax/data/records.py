@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 
 from rice_jax import storage
+from rice_jax.cli import first_line
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -217,11 +218,6 @@ class ShardStatus:
         return f"damaged shard {self.path}: {self.problem}; {SHARD_ADVICE}"
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
-
-
 def check_shard(path: str, expected: int) -> ShardStatus:
     """Open one shard (its footer and index, not the records) and compare its count with the manifest."""
     from array_record.python.array_record_module import ArrayRecordReader
@@ -236,7 +232,7 @@ def check_shard(path: str, expected: int) -> ShardStatus:
         found = int(reader.num_records())
         reader.close()
     except Exception as e:  # noqa: BLE001 - the reader reports truncation / corruption as RuntimeError
-        return ShardStatus(path, expected, -1, size, f"cannot be opened ({_first_line(e)}); the file is truncated "
+        return ShardStatus(path, expected, -1, size, f"cannot be opened ({first_line(e)}); the file is truncated "
                                                     "or corrupted")
     if found != expected:
         return ShardStatus(path, expected, found, size, f"holds {found} records, the manifest says {expected}")
@@ -339,7 +335,7 @@ def validate_report(data_dir: str | os.PathLike, *, decode_records: bool = True)
                     decode(reader.read([i])[0], f"{st.path}:{i}")
                 except Exception as e:  # noqa: BLE001 - counted and reported, not raised
                     bad += 1
-                    first = first or _first_line(e)
+                    first = first or first_line(e)
             reader.close()
             row["bad_records"] = bad
             if bad:
