@@ -18,8 +18,9 @@ loss solves (``docs/design.md §5``), so clustering uses the same layout:
 - each device adds the rows assigned to *its* centres into its shard of the
   running sums / counts, so the Lloyd update needs no communication at all.
 
-Lloyd iterations stream the features once per pass. Empty clusters are
-re-seeded with random feature rows (deterministic from the seed and pass).
+Lloyd iterations stream the features once per pass. An empty cluster takes
+half of a large one (donor drawn ∝ size, the two copies pushed apart by
+±1/1024; deterministic from the seed and pass).
 ``metric="cosine"`` is spherical k-means (unit rows, centres re-normalised;
 score = cosine); ``"euclidean"`` minimises squared distance (score =
 ``2 x·c − |c|²``) and matches scikit-learn's Lloyd given the same init.
@@ -44,6 +45,7 @@ from rice_jax.sharding import ALL_AXES
 
 METRICS = ("cosine", "euclidean")
 SCORE_BLOCK = 512   # centres scored at once per device (see _nearest_in_shard)
+SPLIT_EPS = 1.0 / 1024   # relative push apart of the two halves of a split cluster (as faiss)
 
 
 def _normalize(x):
@@ -207,6 +209,7 @@ class MeshKMeans:
         self._mean = jax.jit(lambda s, c, old: jnp.where((c > 0)[:, None], s / jnp.maximum(c, 1)[:, None], old),
                              out_shardings=self.row_sharding)
         self._reseed = jax.jit(lambda c, i, r: c.at[i].set(r), out_shardings=self.row_sharding)
+        self._take = jax.jit(lambda c, i: c[i], out_shardings=NamedSharding(self.mesh, P()))
         self._normalize = jax.jit(_normalize, out_shardings=self.row_sharding)
         self._nearest = jax.jit(shard_map(
             lambda c, x, v: _nearest_shard(c, x, v, **kw)[1:4], in_specs=(rows, rows, vec),
@@ -289,16 +292,37 @@ class MeshKMeans:
 
     def _update(self, sums, counts, feats):
         counts_host = _to_host(counts)[: self.k]
-        empty = np.nonzero(counts_host == 0)[0]
         new = self._mean(sums, counts, self.centers)
+        empty = np.nonzero(counts_host == 0)[0]
         if len(empty):
-            # Re-seed empty clusters with random rows (deterministic from seed and pass).
-            offset, total = _slice_offsets(len(feats))
-            rng = np.random.default_rng([self.seed, self.passes_done])
-            rows = _rows_at(feats, np.sort(rng.choice(total, len(empty), replace=total < len(empty))), offset)
-            new = self._reseed(new, jnp.asarray(empty, jnp.int32), jnp.asarray(rows))
-            self.log(f"[kmeans] pass {self.passes_done + 1}: {len(empty)} empty cluster(s) re-seeded")
+            new = self._split_into_empty(new, empty, counts_host)
+            self.log(f"[kmeans] pass {self.passes_done + 1}: {len(empty)} empty cluster(s) filled by "
+                     f"splitting large ones")
         return self._normalize(new) if self.metric == "cosine" else new
+
+    def _split_into_empty(self, centers, empty: np.ndarray, counts: np.ndarray):
+        """Give every empty cluster half of a populated one (the faiss rule).
+
+        A donor is drawn with probability ∝ (its size − 1), so big clusters are split and
+        singletons never are; the empty centre becomes a copy of the donor's, and the two copies
+        are pushed apart by a relative ±1/1024 on alternating signs, so the next assignment divides
+        the donor's rows between them. Measured against re-seeding with random rows: lower final
+        inertia (a random row mostly lands inside a cluster that already has a centre). A donor
+        drawn m times is split m + 1 ways with independent sign patterns. Deterministic from the
+        seed and the pass number (the same draws on every process)."""
+        rng = np.random.default_rng([self.seed, self.passes_done])
+        weight = np.maximum(counts.astype(np.float64) - 1.0, 0.0)
+        if weight.sum() == 0:               # every cluster is a singleton or empty: nothing to split
+            return centers
+        donors = rng.choice(self.k, size=len(empty), p=weight / weight.sum())
+        rows = _to_host(self._take(centers, jnp.asarray(donors, jnp.int32)))
+        signs = np.where(rng.random((len(empty), self.dim)) < 0.5, -1.0, 1.0).astype(np.float32)
+        copies = rows * (1.0 + SPLIT_EPS * signs)
+        # Each donor moves opposite to its first copy.
+        first = np.unique(donors, return_index=True)[1]
+        donor_rows = rows[first] * (1.0 - SPLIT_EPS * signs[first])
+        idx = np.concatenate([empty, donors[first]]).astype(np.int32)
+        return self._reseed(centers, jnp.asarray(idx), jnp.asarray(np.concatenate([copies, donor_rows])))
 
     def fit(self, feats, passes: int = 20, init: str = "random") -> "MeshKMeans":
         """``passes`` Lloyd iterations from ``init`` (``random`` | ``kmeans++`` | ``given``), resuming
