@@ -19,7 +19,7 @@ loss solves (``docs/design.md §5``), so clustering uses the same layout:
   running sums / counts, so the Lloyd update needs no communication at all.
 
 Lloyd iterations stream the features once per pass. An empty cluster takes
-half of a large one (donor drawn ∝ size, the two copies pushed apart by
+half of a populated one (donor drawn ∝ its squared error, the copies pushed apart by
 ±1/1024; deterministic from the seed and pass).
 ``metric="cosine"`` is spherical k-means (unit rows, centres re-normalised;
 score = cosine); ``"euclidean"`` minimises squared distance (score =
@@ -117,21 +117,23 @@ def _topk_shard(c_s, x_s, valid_s, *, axis, k_real, metric, topk):
     return best, jnp.take_along_axis(idxs, pos, axis=1)
 
 
-def _accumulate_shard(c_s, sums_s, counts_s, x_s, valid_s, *, axis, k_real, metric, block):
+def _accumulate_shard(c_s, sums_s, counts_s, sse_s, x_s, valid_s, *, axis, k_real, metric, block):
     x, valid, best, arg, offset = _nearest_shard(c_s, x_s, valid_s, axis=axis, k_real=k_real, metric=metric,
                                                  block=block)
     ks = c_s.shape[0]
     mine = valid & (arg >= offset) & (arg < offset + ks)
     local = jnp.where(mine, arg - offset, ks)  # ks = "not mine": dropped by the scatters
+    d2 = _sq_dist(x, best, valid, metric)
     sums_s = sums_s.at[local].add(x, mode="drop")
     counts_s = counts_s.at[local].add(1, mode="drop")
-    return sums_s, counts_s, _inertia(x, best, valid, metric), jnp.where(valid, arg, -1)
+    sse_s = sse_s.at[local].add(d2, mode="drop")
+    return sums_s, counts_s, sse_s, jnp.sum(d2), jnp.where(valid, arg, -1)
 
 
-def _inertia(x, best, valid, metric):
-    """Sum of squared distances of the valid rows to their nearest centre (unit centres for cosine)."""
+def _sq_dist(x, best, valid, metric):
+    """Squared distance of every valid row to its nearest centre (unit centres for cosine); 0 if invalid."""
     d2 = 2.0 - 2.0 * best if metric == "cosine" else jnp.sum(x * x, axis=-1) - best
-    return jnp.sum(jnp.where(valid, jnp.maximum(d2, 0.0), 0.0))
+    return jnp.where(valid, jnp.maximum(d2, 0.0), 0.0)
 
 
 def _max_over_processes(v: int) -> int:
@@ -202,8 +204,8 @@ class MeshKMeans:
         shard_map = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
         rows, vec = P(ALL_AXES, None), P(ALL_AXES)
         self._accumulate = jax.jit(shard_map(
-            functools.partial(_accumulate_shard, **kw), in_specs=(rows, rows, vec, rows, vec),
-            out_specs=(rows, vec, P(), P())), donate_argnums=(1, 2))
+            functools.partial(_accumulate_shard, **kw), in_specs=(rows, rows, vec, vec, rows, vec),
+            out_specs=(rows, vec, vec, P(), P())), donate_argnums=(1, 2, 3))
         # The Lloyd update, shard-local: mean of the assigned rows (an empty cluster keeps its centre
         # until re-seeded), re-seeding, re-normalising.
         self._mean = jax.jit(lambda s, c, old: jnp.where((c > 0)[:, None], s / jnp.maximum(c, 1)[:, None], old),
@@ -219,7 +221,8 @@ class MeshKMeans:
     def _zeros(self):
         sums = jax.device_put(np.zeros((self.k_pad, self.dim), np.float32), self.row_sharding)
         counts = jax.device_put(np.zeros((self.k_pad,), np.int32), self.vec_sharding)
-        return sums, counts
+        sse = jax.device_put(np.zeros((self.k_pad,), np.float32), self.vec_sharding)
+        return sums, counts, sse
 
     def set_centers(self, centers: np.ndarray) -> None:
         """Initial (or given) centres ``[K, D]``; rows are placed shard by shard."""
@@ -278,40 +281,43 @@ class MeshKMeans:
 
     def lloyd_pass(self, feats) -> float:
         """One assignment sweep over ``feats`` + the centre update; returns the sweep's inertia."""
-        sums, counts = self._zeros()
+        sums, counts, sse = self._zeros()
         inertia = 0.0
         for _, x, valid, _ in self._batches(feats):
-            sums, counts, part, _ = self._accumulate(self.centers, sums, counts, x, valid)
+            sums, counts, sse, part, _ = self._accumulate(self.centers, sums, counts, sse, x, valid)
             # Fetching the partial inertia also bounds the dispatch queue to one step: on XLA:CPU a
             # deep queue of collective programs can starve one emulated device past the 40 s
             # rendezvous timeout (measured: the process aborts at 1M x 256, K = 10K, 8 devices).
             inertia += float(part)
-        self.centers = self._update(sums, counts, feats)
+        self.centers = self._update(sums, counts, sse)
         self.passes_done += 1
         return inertia
 
-    def _update(self, sums, counts, feats):
+    def _update(self, sums, counts, sse):
         counts_host = _to_host(counts)[: self.k]
         new = self._mean(sums, counts, self.centers)
         empty = np.nonzero(counts_host == 0)[0]
         if len(empty):
-            new = self._split_into_empty(new, empty, counts_host)
+            # Donors: clusters of >= 2 rows, drawn in proportion to their squared-error sum.
+            weight = np.where(counts_host >= 2, _to_host(sse)[: self.k].astype(np.float64), 0.0)
+            new = self._split_into_empty(new, empty, weight)
             self.log(f"[kmeans] pass {self.passes_done + 1}: {len(empty)} empty cluster(s) filled by "
                      f"splitting large ones")
         return self._normalize(new) if self.metric == "cosine" else new
 
-    def _split_into_empty(self, centers, empty: np.ndarray, counts: np.ndarray):
-        """Give every empty cluster half of a populated one (the faiss rule).
+    def _split_into_empty(self, centers, empty: np.ndarray, weight: np.ndarray):
+        """Give every empty cluster half of a populated one.
 
-        A donor is drawn with probability ∝ (its size − 1), so big clusters are split and
-        singletons never are; the empty centre becomes a copy of the donor's, and the two copies
-        are pushed apart by a relative ±1/1024 on alternating signs, so the next assignment divides
-        the donor's rows between them. Measured against re-seeding with random rows: lower final
-        inertia (a random row mostly lands inside a cluster that already has a centre). A donor
-        drawn m times is split m + 1 ways with independent sign patterns. Deterministic from the
-        seed and the pass number (the same draws on every process)."""
+        As faiss, the empty centre becomes a copy of a donor's and the two copies are pushed
+        apart by a relative ±1/1024 (random signs per coordinate), so the next assignment divides
+        the donor's rows between them. Unlike faiss (donor ∝ size − 1), a donor is drawn in
+        proportion to ``weight``, its squared-error sum: splitting where the error is lowers the
+        inertia most. Measured at 300K x 128, K = 6000, 5 passes, seeds 0-2: final inertia / faiss
+        0.99923, 0.99996, 0.99999 (size-weighted: 1.00001, 0.99998, 0.99997); random-row
+        re-seeding was 1.0003-1.0004 (a random row mostly lands in a cluster that already has a
+        centre). A donor drawn m times is split m + 1 ways. Deterministic from the seed and the
+        pass number (the same draws on every process)."""
         rng = np.random.default_rng([self.seed, self.passes_done])
-        weight = np.maximum(counts.astype(np.float64) - 1.0, 0.0)
         if weight.sum() == 0:               # every cluster is a singleton or empty: nothing to split
             return centers
         donors = rng.choice(self.k, size=len(empty), p=weight / weight.sum())
@@ -501,7 +507,8 @@ def compiled_memory_per_device(k: int, dim: int, batch_size: int, mesh=None) -> 
     rows = lambda n: jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=km.row_sharding)
     vec = lambda n, dt: jax.ShapeDtypeStruct((n,), dt, sharding=km.vec_sharding)
     b = km.batch_size
-    mem = km._accumulate.lower(rows(km.k_pad), rows(km.k_pad), vec(km.k_pad, jnp.int32), rows(b),
+    mem = km._accumulate.lower(rows(km.k_pad), rows(km.k_pad), vec(km.k_pad, jnp.int32), vec(km.k_pad, jnp.float32),
+                               rows(b),
                                vec(b, jnp.bool_)).compile().memory_analysis()
     return {"argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
             "output_bytes": int(mem.output_size_in_bytes),

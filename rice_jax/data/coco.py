@@ -34,20 +34,32 @@ class ImportStats(collections.Counter):
         return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "nothing"
 
 
+def open_image(data: bytes, name: str, stats: ImportStats) -> Optional[Image.Image]:
+    """The fully decoded image (format kept in ``.format``), or None (counted) when corrupt.
+
+    A full decode, not just the header: truncated files often fail only when their pixels
+    are read."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception:  # noqa: BLE001 - any decoder failure means a corrupt image
+        stats["skipped_corrupt_image"] += 1
+        return None
+    if not im.format:
+        im.format = Path(name).suffix.lstrip(".").upper() or "PNG"
+    return im
+
+
 def _read_image(path: Path, stats: ImportStats) -> Optional[tuple[bytes, str, int, int]]:
     """Bytes as found + format + decoded size, or None (counted) when missing or corrupt."""
     if not path.exists():
         stats["skipped_missing_file"] += 1
         return None
     data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()  # full decode: catches truncated files that only fail on read
-            fmt, (w, h) = (im.format or path.suffix.lstrip(".")).lower(), im.size
-    except Exception:  # noqa: BLE001 - any decoder failure means a corrupt image
-        stats["skipped_corrupt_image"] += 1
+    im = open_image(data, path.name, stats)
+    if im is None:
         return None
-    return data, fmt, h, w
+    return data, im.format.lower(), im.height, im.width
 
 
 def clean_box_xywh(bbox, width: int, height: int, min_short_edge: float, stats: ImportStats, what: str):

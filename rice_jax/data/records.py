@@ -152,25 +152,68 @@ def write_records(records: Iterable[RegionRecord], out_dir: str | os.PathLike, *
     """Write records round-robin into ``num_shards`` ArrayRecord files and a manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    names = [shard_name(prefix, i, num_shards) for i in range(num_shards)]
     writers = [_writer(out / n) for n in names]
-    counts = [0] * num_shards
-    n_img = n_obj = n_txt = 0
+    totals = RegionCounts()
     for i, rec in enumerate(records):
         validate(rec, f"record {i} ({rec.image_id})")
         writers[i % num_shards].write(encode(rec))
-        counts[i % num_shards] += 1
-        n_img += 1
-        n_obj += int((rec.kind == KIND_OBJECT).sum())
-        n_txt += int((rec.kind == KIND_TEXT).sum())
+        totals.add(rec, shard=i % num_shards, num_shards=num_shards)
     for w in writers:
         w.close()
-    manifest = {"schema_version": SCHEMA_VERSION, "shards": names, "shard_counts": counts,
-                "num_images": n_img, "num_object_regions": n_obj, "num_text_regions": n_txt,
-                "tokenizer": None, "num_clusters": None}
-    manifest.update(manifest_extra or {})
+    manifest = make_manifest(names, totals.shard_counts or [0] * num_shards, totals, manifest_extra)
     write_manifest(out, manifest)
     return manifest
+
+
+def shard_name(prefix: str, index: int, num_shards: int) -> str:
+    return f"{prefix}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+@dataclasses.dataclass
+class RegionCounts:
+    """Images / object regions / text regions written (per shard and in total)."""
+    images: int = 0
+    objects: int = 0
+    texts: int = 0
+    shard_counts: list = dataclasses.field(default_factory=list)
+
+    def add(self, rec: RegionRecord, shard: int = 0, num_shards: int = 1) -> None:
+        if len(self.shard_counts) < num_shards:
+            self.shard_counts += [0] * (num_shards - len(self.shard_counts))
+        self.shard_counts[shard] += 1
+        self.images += 1
+        self.objects += int((rec.kind == KIND_OBJECT).sum())
+        self.texts += int((rec.kind == KIND_TEXT).sum())
+
+
+def make_manifest(names: list[str], shard_counts: list[int], totals: "RegionCounts",
+                  extra: dict | None = None) -> dict:
+    manifest = {"schema_version": SCHEMA_VERSION, "shards": list(names), "shard_counts": list(shard_counts),
+                "num_images": totals.images, "num_object_regions": totals.objects,
+                "num_text_regions": totals.texts, "tokenizer": None, "num_clusters": None}
+    manifest.update(extra or {})
+    return manifest
+
+
+def write_shard_atomic(records: Iterable[RegionRecord], path: str | os.PathLike) -> RegionCounts:
+    """All of ``records`` into one ArrayRecord file that appears only once complete.
+
+    Written under a temporary name in the same folder and renamed, so a crash leaves either
+    no shard or a whole one (a resumable job can trust any shard it finds)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    counts = RegionCounts()
+    writer = _writer(tmp)
+    try:
+        for i, rec in enumerate(records):
+            validate(rec, f"{path.name}: record {i} ({rec.image_id})")
+            writer.write(encode(rec))
+            counts.add(rec)
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return counts
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -304,6 +347,20 @@ class RecordSource:
     def __iter__(self) -> Iterator[RegionRecord]:
         for i in range(len(self)):
             yield self[i]
+
+
+def read_shard(path: str | os.PathLike, chunk: int = 64) -> Iterator[RegionRecord]:
+    """Every record of one shard file, in order (decoded and validated; errors name file:index)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        n = int(reader.num_records())
+        for start in range(0, n, chunk):
+            for i, raw in enumerate(reader.read(list(range(start, min(n, start + chunk))))):
+                yield decode(raw, f"{path}:{start + i}")
+    finally:
+        reader.close()
 
 
 def validate_dataset(data_dir: str | os.PathLike) -> dict:

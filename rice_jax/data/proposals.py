@@ -1,0 +1,313 @@
+"""Object proposals for region mining: image -> scored xyxy boxes.
+
+The paper mines object regions with SAM (boxes of its automatic masks, short
+edge >= 128 px). Two proposers implement one contract, ``proposer(image) ->
+(boxes [N, 4] float32 xyxy pixels, scores [N] float32)``, best first, already
+deduplicated (box NMS), clipped to the image and filtered by size:
+
+- :class:`Felzenszwalb` — weight-free and the default: graph-based segments
+  (scikit-image) at several scales, plus the union of every pair of adjacent
+  segments (one step of selective-search grouping, which joins an object's
+  outline to its inside and a textured object's stripes), ranked by how much of
+  its box a region fills. Works out of the box, so tests and the quickstart mine
+  real proposals without weights.
+- :class:`Sam` — Segment Anything through ``transformers`` (``SamModel`` or
+  ``Sam2Model`` from a local directory): a grid of point prompts over one image
+  embedding, masks kept by predicted IoU and stability, box of each mask taken
+  from the low-resolution mask logits (no upsampling to the full image: ~5x
+  faster on CPU, box error below one low-res cell), NMS, top-k. No torchvision
+  (the index's wheel is CUDA-linked and does not load with the CPU torch), so
+  preprocessing and NMS are our own.
+
+``parse("felzenszwalb")``, ``parse("felzenszwalb:scales=100+400,max=24")``,
+``parse("sam:/path/to/sam-vit-base")``, ``parse("none")`` build them from the
+command line's ``--proposals`` value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------- boxes
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix ``[len(a), len(b)]`` of xyxy boxes."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, max_keep: Optional[int] = None) -> np.ndarray:
+    """Indices kept by greedy non-maximum suppression, best score first.
+
+    Ties in score keep the earlier box (stable sort), so the result is deterministic."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    keep: list[int] = []
+    boxes = np.asarray(boxes, np.float64)
+    while order.size and (max_keep is None or len(keep) < max_keep):
+        i = int(order[0])
+        keep.append(i)
+        if order.size == 1:
+            break
+        overlap = box_iou(boxes[i:i + 1], boxes[order[1:]])[0]
+        order = order[1:][overlap <= iou]
+    return np.asarray(keep, np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxFilter:
+    """Size rules every proposer applies before NMS (pixels of the original image)."""
+    min_short_edge: float = 0.0       # paper: 128 px on >= 336 px images
+    max_area_frac: float = 0.9        # a box covering (almost) the whole image is background, not a region
+    nms_iou: float = 0.7
+    max_per_image: int = 16
+
+    def __call__(self, boxes: np.ndarray, scores: np.ndarray, width: int, height: int):
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        ok = (w > 0) & (h > 0) & (np.minimum(w, h) >= self.min_short_edge) \
+            & (w * h <= self.max_area_frac * width * height)
+        boxes, scores = boxes[ok], scores[ok]
+        keep = nms(boxes, scores, self.nms_iou, self.max_per_image)
+        return boxes[keep].reshape(-1, 4), scores[keep]
+
+
+# ----------------------------------------------------------------------------- Felzenszwalb
+@dataclasses.dataclass(frozen=True)
+class Felzenszwalb:
+    """Multi-scale graph segments + adjacent-pair unions, ranked by fill (region area / box area).
+
+    ``work_size``: images are segmented with their long side at most this many pixels (boxes
+    are mapped back), so the cost per image is bounded on large photos. ``min_segment_frac``:
+    segments smaller than this share of the (working) image are merged into a neighbour by the
+    segmenter itself (its ``min_size``)."""
+    scales: tuple[float, ...] = (60.0, 200.0, 600.0)
+    sigma: float = 0.8
+    min_segment_frac: float = 0.002
+    work_size: int = 512
+    pairs: bool = True
+    filter: BoxFilter = BoxFilter()
+
+    def __call__(self, image: np.ndarray):
+        from scipy import ndimage
+        from skimage.segmentation import felzenszwalb
+
+        h, w = image.shape[:2]
+        f = min(1.0, self.work_size / max(h, w))
+        work = image if f == 1.0 else _resize(image, f)
+        wh, ww = work.shape[:2]
+        min_size = max(4, int(self.min_segment_frac * wh * ww))
+        boxes, scores = [], []
+        for scale in self.scales:
+            seg = felzenszwalb(work, scale=scale, sigma=self.sigma, min_size=min_size)
+            n = int(seg.max()) + 1
+            area = np.bincount(seg.ravel(), minlength=n).astype(np.float64)
+            slices = ndimage.find_objects(seg + 1, max_label=n)
+            seg_boxes = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], np.float64)
+            boxes.append(seg_boxes)
+            scores.append(area / _area(seg_boxes))
+            if self.pairs and n > 1:
+                a, b = _adjacent_pairs(seg)
+                union = np.concatenate([np.minimum(seg_boxes[a, :2], seg_boxes[b, :2]),
+                                        np.maximum(seg_boxes[a, 2:], seg_boxes[b, 2:])], axis=1)
+                boxes.append(union)
+                scores.append((area[a] + area[b]) / _area(union))
+        boxes = np.concatenate(boxes) / f
+        return self.filter(boxes, np.concatenate(scores), w, h)
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    return np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1.0)
+
+
+def _adjacent_pairs(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique unordered pairs of segment labels that touch (4-neighbourhood)."""
+    pairs = np.concatenate([
+        np.stack([seg[:, :-1].ravel(), seg[:, 1:].ravel()], 1),
+        np.stack([seg[:-1, :].ravel(), seg[1:, :].ravel()], 1)])
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def _resize(image: np.ndarray, f: float) -> np.ndarray:
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+# ----------------------------------------------------------------------------- SAM
+@dataclasses.dataclass(frozen=True)
+class SamSettings:
+    points_per_side: int = 16         # grid of point prompts (SAM's automatic generator: 32)
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88     # SAM's automatic-mask-generator defaults
+    stability_thresh: float = 0.95
+    stability_offset: float = 1.0
+    filter: BoxFilter = BoxFilter()
+
+
+class Sam:
+    """Segment Anything (``SamModel`` / ``Sam2Model``) from a local ``transformers`` directory.
+
+    One image embedding per image, then the point grid in batches; each point gives the
+    multimask outputs; a mask is kept when its predicted IoU and its stability score (IoU of the
+    mask thresholded at ±offset in logit space) pass the thresholds. Boxes come from the
+    low-resolution logits (> 0), mapped from the model's input frame back to image pixels.
+    Deterministic: CPU inference in eval mode, no sampling."""
+
+    def __init__(self, model_dir: str, settings: SamSettings = SamSettings(), device: str = "cpu"):
+        import torch
+        from transformers import AutoConfig
+
+        self.settings, self.device = settings, device
+        path = Path(model_dir)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}/config.json not found: --proposals sam:DIR needs a local "
+                                    "transformers SAM directory (save_pretrained of SamModel or Sam2Model)")
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+        self.kind = cfg.model_type
+        if self.kind == "sam":
+            from transformers import SamModel as cls
+        elif self.kind == "sam2":
+            from transformers import Sam2Model as cls
+        else:
+            raise ValueError(f"{path}: model_type {cfg.model_type!r} is not a SAM model (sam or sam2)")
+        self.model = cls.from_pretrained(path, local_files_only=True).eval().to(device)
+        self.input_size = int(cfg.vision_config.image_size if self.kind == "sam" else
+                              getattr(cfg.vision_config, "image_size", 1024))
+        pre = path / "preprocessor_config.json"
+        p = json.loads(pre.read_text()) if pre.exists() else {}
+        self.mean = np.asarray(p.get("image_mean", [0.485, 0.456, 0.406]), np.float32)
+        self.std = np.asarray(p.get("image_std", [0.229, 0.224, 0.225]), np.float32)
+        self.torch = torch
+
+    def _preprocess(self, image: np.ndarray):
+        """SAM: long side -> input size, pad bottom/right; SAM 2: resize to the square input."""
+        from PIL import Image
+
+        h, w = image.shape[:2]
+        s = self.input_size
+        if self.kind == "sam":
+            f = s / max(h, w)
+            nw, nh = max(1, round(w * f)), max(1, round(h * f))
+            fx = fy = f
+        else:
+            nw = nh = s
+            fx, fy = s / w, s / h
+        arr = np.asarray(Image.fromarray(image).convert("RGB").resize((nw, nh), Image.BILINEAR), np.float32) / 255.0
+        arr = (arr - self.mean) / self.std
+        canvas = np.zeros((s, s, 3), np.float32)
+        canvas[:nh, :nw] = arr
+        return canvas.transpose(2, 0, 1)[None], fx, fy, nw, nh
+
+    def __call__(self, image: np.ndarray):
+        torch, st = self.torch, self.settings
+        h, w = image.shape[:2]
+        pixels, fx, fy, nw, nh = self._preprocess(image)
+        n = st.points_per_side
+        # Grid cell centres over the resized (unpadded) image, in the model's input frame.
+        gx, gy = np.meshgrid((np.arange(n) + 0.5) / n * nw, (np.arange(n) + 0.5) / n * nh)
+        points = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
+        boxes, scores = [], []
+        with torch.inference_mode():
+            emb = self.model.get_image_embeddings(torch.from_numpy(pixels).to(self.device))
+            for i in range(0, len(points), st.points_per_batch):
+                pts = torch.from_numpy(points[i:i + st.points_per_batch])[None, :, None, :].to(self.device)
+                kw = dict(image_embeddings=emb, input_points=pts, multimask_output=True)
+                if self.kind == "sam2":
+                    kw["input_labels"] = torch.ones(pts.shape[:3], dtype=torch.int64)
+                out = self.model(**kw)
+                logits = out.pred_masks[0].float().cpu().numpy()       # [P, M, r, r] over the input frame
+                iou = out.iou_scores[0].float().cpu().numpy()          # [P, M]
+                b, s = self._boxes_from_logits(logits.reshape(-1, *logits.shape[-2:]), iou.reshape(-1))
+                boxes.append(b), scores.append(s)
+        boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
+        scores = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+        boxes = boxes * np.array([1 / fx, 1 / fy, 1 / fx, 1 / fy], np.float32)
+        return st.filter(boxes, scores, w, h)
+
+    def _boxes_from_logits(self, logits: np.ndarray, iou: np.ndarray):
+        st = self.settings
+        hi = (logits > st.stability_offset).sum((1, 2))
+        lo = (logits > -st.stability_offset).sum((1, 2))
+        stability = hi / np.maximum(lo, 1)
+        keep = (iou >= st.pred_iou_thresh) & (stability >= st.stability_thresh) & (hi > 0)
+        masks = logits[keep] > 0
+        cell = self.input_size / logits.shape[-1]                     # input pixels per low-res cell
+        rows, cols = masks.any(2), masks.any(1)
+        out = np.zeros((len(masks), 4), np.float32)
+        for j in range(len(masks)):
+            ys, xs = np.nonzero(rows[j])[0], np.nonzero(cols[j])[0]
+            if len(ys) and len(xs):
+                out[j] = [xs[0] * cell, ys[0] * cell, (xs[-1] + 1) * cell, (ys[-1] + 1) * cell]
+        return out, (iou[keep] * stability[keep]).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- parsing
+class NoProposals:
+    """``--proposals none``: keep the input's existing regions (e.g. add OCR to a COCO import)."""
+
+    def __call__(self, image: np.ndarray):
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+
+
+def _options(text: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        if "=" not in item:
+            raise ValueError(f"proposer option {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def parse(spec: str, *, min_short_edge: float = 0.0, max_per_image: int = 16, nms_iou: float = 0.7):
+    """``felzenszwalb[:scales=A+B+C,sigma=S,pairs=0|1,work=PX]`` | ``sam:DIR[,points=N,iou=T,stability=T]``
+    | ``none``. Size rules (short edge, top-k, NMS IoU) are shared by all proposers."""
+    name, _, rest = spec.partition(":")
+    box_filter = BoxFilter(min_short_edge=min_short_edge, max_per_image=max_per_image, nms_iou=nms_iou)
+    if name == "none":
+        return NoProposals()
+    if name == "felzenszwalb":
+        o = _options(rest)
+        kw = {}
+        if "scales" in o:
+            kw["scales"] = tuple(float(s) for s in o.pop("scales").split("+"))
+        if "sigma" in o:
+            kw["sigma"] = float(o.pop("sigma"))
+        if "pairs" in o:
+            kw["pairs"] = o.pop("pairs") not in ("0", "false", "no")
+        if "work" in o:
+            kw["work_size"] = int(o.pop("work"))
+        if o:
+            raise ValueError(f"felzenszwalb: unknown option(s) {sorted(o)} (scales, sigma, pairs, work)")
+        return Felzenszwalb(filter=box_filter, **kw)
+    if name == "sam":
+        model_dir, _, opts = rest.partition(",")
+        if not model_dir:
+            raise ValueError("sam needs a directory: --proposals sam:/path/to/local/sam (transformers format)")
+        o = _options(opts)
+        kw = {}
+        for key, field, typ in (("points", "points_per_side", int), ("iou", "pred_iou_thresh", float),
+                                ("stability", "stability_thresh", float), ("batch", "points_per_batch", int)):
+            if key in o:
+                kw[field] = typ(o.pop(key))
+        if o:
+            raise ValueError(f"sam: unknown option(s) {sorted(o)} (points, iou, stability, batch)")
+        return Sam(model_dir, SamSettings(filter=box_filter, **kw))
+    raise ValueError(f"--proposals {spec!r}: use felzenszwalb[:options], sam:DIR[,options] or none")
