@@ -7,6 +7,7 @@ and, for the mesh k-means, per-device compiled memory at K = 1M (abstract shapes
 allocated) on 2 and 8 devices, plus the projection to the paper's 2B x 1M.
 
     python -m benchmarks.kmeans                 # 1M x 256, K = 10K, 5 passes (several minutes)
+    python -m benchmarks.kmeans --sweep         # final inertia vs faiss over seeds, 300K x 128, K = 6000
     python -m benchmarks.kmeans --smoke
 """
 from __future__ import annotations
@@ -73,14 +74,37 @@ def run_sklearn(x, k, passes, seed):
     return (time.perf_counter() - t) / passes, km.cluster_centers_
 
 
+def sweep(n: int, d: int, k: int, passes: int, seeds: int, smoke: bool) -> dict:
+    """Final inertia of the mesh k-means / faiss-cpu's over seeds (features, init and splits all
+    change with the seed): one run's ratio is one draw of two trajectories that diverge at the
+    first empty-cluster split, so the comparison is the distribution."""
+    ratios = []
+    for seed in range(seeds):
+        x = features(n, d, hidden=max(k // 2, 2), seed=seed)
+        _, cj = run_jax(x, k, passes, seed, devices=1)
+        try:
+            _, cf = run_faiss(x, k, passes, seed)
+        except ImportError as e:
+            return {"skipped": f"not installed ({e.name})"}
+        ratios.append(sphere_inertia(x, cj) / sphere_inertia(x, cf))
+        print(f"[kmeans sweep] seed {seed}: inertia jax / faiss = {ratios[-1]:.6f}", flush=True)
+    return report("kmeans_sweep" if not smoke else "kmeans_sweep_smoke", {
+        "N": n, "D": d, "K": k, "passes": passes, "seeds": seeds, "inertia_ratio_jax_over_faiss": ratios,
+        "mean": float(np.mean(ratios)), "max": float(np.max(ratios))}, write=not smoke)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="inertia vs faiss over several seeds (smaller size)")
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--k", type=int, default=10_000)
     ap.add_argument("--passes", type=int, default=5)
     a = ap.parse_args(argv)
+    if a.sweep:
+        return sweep(*((20_000, 32, 100, 2, 2) if a.smoke else (300_000, 128, 6000, 5, a.seeds)), smoke=a.smoke)
     import jax
 
     from rice_jax import perf, sharding

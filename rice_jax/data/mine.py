@@ -272,6 +272,10 @@ def _run_ray(pending: list[Unit], n: int, out: str, settings: MiningSettings, *,
              workers: int, gpus_per_unit: float, progress):
     # Ray's usage-statistics reporting would contact a server: off before Ray loads.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import warnings
+
+    # Ray Data reads its own deprecated settings when its context is created (not ours to fix).
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     try:
         import ray
     except ImportError as e:
@@ -330,7 +334,13 @@ def mine(out: str, *, images: Optional[str] = None, records_dir: Optional[str] =
     _check_plan(out, units, settings, {k: v for k, v in source.items() if v is not None})
     n = len(units)
     pending = [u for u in units if not unit_files(out, u, n)[1].exists()]
-    print(f"[mine] {n} unit(s), {n - len(pending)} already done; proposals={settings.proposals} "
+    # Partial shards of units that were in flight when an earlier run died: never published
+    # (no stats file), so removing them loses nothing.
+    stale = [t for u in pending for t in out.glob(f".{unit_files(out, u, n)[0].name}.tmp-*")]
+    for t in stale:
+        t.unlink()
+    print(f"[mine] {n} unit(s), {n - len(pending)} already done"
+          f"{f' ({len(stale)} partial shard(s) of interrupted units removed)' if stale else ''}; proposals={settings.proposals} "
           f"ocr={settings.ocr} engine={engine} workers={workers}", flush=True)
     bar = None
     if show_progress and pending:
@@ -420,7 +430,7 @@ def main(argv=None):
                               min_box_short_edge=a.min_box_short_edge, max_proposals=a.max_proposals,
                               nms_iou=a.nms_iou, ocr_min_confidence=a.ocr_min_confidence,
                               keep_input_regions=not a.drop_input_regions)
-    mine(a.out, images=a.images, records_dir=a.records, tar=a.tar, settings=settings, engine=a.engine,
+    return mine(a.out, images=a.images, records_dir=a.records, tar=a.tar, settings=settings, engine=a.engine,
          workers=a.workers, images_per_unit=a.images_per_unit, ray_address=a.ray_address,
          ray_gpus_per_unit=a.ray_gpus_per_unit)
 

@@ -80,15 +80,16 @@ class RapidOCR:
         except ImportError as e:
             raise ImportError("--ocr rapidocr needs rapidocr-onnxruntime (installed by launch/_venv.sh; "
                               "see requirements-nodeps.txt)") from e
-        kw = {}
+        # The engine's own score filter (text_score, default 0.5) must not be stricter than ours.
+        kw = {"text_score": min(0.5, float(min_confidence))}
         if threads:
-            kw = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            kw.update(intra_op_num_threads=threads, inter_op_num_threads=1)
         self.engine = Engine(**kw)
         self.min_confidence = min_confidence
 
     def __call__(self, image: np.ndarray, key: str, stats) -> list[TextRegion]:
         result, _ = self.engine(np.ascontiguousarray(image[:, :, ::-1]))
-        return _regions(((p, t, s) for p, t, s in (result or [])), self.min_confidence, stats)
+        return _regions(((r[0], r[1], r[2]) for r in (result or [])), self.min_confidence, stats)
 
 
 class PaddleResults:

@@ -6,11 +6,12 @@ edge >= 128 px). Two proposers implement one contract, ``proposer(image) ->
 deduplicated (box NMS), clipped to the image and filtered by size:
 
 - :class:`Felzenszwalb` — weight-free and the default: graph-based segments
-  (scikit-image) at several scales, plus the union of every pair of adjacent
-  segments (one step of selective-search grouping, which joins an object's
-  outline to its inside and a textured object's stripes), ranked by how much of
-  its box a region fills. Works out of the box, so tests and the quickstart mine
-  real proposals without weights.
+  (scikit-image) at three scales, plus the union of every pair of touching
+  segments (one step of selective-search grouping: it joins an object's outline
+  to its inside, a textured object's stripes), ranked by how many scales
+  reproduce the box (objects are stable across scales; texture and noise are
+  not). Works out of the box, so tests and the quickstart mine real proposals
+  without weights.
 - :class:`Sam` — Segment Anything through ``transformers`` (``SamModel`` or
   ``Sam2Model`` from a local directory): a grid of point prompts over one image
   embedding, masks kept by predicted IoU and stability, box of each mask taken
@@ -19,7 +20,7 @@ deduplicated (box NMS), clipped to the image and filtered by size:
   (the index's wheel is CUDA-linked and does not load with the CPU torch), so
   preprocessing and NMS are our own.
 
-``parse("felzenszwalb")``, ``parse("felzenszwalb:scales=100+400,max=24")``,
+``parse("felzenszwalb")``, ``parse("felzenszwalb:scales=100+400,sigma=0.5")``,
 ``parse("sam:/path/to/sam-vit-base")``, ``parse("none")`` build them from the
 command line's ``--proposals`` value.
 """
@@ -87,17 +88,18 @@ class BoxFilter:
 # ----------------------------------------------------------------------------- Felzenszwalb
 @dataclasses.dataclass(frozen=True)
 class Felzenszwalb:
-    """Multi-scale graph segments + adjacent-pair unions, ranked by fill (region area / box area).
+    """Multi-scale graph segments + adjacent-pair unions, ranked by stability across scales (:func:`_score`).
 
     ``work_size``: images are segmented with their long side at most this many pixels (boxes
     are mapped back), so the cost per image is bounded on large photos. ``min_segment_frac``:
     segments smaller than this share of the (working) image are merged into a neighbour by the
     segmenter itself (its ``min_size``)."""
     scales: tuple[float, ...] = (60.0, 200.0, 600.0)
-    sigma: float = 0.8
+    sigma: float = 0.5
     min_segment_frac: float = 0.002
     work_size: int = 512
     pairs: bool = True
+    min_short_frac: float = 0.1
     filter: BoxFilter = BoxFilter()
 
     def __call__(self, image: np.ndarray):
@@ -109,23 +111,49 @@ class Felzenszwalb:
         work = image if f == 1.0 else _resize(image, f)
         wh, ww = work.shape[:2]
         min_size = max(4, int(self.min_segment_frac * wh * ww))
-        boxes, scores = [], []
-        for scale in self.scales:
+        boxes, fills, scale_of = [], [], []
+        for k, scale in enumerate(self.scales):
             seg = felzenszwalb(work, scale=scale, sigma=self.sigma, min_size=min_size)
             n = int(seg.max()) + 1
             area = np.bincount(seg.ravel(), minlength=n).astype(np.float64)
             slices = ndimage.find_objects(seg + 1, max_label=n)
             seg_boxes = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in slices], np.float64)
             boxes.append(seg_boxes)
-            scores.append(area / _area(seg_boxes))
+            fills.append(area / _area(seg_boxes))
+            scale_of.append(np.full(n, k))
             if self.pairs and n > 1:
                 a, b = _adjacent_pairs(seg)
                 union = np.concatenate([np.minimum(seg_boxes[a, :2], seg_boxes[b, :2]),
                                         np.maximum(seg_boxes[a, 2:], seg_boxes[b, 2:])], axis=1)
                 boxes.append(union)
-                scores.append((area[a] + area[b]) / _area(union))
-        boxes = np.concatenate(boxes) / f
-        return self.filter(boxes, np.concatenate(scores), w, h)
+                fills.append((area[a] + area[b]) / _area(union))
+                scale_of.append(np.full(len(a), k))
+        boxes, fills, scale_of = np.concatenate(boxes), np.concatenate(fills), np.concatenate(scale_of)
+        scores = _score(boxes, fills, scale_of, len(self.scales), wh, ww, self.min_short_frac)
+        return self.filter(boxes / f, scores, w, h)
+
+
+def _score(boxes: np.ndarray, fills: np.ndarray, scale_of: np.ndarray, n_scales: int, h: int, w: int,
+           min_short_frac: float) -> np.ndarray:
+    """Objectness of each candidate box (higher first).
+
+    ``stability`` — in how many of the segmentation scales a box with IoU >= 0.8 to it appears
+    (an object's outline survives changes of scale; noise, texture cells and shadows do not) —
+    dominates; ``fill`` (region pixels / box area) and the relative short edge break ties
+    towards compact, whole objects rather than their parts. Boxes whose short edge is below
+    ``min_short_frac`` of the image's score 0: region training needs regions that survive the
+    resize to the training resolution. Measured (recall at IoU 0.5, top 16, 30 images per seed):
+    ranking by fill alone found 0.13-0.18 of the quickstart's objects, stability 0.78-0.90,
+    stability + fill + size 0.92-0.99 (sigma 0.5; 0.85 on the first generator design's small,
+    occluding objects); shapes drawn on photos 0.98-1.0."""
+    short = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / min(h, w)
+    ok = short >= min_short_frac
+    scores = np.zeros(len(boxes))
+    if ok.any():   # only boxes that pass the size rule need a score (rows), against every box (columns)
+        iou = box_iou(boxes[ok], boxes)
+        stability = sum((iou[:, scale_of == k].max(1, initial=0.0) >= 0.8) for k in range(n_scales))
+        scores[ok] = stability + 0.5 * fills[ok] + short[ok]
+    return scores
 
 
 def _area(b: np.ndarray) -> np.ndarray:
@@ -246,7 +274,8 @@ class Sam:
         hi = (logits > st.stability_offset).sum((1, 2))
         lo = (logits > -st.stability_offset).sum((1, 2))
         stability = hi / np.maximum(lo, 1)
-        keep = (iou >= st.pred_iou_thresh) & (stability >= st.stability_thresh) & (hi > 0)
+        nonempty = (logits > 0).any((1, 2))
+        keep = (iou >= st.pred_iou_thresh) & (stability >= st.stability_thresh) & nonempty
         masks = logits[keep] > 0
         cell = self.input_size / logits.shape[-1]                     # input pixels per low-res cell
         rows, cols = masks.any(2), masks.any(1)
