@@ -120,7 +120,7 @@ def kmeans() -> str:
     if "seconds_per_pass" in j and "seconds_per_pass" in f:
         rows += ["", f"Mesh k-means (1 device) / faiss-cpu time per pass: "
                      f"{j['seconds_per_pass'] / f['seconds_per_pass']:.2f}×; inertia ratio "
-                     f"{j['inertia'] / f['inertia']:.4f}."]
+                     f"{j['inertia'] / f['inertia']:.5f}."]
     sw = _load("kmeans_sweep")
     if sw and "inertia_ratio_jax_over_faiss" in sw:
         rows += ["", f"Final inertia, mesh k-means / faiss-cpu, over {sw['seeds']} seeds at N = {sw['N']:,}, "
@@ -154,9 +154,10 @@ def mining() -> str:
         m = r["methods"].get(key)
         if m:
             ch = p["core_hours"].get(key)
-            rows.append(f"| {label} | {what} | {m['images_per_s']:.3g} | {m['regions_per_image']:.1f} | "
+            regions = "— (random weights)" if key.startswith("sam") else f"{m['regions_per_image']:.1f}"
+            rows.append(f"| {label} | {what} | {m['images_per_s']:.3g} | {regions} | "
                         f"{f'{ch:,.0f}' if ch else '—'} |")
-    rows += ["", f"Projection ({p['assumption']}): Felzenszwalb + RapidOCR on the paper's 400M images ≈ "
+    rows += ["", f"Projection, assuming {p['assumption']}: Felzenszwalb + RapidOCR on the paper's 400M images ≈ "
                  f"{p['felzenszwalb_plus_rapidocr_core_hours']:,.0f} core-hours, e.g. "
                  f"{p['felzenszwalb_plus_rapidocr_core_hours'] / 1000 / 24:,.1f} days on 1,000 cores. SAM belongs on "
                  "GPUs (`--engine ray --ray-gpus-per-unit 1`); its CPU row is here to size that choice, not as a plan."]

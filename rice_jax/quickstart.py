@@ -39,7 +39,9 @@ def _dataset(path: Path, n: int, seed: int, vocab: int):
 
 def _mined_dataset(workdir: Path, path: Path, n: int, seed: int, vocab: int, workers: int) -> None:
     """The raw-images path: the synthetic images saved as plain PNG files (their boxes, words and
-    categories thrown away), then mined (Felzenszwalb proposals + RapidOCR) into ``path``."""
+    categories thrown away), then mined (Felzenszwalb proposals + RapidOCR) into ``path``. OCR
+    reads these small images with its detector at short side 320 instead of 736 (3.6x faster,
+    61 vs 64 of 86 words exact; ``ocr.RapidOCR``)."""
     from rice_jax.data import mine, records, synthetic, tokenizer
 
     raw = workdir / f"raw_images_s{seed}_n{n}"
@@ -50,7 +52,7 @@ def _mined_dataset(workdir: Path, path: Path, n: int, seed: int, vocab: int, wor
             for i, rec in enumerate(synthetic.generate(n, seed)):
                 (raw / f"{i:07d}.png").write_bytes(rec.image)
             done.touch()
-        mine.mine(str(path), images=str(raw), settings=mine.MiningSettings(proposals="felzenszwalb", ocr="rapidocr"),
+        mine.mine(str(path), images=str(raw), settings=mine.MiningSettings(proposals="felzenszwalb", ocr="rapidocr:side=320"),
                   workers=workers, images_per_unit=512)
     if not records.read_manifest(path).get("tokenizer"):
         tokenizer.build_for_dataset(path, vocab_size=vocab)

@@ -132,6 +132,14 @@ def test_proposer_specs_and_size_rules():
         proposals.parse("sam:/nonexistent/sam")
 
 
+def test_sam2_folder_is_refused_with_advice(tmp_path):
+    from transformers import Sam2Config
+
+    Sam2Config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="SAM 2 folders are not supported yet"):
+        proposals.parse(f"sam:{tmp_path}")
+
+
 def _tiny_sam(path, kind="sam"):
     import torch
 
@@ -232,6 +240,10 @@ def test_rapidocr_reads_words_rendered_on_photos():
 def test_transcript_normalisation_and_quads():
     assert ocr.normalize_transcript("  ＨＥＬＬＯ\t wor\nld ") == "HELLO wor ld"
     assert ocr.quad_to_box([[10, 5], [30, 7], [29, 20], [9, 18]]) == (9.0, 5.0, 30.0, 20.0)
+    for bad, msg in (("rapidocr:fast", "side=N"), ("rapidocr:dpi=3", "side=N"), ("tesseract", "use none, rapidocr"),
+                     ("paddle-json:", "needs a path")):
+        with pytest.raises(ValueError, match=msg):
+            ocr.parse(bad)
 
 
 def test_paddle_results_in_both_standard_formats(tmp_path):

@@ -62,7 +62,7 @@ PAPER = {"min_image_short_edge": 336, "min_box_short_edge": 128, "ocr_min_confid
 class MiningSettings:
     """Everything that decides the mined regions (stored in the manifest and the plan)."""
     proposals: str = "felzenszwalb"      # felzenszwalb[:opts] | sam:DIR[,opts] | none
-    ocr: str = "rapidocr"                # rapidocr | paddle-json:PATH | none
+    ocr: str = "rapidocr"                # rapidocr[:side=N] | paddle-json:PATH | none
     min_image_short_edge: int = 0        # skip smaller images (paper: 336)
     min_box_short_edge: float = 0.0      # drop smaller object proposals (paper: 128)
     max_proposals: int = 16              # object proposals kept per image (after NMS)
@@ -410,7 +410,7 @@ def main(argv=None):
     ap.add_argument("--proposals", default=d.proposals,
                     help="felzenszwalb[:scales=A+B+C,sigma=S,pairs=0|1,work=PX] | sam:DIR[,points=N,iou=T,"
                          "stability=T] | none")
-    ap.add_argument("--ocr", default=d.ocr, help="rapidocr | paddle-json:PATH | none")
+    ap.add_argument("--ocr", default=d.ocr, help="rapidocr[:side=N] | paddle-json:PATH | none")
     ap.add_argument("--min-image-short-edge", type=int, default=d.min_image_short_edge,
                     help=f"skip smaller images (paper: {PAPER['min_image_short_edge']})")
     ap.add_argument("--min-box-short-edge", type=float, default=d.min_box_short_edge,

@@ -72,9 +72,13 @@ class RapidOCR:
     """PP-OCRv4 det + rec through ``rapidocr-onnxruntime`` (models inside its wheel; offline).
 
     ``threads``: ONNX Runtime intra-op threads per engine (1 when a process pool already uses
-    every core). Input is RGB; the engine wants OpenCV's BGR order."""
+    every core). ``side``: the detector scales an image so its *short* side is at least this
+    (the engine's default 736). Small images pay for that upscaling: on the quickstart's
+    96-128 px images ``side=320`` read 61 of 86 words exactly at 3.6x the speed of the default
+    (64 of 86); images whose short side is already above ``side`` are read at their own size.
+    Input is RGB; the engine wants OpenCV's BGR order."""
 
-    def __init__(self, min_confidence: float = PAPER_MIN_CONFIDENCE, threads: int = 0):
+    def __init__(self, min_confidence: float = PAPER_MIN_CONFIDENCE, threads: int = 0, side: int = 0):
         try:
             from rapidocr_onnxruntime import RapidOCR as Engine
         except ImportError as e:
@@ -84,6 +88,8 @@ class RapidOCR:
         kw = {"text_score": min(0.5, float(min_confidence))}
         if threads:
             kw.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+        if side:
+            kw.update(det_limit_side_len=int(side))
         self.engine = Engine(**kw)
         self.min_confidence = min_confidence
 
@@ -156,12 +162,15 @@ class PaddleResults:
 
 
 def parse(spec: str, *, min_confidence: float = PAPER_MIN_CONFIDENCE, threads: int = 0):
-    """``none`` | ``rapidocr`` | ``paddle-json:PATH``."""
+    """``none`` | ``rapidocr[:side=N]`` | ``paddle-json:PATH``."""
     name, _, rest = spec.partition(":")
     if name == "none":
         return NoOCR()
     if name == "rapidocr":
-        return RapidOCR(min_confidence, threads=threads)
+        opts = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
+        if set(opts) - {"side"} or (rest and not opts):
+            raise ValueError(f"--ocr {spec!r}: rapidocr takes one option, side=N (e.g. rapidocr:side=320)")
+        return RapidOCR(min_confidence, threads=threads, side=int(opts.get("side", 0)))
     if name == "paddle-json":
         if not rest:
             raise ValueError("paddle-json needs a path: --ocr paddle-json:/path/to/results")

@@ -12,8 +12,8 @@ deduplicated (box NMS), clipped to the image and filtered by size:
   reproduce the box (objects are stable across scales; texture and noise are
   not). Works out of the box, so tests and the quickstart mine real proposals
   without weights.
-- :class:`Sam` — Segment Anything through ``transformers`` (``SamModel`` or
-  ``Sam2Model`` from a local directory): a grid of point prompts over one image
+- :class:`Sam` — Segment Anything through ``transformers`` (``SamModel`` from a
+  local directory: SAM ViT-B/L/H, SlimSAM, MedSAM...): a grid of point prompts over one image
   embedding, masks kept by predicted IoU and stability, box of each mask taken
   from the low-resolution mask logits (no upsampling to the full image: ~5x
   faster on CPU, box error below one low-res cell), NMS, top-k. No torchvision
@@ -190,7 +190,7 @@ class SamSettings:
 
 
 class Sam:
-    """Segment Anything (``SamModel`` / ``Sam2Model``) from a local ``transformers`` directory.
+    """Segment Anything (``SamModel``) from a local ``transformers`` directory.
 
     One image embedding per image, then the point grid in batches; each point gives the
     multimask outputs; a mask is kept when its predicted IoU and its stability score (IoU of the
@@ -206,18 +206,18 @@ class Sam:
         path = Path(model_dir)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}/config.json not found: --proposals sam:DIR needs a local "
-                                    "transformers SAM directory (save_pretrained of SamModel or Sam2Model)")
+                                    "transformers SAM directory (save_pretrained of a SamModel)")
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         self.kind = cfg.model_type
-        if self.kind == "sam":
-            from transformers import SamModel as cls
-        elif self.kind == "sam2":
-            from transformers import Sam2Model as cls
-        else:
-            raise ValueError(f"{path}: model_type {cfg.model_type!r} is not a SAM model (sam or sam2)")
-        self.model = cls.from_pretrained(path, local_files_only=True).eval().to(device)
-        self.input_size = int(cfg.vision_config.image_size if self.kind == "sam" else
-                              getattr(cfg.vision_config, "image_size", 1024))
+        if self.kind == "sam2":
+            raise ValueError(f"{path}: SAM 2 folders are not supported yet (multi-level image features); use a "
+                             "SamModel folder (SAM ViT-B/L/H, SlimSAM, ...)")
+        if self.kind != "sam":
+            raise ValueError(f"{path}: model_type {cfg.model_type!r} is not a SAM model")
+        from transformers import SamModel
+
+        self.model = SamModel.from_pretrained(path, local_files_only=True).eval().to(device)
+        self.input_size = int(cfg.prompt_encoder_config.image_size)   # the frame of points and masks
         pre = path / "preprocessor_config.json"
         p = json.loads(pre.read_text()) if pre.exists() else {}
         self.mean = np.asarray(p.get("image_mean", [0.485, 0.456, 0.406]), np.float32)
@@ -225,18 +225,14 @@ class Sam:
         self.torch = torch
 
     def _preprocess(self, image: np.ndarray):
-        """SAM: long side -> input size, pad bottom/right; SAM 2: resize to the square input."""
+        """As SAM's processor: long side -> input size, pad bottom/right, normalise."""
         from PIL import Image
 
         h, w = image.shape[:2]
         s = self.input_size
-        if self.kind == "sam":
-            f = s / max(h, w)
-            nw, nh = max(1, round(w * f)), max(1, round(h * f))
-            fx = fy = f
-        else:
-            nw = nh = s
-            fx, fy = s / w, s / h
+        f = s / max(h, w)
+        nw, nh = max(1, round(w * f)), max(1, round(h * f))
+        fx = fy = f
         arr = np.asarray(Image.fromarray(image).convert("RGB").resize((nw, nh), Image.BILINEAR), np.float32) / 255.0
         arr = (arr - self.mean) / self.std
         canvas = np.zeros((s, s, 3), np.float32)
@@ -256,10 +252,7 @@ class Sam:
             emb = self.model.get_image_embeddings(torch.from_numpy(pixels).to(self.device))
             for i in range(0, len(points), st.points_per_batch):
                 pts = torch.from_numpy(points[i:i + st.points_per_batch])[None, :, None, :].to(self.device)
-                kw = dict(image_embeddings=emb, input_points=pts, multimask_output=True)
-                if self.kind == "sam2":
-                    kw["input_labels"] = torch.ones(pts.shape[:3], dtype=torch.int64)
-                out = self.model(**kw)
+                out = self.model(image_embeddings=emb, input_points=pts, multimask_output=True)
                 logits = out.pred_masks[0].float().cpu().numpy()       # [P, M, r, r] over the input frame
                 iou = out.iou_scores[0].float().cpu().numpy()          # [P, M]
                 b, s = self._boxes_from_logits(logits.reshape(-1, *logits.shape[-2:]), iou.reshape(-1))
