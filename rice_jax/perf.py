@@ -40,3 +40,26 @@ def mfu(flops_per_step: float, step_time_s: float, peak_per_device: float) -> fl
     if not flops_per_step or step_time_s <= 0:
         return 0.0
     return flops_per_step / step_time_s / machine_peak(peak_per_device)
+
+
+# Datasheet figures of accelerators a plan targets (``rice_jax.plan``), where nothing can be
+# measured because the chip is not here: bf16 dense peak per chip (FLOP/s) and HBM per chip
+# (bytes). Sources: Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e Trillium,
+# Ironwood tpu7x) and NVIDIA's H100 / H200 SXM datasheets (dense, no sparsity).
+CHIPS = {
+    "v4": {"bf16_flops": 275e12, "hbm_bytes": 32 * 2**30},
+    "v5e": {"bf16_flops": 197e12, "hbm_bytes": 16 * 2**30},
+    "v5p": {"bf16_flops": 459e12, "hbm_bytes": 95 * 2**30},
+    "v6e": {"bf16_flops": 918e12, "hbm_bytes": 32 * 2**30},
+    "tpu7x": {"bf16_flops": 2307e12, "hbm_bytes": 192 * 2**30},
+    "h100": {"bf16_flops": 989e12, "hbm_bytes": 80 * 2**30},
+    "h200": {"bf16_flops": 989e12, "hbm_bytes": 141 * 2**30},
+}
+
+
+def chip(name: str) -> dict:
+    """Datasheet figures of a target chip (``v5p``, ``v5e``, ... or ``h100``); a clear error otherwise."""
+    key = name.lower().split(":")[0]
+    if key not in CHIPS:
+        raise ValueError(f"unknown chip {name!r}: known {sorted(CHIPS)}")
+    return CHIPS[key]

@@ -130,8 +130,10 @@ class Setup:
     num_ocr: int
 
 
-def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, init_centers=None):
-    """Model, centres and optimiser state created inside jit with their final shardings."""
+def abstract_setup(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int):
+    """The train state's shapes, dtypes and shardings and how to create it, without allocating
+    anything: what :func:`init_state` materialises and what ``rice_jax.plan`` compiles for a
+    TPU topology. Returns ``(create, setup)``."""
     tx, sched = make_optimizer(c)
     e = model_cfg.embed_dim or model_cfg.backbone.hidden_size
     multiple = math.lcm(mesh.size, max(c.loss.pad_classes_to, 1))
@@ -153,12 +155,18 @@ def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, init_
 
     abstract = jax.eval_shape(create)
     shardings = sharding.tree_shardings(abstract, mesh, rules=tuple(tuple(r) for r in c.sharding_rules))
-    state = jax.jit(create, out_shardings=shardings)()
     graphdef = nnx.split(nnx.eval_shape(lambda: RICEModel(model_cfg, rngs=nnx.Rngs(0))))[0]
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return create, Setup(mesh, graphdef, tx, sched, shardings, abstract, num_obj, num_ocr)
+
+
+def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, init_centers=None):
+    """Model, centres and optimiser state created inside jit with their final shardings."""
+    create, setup = abstract_setup(c, mesh, model_cfg, num_obj, num_ocr)
+    state = jax.jit(create, out_shardings=setup.state_shardings)()
     if init_centers is not None:
         state["params"]["centers_obj"] = _put_centers(init_centers, state["params"]["centers_obj"])
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return state, Setup(mesh, graphdef, tx, sched, shardings, abstract, num_obj, num_ocr)
+    return state, setup
 
 
 def _put_centers(centers: np.ndarray, target: jax.Array) -> jax.Array:

@@ -274,8 +274,10 @@ def _run_ray(pending: list[Unit], n: int, out: str, settings: MiningSettings, *,
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import warnings
 
-    # Ray Data reads its own deprecated settings when its context is created (not ours to fix).
+    # Ray Data reads its own deprecated settings when its context is created (not ours to fix), and
+    # Ray starts its daemons with fork + exec, which JAX's fork warning cannot tell from a bare fork.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     try:
         import ray
     except ImportError as e:

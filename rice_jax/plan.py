@@ -1,0 +1,189 @@
+"""Size the real train step for a TPU slice (or these CPU devices) before queueing for it.
+
+    bash launch/plan.sh --config rice_jax/configs/rice.py:l14_336 --topology v5p:4x4x4 \\
+        --config.batch_size=32768 --num_classes 1000000
+    # = TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-plan/bin/python -m rice_jax.plan ...
+
+Builds the training step the train loop runs — the RICE model, the class-parallel
+margin-softmax loss over K centres sharded along the mesh, AdamW, the config's
+shardings, remat policy and dtype — from abstract shapes only (nothing is
+allocated), compiles it ahead of time for the target's devices, and prints per
+device: HBM for arguments (parameters, centres, optimiser state, the batch),
+temporaries and outputs against the chip's HBM, a fit / no-fit verdict, the
+compiled FLOPs per step and a projected step time and throughput at an assumed
+MFU (``--mfu``, default 0.4; datasheet peaks in ``rice_jax.perf.CHIPS``). A
+program that cannot fit fails in the TPU compiler with its out-of-memory
+message, which becomes the "no fit" verdict.
+
+TPU targets need libtpu, which must stay out of the project's main environment
+(with libtpu importable, ``import jax`` on a machine without TPUs probes for a
+TPU and a cloud metadata server). ``launch/plan.sh`` makes ``.venv-plan`` with
+``jax[tpu]`` and always runs it with ``TPU_SKIP_MDS_QUERY=1`` and
+``JAX_PLATFORMS=cpu`` (set below too, before jax loads, so nothing leaves the
+machine). ``--topology cpu:N`` plans on N local CPU devices (any environment).
+"""
+from __future__ import annotations
+
+import os
+
+# Before jax (and libtpu) load: never query a cloud metadata server, never look for a TPU.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_ID", "0")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+MIB = 2**20
+
+
+def target_devices(topology: str):
+    """``cpu:N`` -> N local CPU devices; ``v5p:4x4x4`` etc. -> the devices of that TPU topology
+    description (libtpu compiles for it; no TPU is needed)."""
+    import jax
+
+    kind, _, shape = topology.partition(":")
+    if kind == "cpu":
+        n = int(shape or jax.device_count())
+        if n > jax.device_count():
+            raise ValueError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
+                             f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+        return jax.devices("cpu")[:n]
+    try:
+        from jax.experimental import topologies
+
+        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as e:  # noqa: BLE001 - missing libtpu or an unknown topology name
+        raise RuntimeError(f"--topology {topology}: cannot describe this TPU topology here ({_first(e)}); "
+                           "run through launch/plan.sh (its .venv-plan has libtpu), or use cpu:N") from e
+
+
+def _first(e: BaseException) -> str:
+    from rice_jax.cli import first_line
+
+    return first_line(e, 300)
+
+
+def abstract_batch(c, batch_sh: dict, image_size: int) -> dict:
+    """The pipeline's batch contract (``docs/design.md`` §3.2) as abstract arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    b, n, m = c.batch_size, c.data.num_regions, c.data.max_labels
+    shapes = {"image": ((b, image_size, image_size, 3), jnp.float32), "boxes": ((b, n, 4), jnp.float32),
+              "region_valid": ((b, n), jnp.bool_), "region_kind": ((b, n), jnp.int32),
+              "labels": ((b, n, m), jnp.int32), "image_ok": ((b,), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
+
+
+def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.4, stage: int = -1) -> dict:
+    """Compile the train step of config ``c`` for ``topology``; per-device memory, FLOPs, projection."""
+    import jax
+
+    from rice_jax import perf, sharding, train
+
+    devices = list(target_devices(topology))
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices, axis_type=c.mesh.axis_type)
+    if c.batch_size % mesh.size:
+        raise ValueError(f"batch_size {c.batch_size} is not a multiple of the {mesh.size} devices of {topology}")
+    image_size = int(c.stages[stage][1])
+    model_cfg = train.build_model_config(c)
+    _, setup = train.abstract_setup(c, mesh, model_cfg, num_classes, vocab_size)
+    step, batch_sh = train.make_train_step(c, setup)
+    batch = abstract_batch(c, batch_sh, image_size)
+    kind = topology.partition(":")[0]
+    out = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+           "mesh": dict(mesh.shape), "global_batch": c.batch_size, "image_size": image_size,
+           "backbone": c.model.backbone, "num_layers": model_cfg.backbone.num_layers,
+           "dtype": c.model.dtype, "remat_policy": c.model.remat_policy, "num_classes": num_classes,
+           "vocab_size": vocab_size, "sample_rate": c.loss.sample_rate, "num_regions": c.data.num_regions}
+    t = time.perf_counter()
+    try:
+        compiled = step.lower(setup.abstract_state, batch).compile()
+    except Exception as e:  # noqa: BLE001 - the TPU compiler's out-of-memory error is the verdict
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or "exceeds" in msg.lower():
+            hbm = {"hbm_bytes": perf.chip(kind)["hbm_bytes"]} if kind in perf.CHIPS else {}
+            return dict(out, fits=False, compile_s=time.perf_counter() - t, error=_first(e), **hbm)
+        raise
+    out["compile_s"] = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    per = {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+           "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+           "code_bytes": int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)}
+    # Donated state: outputs that alias arguments occupy the arguments' buffers.
+    per["total_bytes"] = per["argument_bytes"] + per["output_bytes"] - per["alias_bytes"] + per["temp_bytes"]
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    flops = float(ca.get("flops", 0.0))                      # per device (the SPMD partition)
+    out.update(per_device=per, flops_per_device=flops, flops_per_step=flops * len(devices))
+    if kind in perf.CHIPS:
+        spec = perf.chip(kind)
+        out["hbm_bytes"] = spec["hbm_bytes"]
+        out["fits"] = per["total_bytes"] <= spec["hbm_bytes"]
+        out["mfu_assumed"] = mfu
+        out["step_time_s"] = flops / (spec["bf16_flops"] * mfu) if flops else None
+        out["images_per_s"] = c.batch_size / out["step_time_s"] if out["step_time_s"] else None
+    else:
+        out["fits"] = None          # CPU devices have no HBM to fit into; the figures are still exact
+    return out
+
+
+def format_report(r: dict) -> str:
+    head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}, K = {r['num_classes']:,}, "
+            f"V = {r['vocab_size']:,}, rho = {r['sample_rate']}, N = {r['num_regions']}, {r['dtype']}, remat "
+            f"{r['remat_policy']} on {r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']})")
+    if "per_device" not in r:
+        return f"{head}\n  DOES NOT FIT: {r.get('error', '')}"
+    p = r["per_device"]
+    lines = [head, f"  per device: arguments {p['argument_bytes'] / MIB:,.0f} MiB, temporaries "
+                   f"{p['temp_bytes'] / MIB:,.0f} MiB, outputs {p['output_bytes'] / MIB:,.0f} MiB "
+                   f"(aliased {p['alias_bytes'] / MIB:,.0f}), total {p['total_bytes'] / MIB:,.0f} MiB"
+                   + (f" of {r['hbm_bytes'] / MIB:,.0f} MiB HBM" if "hbm_bytes" in r else ""),
+             f"  FLOPs per step {r['flops_per_step']:.3g} ({r['flops_per_device']:.3g} per device); "
+             f"compiled in {r['compile_s']:.0f} s"]
+    if r.get("step_time_s"):
+        lines.append(f"  at {r['mfu_assumed']:.0%} MFU: {r['step_time_s']:.3g} s/step, {r['images_per_s']:,.0f} images/s")
+    if r["fits"] is not None:
+        lines.append("  FITS" if r["fits"] else "  DOES NOT FIT")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    from rice_jax import cli
+
+    F = flags.FLAGS
+
+    def run():
+        r = plan(F.config, F.topology, num_classes=F.num_classes, vocab_size=F.vocab_size or F.config.loss.vocab_size or 49408,
+                 mfu=F.mfu,
+                 stage=F.stage)
+        print(format_report(r), flush=True)
+        print(json.dumps(r), flush=True)
+        if F.out:
+            from rice_jax import storage
+
+            storage.write_text_atomic(F.out, json.dumps(r, indent=1) + "\n")
+        return r
+
+    cli.run(run)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "rice_jax/configs/rice.py:VARIANT", lock_config=True)
+    flags.DEFINE_string("topology", "cpu:8", "v5p:4x4x4, v5e:16x16, v4:2x2x2, v6e:8x8, ... or cpu:N")
+    flags.DEFINE_integer("num_classes", 1_000_000, "K object centres (paper: 1M)")
+    flags.DEFINE_integer("vocab_size", 0, "OCR token centres (0 = the config's loss.vocab_size, or 49408 — "
+                                          "a CLIP-sized BPE vocabulary — when that is 0 too)")
+    flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the projected step time")
+    flags.DEFINE_integer("stage", -1, "which stage's image size to compile (default: the last)")
+    flags.DEFINE_string("out", "", "also write the result as JSON here")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
