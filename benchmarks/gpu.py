@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 
 import jax
-import numpy as np
 
-from benchmarks.common import report, timeit
+from benchmarks.common import random_batch, report, timeit
 
 
 def _config(variant: str, batch: int, impl: str, num_classes: int, smoke: bool):
@@ -38,15 +37,8 @@ def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
     mesh = sharding.make_mesh(-1, 1)
     state, setup = train.init_state(c, mesh, train.build_model_config(c), num_classes, vocab)
     step, batch_sh = train.make_train_step(c, setup)
-    b, s, n = c.batch_size, c.stages[-1][1], c.data.num_regions
-    r = np.random.default_rng(0)
-    lo = r.uniform(0, 0.6, (b, n, 2))
-    local = {"image": r.standard_normal((b, s, s, 3)).astype(np.float32),
-             "boxes": np.concatenate([lo, lo + 0.3], -1).clip(0, 1).astype(np.float32),
-             "region_valid": np.ones((b, n), bool),
-             "region_kind": (r.random((b, n)) < 0.3).astype(np.int32),
-             "labels": r.integers(0, min(num_classes, vocab), (b, n, c.data.max_labels)).astype(np.int32),
-             "image_ok": np.ones(b, bool)}
+    b = c.batch_size
+    local = random_batch(b, c.stages[-1][1], c.data.num_regions, c.data.max_labels, min(num_classes, vocab))
     batch = train.to_global_batch(local, batch_sh)
     compiled, flops = train.compile_step(step, state, batch)
     holder = {"s": state}

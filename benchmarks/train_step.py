@@ -18,9 +18,8 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import report, timeit, torch_threads
+from benchmarks.common import random_batch, report, timeit, torch_threads
 
 
 
@@ -57,14 +56,7 @@ def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])  # one device: the same cores as PyTorch
     state, setup = train.init_state(c, mesh, train.build_model_config(c), k, v)
     step, batch_sh = train.make_train_step(c, setup)
-    r = np.random.default_rng(0)
-    lo = r.uniform(0, 0.6, (batch, n_regions, 2))
-    local = {"image": r.standard_normal((batch, image, image, 3)).astype(np.float32),
-             "boxes": np.concatenate([lo, lo + 0.3], -1).clip(0, 1).astype(np.float32),
-             "region_valid": np.ones((batch, n_regions), bool),
-             "region_kind": (r.random((batch, n_regions)) < 0.3).astype(np.int32),
-             "labels": r.integers(0, min(k, v), (batch, n_regions, 4)).astype(np.int32),
-             "image_ok": np.ones(batch, bool)}
+    local = random_batch(batch, image, n_regions, 4, min(k, v))
     b = train.to_global_batch(local, batch_sh)
     ca = step.lower(state, b).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca

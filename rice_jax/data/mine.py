@@ -134,7 +134,7 @@ def _items(unit: Unit, stats: ImportStats) -> Iterator[tuple[str, bytes, Optiona
                 continue
             yield rel, data, None
     elif unit.kind == "records":
-        for i, rec in enumerate(records.read_shard(unit.sources[0])):
+        for rec in records.read_shard(unit.sources[0]):
             yield rec.image_id, rec.image, rec
     elif unit.kind == "tar":
         with tarfile.open(unit.sources[0]) as tf:
