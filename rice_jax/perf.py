@@ -27,6 +27,34 @@ def peak_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float
     return 2 * n**3 / best
 
 
+def rice_train_flops(cfg, batch: int, image_hw: tuple[int, int], num_regions: int,
+                     loss_terms: tuple[tuple[int, int], ...] = ()) -> float:
+    """Model FLOPs of one RICE train step (forward + backward = 3x the forward's matmul FLOPs).
+
+    The numerator of an MFU that means the same on every backend: XLA's ``cost_analysis`` leaves
+    out the matmuls it hands to cuBLAS/cuDNN on GPU (an l14_336 step "cost" 4.5 TFLOP there, 8x
+    under this count) and counts remat recomputation elsewhere, while this counts the model's own work once, as
+    MaxText and the PaLM MFU definition do. ``cfg`` is a :class:`~rice_jax.models.rice.RICEConfig`;
+    ``loss_terms`` are ``(rows per image, centre columns scored)`` per margin-softmax term (with
+    PartialFC the columns are ⌈ρ·K⌉). Elementwise work (norms, GELU, softmax, RoPE) is left out.
+    """
+    v = cfg.backbone
+    d, f, p = v.hidden_size, v.intermediate_size, v.patch_size
+    gh, gw = image_hw[0] // p, image_hw[1] // p
+    t = 1 + gh * gw
+
+    def block(s: int) -> float:  # qkv + out projection + MLP, then q.k and p.v over s tokens
+        return 2 * s * d * (4 * d + 2 * f) + 4 * s * s * d
+
+    k = cfg.region_layers if num_regions else 0
+    fwd = 2 * (t - 1) * p * p * v.num_channels * d + (v.num_layers - k) * block(t) + k * block(t + num_regions)
+    e = cfg.embed_dim or d
+    if e != d:
+        fwd += 2 * (1 + num_regions) * d * e
+    fwd += sum(2 * rows * e * cols for rows, cols in loss_terms)
+    return 3.0 * batch * fwd
+
+
 def machine_peak(per_device: float) -> float:
     """Peak of all devices together. CPU-emulated devices share the host's cores, so there the
     machine's peak is the one measurement, not ``n`` of them."""

@@ -158,6 +158,70 @@ def test_attention_paths_agree_with_reference(impl):
         np.testing.assert_allclose(np.asarray(attention(q, k, v, m, impl=impl)), ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("multiple", [2, 8])
+def test_padded_fused_attention_equals_unpadded(multiple):
+    """The cuDNN path's token padding (odd 1 + h*w token counts), run through XLA's fused kernel on
+    CPU: padded keys invisible, padded queries dropped, values and gradients those of the einsum path."""
+    from rice_jax.models.vit import _fused_attention, _pad_tokens
+
+    rng = np.random.default_rng(1)
+    b, h, t, d = 2, 3, 11, 8
+    q, k, v = (jnp.asarray(rng.standard_normal((b, h, t, d)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rng.random((b, 1, t, t)) < 0.5) | jnp.eye(t, dtype=bool)
+    for m in (None, mask):
+        def padded(q, k, v):
+            qp, kp, vp, mp, lengths = _pad_tokens(q, k, v, m, multiple)
+            assert qp.shape[2] % multiple == 0 and (lengths is None) == (m is not None)
+            return _fused_attention(qp, kp, vp, mp, d ** -0.5, "xla", lengths)[:, :, :t]
+
+        ref = lambda q, k, v: attention(q, k, v, m, impl="einsum")
+        np.testing.assert_allclose(np.asarray(padded(q, k, v)), np.asarray(ref(q, k, v)), atol=2e-6)
+        w = jnp.asarray(rng.standard_normal((b, h, t, d)), jnp.float32)
+        g = jax.grad(lambda *a: jnp.sum(padded(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        for a, r in zip(g, g_ref):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5)
+
+
+def _dot_flops(jaxpr) -> float:
+    """2·(output size)·(contracted size) summed over every dot_general, nested jaxprs included."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, _), _ = eqn.params["dimension_numbers"]
+            contracted = np.prod([eqn.invars[0].aval.shape[i] for i in lc])
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * contracted
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (list, tuple)) else [v]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += _dot_flops(inner)
+    return total
+
+
+@pytest.mark.parametrize("regions,embed_dim", [(0, 0), (3, 0), (3, 24)])
+def test_model_flops_equal_the_traced_matmuls(regions, embed_dim):
+    """perf.rice_train_flops (the MFU numerator) against the matmuls actually traced in the model's
+    forward, counted from its jaxpr: equal to the FLOP, for the plain ViT, region tokens and a head."""
+    from flax import nnx
+
+    from rice_jax import perf
+    from rice_jax.models.config import ViTConfig
+    from rice_jax.models.rice import RICEConfig, RICEModel
+
+    cfg = RICEConfig(backbone=ViTConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                                        patch_size=4, image_size=16), region_layers=2, embed_dim=embed_dim)
+    model = RICEModel(cfg, rngs=nnx.Rngs(0))
+    b, px = 2, (16, 12)
+    boxes = jnp.tile(jnp.asarray([[0.1, 0.1, 0.6, 0.7]]), (b, max(regions, 1), 1))[:, :regions]
+    counted = _dot_flops(jax.make_jaxpr(lambda x: model(x, boxes if regions else None))(
+        jnp.zeros((b, *px, 3))).jaxpr)
+    assert perf.rice_train_flops(cfg, b, px, regions) == pytest.approx(3 * counted, rel=1e-12)
+    # loss terms: rows x columns logits per image, forward and backward
+    assert perf.rice_train_flops(cfg, b, px, regions, ((5, 7),)) - perf.rice_train_flops(cfg, b, px, regions) \
+        == 3 * b * 2 * 5 * (embed_dim or 32) * 7
+
+
 def test_attention_fully_masked_row_is_finite():
     q = k = v = jnp.ones((1, 1, 3, 4))
     mask = jnp.zeros((1, 1, 3, 3), bool)

@@ -51,6 +51,11 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
     visible key yields zeros instead of NaN (never happens for region tokens,
     which always see themselves).
     """
+    if impl == "auto" and _resolve_attention_impl(impl) == "cudnn":
+        try:  # cuDNN refuses some shapes/dtypes at trace time; "auto" then takes XLA's fused path
+            return attention(q, k, v, mask, impl="cudnn")
+        except NotImplementedError:
+            return attention(q, k, v, mask, impl="xla")
     impl = _resolve_attention_impl(impl)
     scale = q.shape[-1] ** -0.5
     if impl == "einsum":
@@ -68,14 +73,49 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
         denom = jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
         out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return (out / denom).astype(v.dtype)
-    if impl in ("xla", "cudnn"):
-        # jax.nn.dot_product_attention wants [B, T, heads, Dh].
-        t = lambda x: jnp.swapaxes(x, 1, 2)
-        if impl == "cudnn" and mask is not None:
-            mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, scale=scale, implementation=impl)
-        return t(out)
+    if impl == "xla":
+        return _fused_attention(q, k, v, mask, scale, "xla")
+    if impl == "cudnn":
+        qp, kp, vp, mp, lengths = _pad_tokens(q, k, v, mask, CUDNN_SEQ_MULTIPLE)
+        return _fused_attention(qp, kp, vp, mp, scale, "cudnn", lengths)[:, :, :q.shape[2]]
     raise ValueError(f"unknown attention implementation {impl!r}")
+
+
+# cuDNN's fused attention refuses a mask (lowered to a bias) on an odd sequence length when training
+# (jax's check_is_flash_attention), and the ViT's 1 + h*w tokens are odd for every even grid: cuDNN
+# calls pad the tokens to this multiple and mask the padding out.
+CUDNN_SEQ_MULTIPLE = 2
+
+
+def _fused_attention(q, k, v, mask, scale, impl, kv_lengths=None):
+    """``jax.nn.dot_product_attention`` on our ``[B, heads, T, Dh]`` layout (it wants ``[B, T, heads, Dh]``)."""
+    t = lambda x: jnp.swapaxes(x, 1, 2)
+    if mask is not None and impl == "cudnn":  # cuDNN takes a full-shape mask only
+        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    out = jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask, scale=scale, implementation=impl,
+                                       key_value_seq_lengths=kv_lengths)
+    return t(out)
+
+
+def _pad_tokens(q, k, v, mask, multiple):
+    """Pad the token axis of q/k/v (self-attention, ``Tq == Tk``) to a multiple of ``multiple``.
+
+    Returns ``(q, k, v, mask, kv_lengths)`` for :func:`_fused_attention`: without a mask the padded
+    keys are hidden by sequence lengths (no bias, the cheap cuDNN path); with one, the mask is
+    padded — padded keys invisible to every query, padded queries see the real keys (a row with
+    no visible key is never formed) and are sliced off by the caller."""
+    t = q.shape[2]
+    pad = -t % multiple
+    if not pad:
+        return q, k, v, mask, None
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    if mask is None:
+        return q, k, v, None, jnp.full((q.shape[0],), t, jnp.int32)
+    mask = jnp.broadcast_to(mask, (*mask.shape[:2], t, t))
+    real_key = jnp.arange(t + pad) < t
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, pad)), constant_values=True) & real_key
+    return q, k, v, mask, None
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
