@@ -192,6 +192,35 @@ def plan() -> str:
     return "\n".join(rows)
 
 
+def step_profile() -> str:
+    r = _load("step_profile")
+    if not r:
+        return "(run `python -m benchmarks.step_profile`)"
+    from benchmarks.step_profile import CATEGORIES, PHASES
+
+    j, t = r["jax"]["ms"], r["torch"]["ms"]
+    rows = [f"{r['preset']}, batch {r['batch']}, fp32, {r['objective']}; ms per step summed over executed ops "
+            f"(JAX: XLA thunks, PyTorch: ATen self time), one profiled run of `benchmarks/step_profile.py`.", "",
+            "| category | JAX fwd | PyTorch fwd | JAX bwd | PyTorch bwd |", "|---|---|---|---|---|"]
+    for cat in CATEGORIES:
+        cells = [j["forward"].get(cat, 0), t["forward"].get(cat, 0), j["backward"].get(cat, 0), t["backward"].get(cat, 0)]
+        if any(c >= 0.5 for c in cells):
+            rows.append(f"| {cat} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    tot = lambda side, ph: sum(side[ph].values())
+    rows.append(f"| **all ops** | **{tot(j, 'forward'):.0f}** | **{tot(t, 'forward'):.0f}** | "
+                f"**{tot(j, 'backward'):.0f}** | **{tot(t, 'backward'):.0f}** |")
+    rows += ["", f"Optimiser (AdamW, clipping, the finite-update guard): JAX {tot(j, 'optimizer'):.0f} ms, PyTorch "
+                 f"{tot(t, 'optimizer'):.0f} ms. Step wall time under the profilers: JAX {r['jax']['wall_ms']:.0f} ms, "
+                 f"PyTorch {r['torch']['wall_ms']:.0f} ms (XLA runs independent ops concurrently, so its summed op "
+                 "time can exceed its wall time)."]
+    ab = r.get("residual_grad_materialization")
+    if ab:
+        rows += ["", f"Residual-gradient materialisation (`vit.materialize_grad`), same run, step time off → on: "
+                     + ", ".join(f"{a:.2f} → {b:.2f} s" for a, b in zip(ab["off_s"], ab["on_s"]))
+                     + f" ({ab['speedup']:.2f}×)."]
+    return "\n".join(rows)
+
+
 def gpu() -> str:
     runs = [r for r in (_load("gpu_l14_336"), _load("gpu_b16")) if r]
     if not runs:
@@ -232,6 +261,7 @@ def gpu() -> str:
 def main():
     text = README.read_text()
     text = replace_section(text, "gpu", gpu())
+    text = replace_section(text, "step_profile", step_profile())
     text = replace_section(text, "plan", plan())
     text = replace_section(text, "mining", mining())
     text = replace_section(text, "kmeans", kmeans())

@@ -48,7 +48,8 @@ def peak_flops(n: int = 2048) -> dict:
     return {"jax_dot": jax_peak, "torch_matmul": 2 * n**3 / tt, "peak": jax_peak}
 
 
-def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
+def build_jax_step(objective, preset, batch, image, n_regions, k, v):
+    """``(run, compiled)``: one call of ``run()`` is one real train step (blocking) on one device."""
     from rice_jax import sharding, train
 
     c = _config(objective, preset, batch, image, k, v)
@@ -58,19 +59,26 @@ def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
     step, batch_sh = train.make_train_step(c, setup)
     local = random_batch(batch, image, n_regions, 4, min(k, v))
     b = train.to_global_batch(local, batch_sh)
-    ca = step.lower(state, b).compile().cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    compiled = step.lower(state, b).compile()
     holder = {"s": state}
 
     def run():
-        holder["s"], m = step(holder["s"], b)
+        holder["s"], m = compiled(holder["s"], b)
         jax.block_until_ready(m["loss"])
 
+    return run, compiled
+
+
+def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
+    run, compiled = build_jax_step(objective, preset, batch, image, n_regions, k, v)
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     t = timeit(run, warmup=1, repeats=repeats)
     return t, float(ca["flops"])
 
 
-def torch_step(preset, batch, image, k, repeats):
+def build_torch_step(preset, batch, image, k):
+    """``run()``: one PyTorch eager step (HF MLCDVisionModel + the same margin softmax + AdamW)."""
     torch = torch_threads()
     from transformers import MLCDVisionModel
 
@@ -105,7 +113,11 @@ def torch_step(preset, batch, image, k, repeats):
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + [centers], 1.0)
         opt.step()
 
-    return timeit(run, warmup=1, repeats=repeats)
+    return run
+
+
+def torch_step(preset, batch, image, k, repeats):
+    return timeit(build_torch_step(preset, batch, image, k), warmup=1, repeats=repeats)
 
 
 def main(argv=None):

@@ -222,6 +222,33 @@ def test_model_flops_equal_the_traced_matmuls(regions, embed_dim):
         == 3 * b * 2 * 5 * (embed_dim or 32) * 7
 
 
+def test_materialized_residual_gradient_keeps_the_gradients(monkeypatch):
+    """The CPU backward's residual-gradient materialisation (a conditional on the cotangent) changes
+    where XLA stores the gradient, not the arithmetic: gradients agree with it switched off to float
+    rounding (fusion boundaries move, so LLVM's FMA contraction may differ in the last bit), and its
+    always-true predicate holds for NaN inputs too (it is built from the input's bits)."""
+    from rice_jax.models import vit as vit_mod
+
+    cfg = mcfg.ViTConfig(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, patch_size=4, image_size=16)
+    model = ViT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)), jnp.float32)
+
+    def grads(inp):
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(inp).last_hidden_state ** 2)
+        return jax.jit(jax.grad(loss))(params)
+
+    with_barrier = grads(x)
+    assert "conditional" in jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x).pooler_output))).lower(
+        params).as_text(dialect="hlo")
+    monkeypatch.setattr(vit_mod, "materialize_grad", lambda t: t)
+    plain = grads(x)
+    for a, b in zip(jax.tree.leaves(with_barrier), jax.tree.leaves(plain)):
+        scale = float(np.abs(np.asarray(b)).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6 * scale)
+    np.testing.assert_array_equal(np.asarray(vit_mod._materialize_grad_fwd(jnp.full((2,), jnp.nan))[1]), True)
+
+
 def test_attention_fully_masked_row_is_finite():
     q = k = v = jnp.ones((1, 1, 3, 4))
     mask = jnp.zeros((1, 1, 3, 3), bool)

@@ -118,6 +118,35 @@ def _pad_tokens(q, k, v, mask, multiple):
     return q, k, v, mask, None
 
 
+@jax.custom_vjp
+def materialize_grad(x: Array) -> Array:
+    """Identity whose cotangent XLA:CPU must compute once and store (the same arithmetic).
+
+    The gradient of the residual stream is a running sum over every block above. Left alone,
+    XLA:CPU fuses that sum of cheap elementwise terms into each block's consumers (the LayerNorm
+    backward, the transposed operands of the weight-gradient matmuls) and recomputes the whole
+    chain in each: work that grows with depth squared (ViT-B/16: a dozen 30-60 ms fusions per
+    step, ``benchmarks/step_profile.py``). ``lax.optimization_barrier`` does not stop it (XLA:CPU
+    expands barriers before fusion) and a division by a scalar 1 is rewritten into a cheap
+    multiply; a conditional is never fused, so the cotangent passes through one whose predicate
+    is always true but opaque to the simplifier. Used on the CPU backend only: XLA:GPU reads a
+    conditional's predicate on the host, a sync per block.
+    """
+    return x
+
+
+def _materialize_grad_fwd(x):
+    bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+    return x, ((bits | 1) & 1) == 1  # always True, whatever x holds (NaN included)
+
+
+def _materialize_grad_bwd(true, g):
+    return (jax.lax.cond(true, lambda g: g, lambda g: -g, g),)
+
+
+materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
+
+
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """NeoX-style rotary embedding on ``x [B, H, S, Dh]`` with ``cos, sin [S, Dh/2]``.
 
@@ -225,6 +254,8 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x: Array, cos: Array, sin: Array, mask: Optional[Array] = None) -> Array:
+        if jax.default_backend() == "cpu":
+            x = materialize_grad(x)
         x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 
