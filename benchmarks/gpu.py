@@ -44,7 +44,7 @@ def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
     local = random_batch(b, c.stages[-1][1], c.data.num_regions, c.data.max_labels, min(num_classes, vocab))
     batch = train.to_global_batch(local, batch_sh)
     t0 = time.perf_counter()
-    compiled, flops = train.compile_step(step, state, batch)
+    compiled = train.compile_step(step, state, batch)
     compile_s = time.perf_counter() - t0
     holder = {"s": state}
 
@@ -64,27 +64,9 @@ def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
     except Exception:  # noqa: BLE001 - a diagnostic only
         pass
     return {"step_s": t["median_s"], "step_min_s": t["min_s"], "images_per_s": b / t["median_s"],
-            "model_flops_per_step": model_flops(c, num_classes, vocab), "xla_cost_flops_per_step": flops,
+            "model_flops_per_step": train.model_flops(c, setup, b, (c.stages[-1][1],) * 2),
+            "xla_cost_flops_per_step": train.xla_cost_flops(compiled),
             "compile_s": compile_s, **mem}
-
-
-def model_flops(c, num_classes: int, vocab: int) -> float:
-    """The step's model FLOPs (``perf.rice_train_flops``) for this config: object and OCR terms score
-    ⌈ρ·K⌉ / ⌈ρ·V⌉ centres per region, the optional image term ⌈ρ·K⌉ per image."""
-    import math
-
-    from rice_jax import perf, train
-
-    rho = min(float(c.loss.sample_rate), 1.0)
-    n, img = c.data.num_regions, c.stages[-1][1]
-    terms = []
-    if c.loss.object_weight:
-        terms.append((n, math.ceil(rho * num_classes)))
-    if c.loss.ocr_weight:
-        terms.append((n, math.ceil(rho * vocab)))
-    if c.loss.global_weight:
-        terms.append((1, math.ceil(rho * num_classes)))
-    return perf.rice_train_flops(train.build_model_config(c), c.batch_size, (img, img), n, tuple(terms))
 
 
 def attention_micro(c, batch: int, repeats: int) -> dict:

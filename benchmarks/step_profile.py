@@ -32,7 +32,7 @@ import time
 import jax
 
 from benchmarks.common import report
-from benchmarks.train_step import build_jax_step, build_torch_step
+from benchmarks.train_step import build_jax_step, build_torch_step, parse_step_arguments, step_arguments
 
 CATEGORIES = ("linear matmuls", "attention", "LayerNorm", "GELU", "RoPE", "loss", "layout copies / transposes",
               "other elementwise", "collectives")
@@ -273,15 +273,11 @@ def materialization_ab(preset: str, batch: int, image: int, classes: int, repeat
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="vit_b16_224")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--smoke", action="store_true")
-    a = ap.parse_args(argv)
+    ap = step_arguments(argparse.ArgumentParser())
+    ap.add_argument("--steps", type=int, default=2, help="profiled steps (after one warm-up)")
+    a = parse_step_arguments(ap, argv)
     if a.smoke:
-        a.preset, a.batch, a.classes, a.steps = "vit_tiny", 2, 64, 1
+        a.steps = 1
     from rice_jax.models.config import get_preset
 
     image = get_preset(a.preset).image_size

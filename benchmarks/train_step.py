@@ -59,22 +59,20 @@ def build_jax_step(objective, preset, batch, image, n_regions, k, v):
     step, batch_sh = train.make_train_step(c, setup)
     local = random_batch(batch, image, n_regions, 4, min(k, v))
     b = train.to_global_batch(local, batch_sh)
-    compiled = step.lower(state, b).compile()
+    compiled = train.compile_step(step, state, b)
     holder = {"s": state}
 
     def run():
         holder["s"], m = compiled(holder["s"], b)
         jax.block_until_ready(m["loss"])
 
+    run.model_flops = train.model_flops(c, setup, batch, (image, image))
     return run, compiled
 
 
 def jax_step(objective, preset, batch, image, n_regions, k, v, repeats):
-    run, compiled = build_jax_step(objective, preset, batch, image, n_regions, k, v)
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    t = timeit(run, warmup=1, repeats=repeats)
-    return t, float(ca["flops"])
+    run, _ = build_jax_step(objective, preset, batch, image, n_regions, k, v)
+    return timeit(run, warmup=1, repeats=repeats), run.model_flops
 
 
 def build_torch_step(preset, batch, image, k):
@@ -120,17 +118,29 @@ def torch_step(preset, batch, image, k, repeats):
     return timeit(build_torch_step(preset, batch, image, k), warmup=1, repeats=repeats)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
+def step_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The step's own options, shared with ``benchmarks.step_profile`` (which profiles this step)."""
     ap.add_argument("--preset", default="vit_b16_224")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--regions", type=int, default=10)
     ap.add_argument("--classes", type=int, default=1000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="vit_tiny, batch 2, 64 classes: plumbing only")
+    return ap
+
+
+def parse_step_arguments(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.smoke:
-        a.preset, a.batch, a.regions, a.classes, a.repeats = "vit_tiny", 2, 3, 64, 1
+        a.preset, a.batch, a.classes = "vit_tiny", 2, 64
+    return a
+
+
+def main(argv=None):
+    ap = step_arguments(argparse.ArgumentParser())
+    ap.add_argument("--regions", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = parse_step_arguments(ap, argv)
+    if a.smoke:
+        a.regions, a.repeats = 3, 1
     from rice_jax.models.config import get_preset
 
     image = get_preset(a.preset).image_size

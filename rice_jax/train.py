@@ -344,15 +344,37 @@ def make_stage_iter(c, tokenizer):
 
 
 def compile_step(train_step, state, batch):
-    """Ahead-of-time compile for this batch shape; also returns the step's FLOPs (all devices)."""
-    compiled = train_step.lower(state, batch).compile()
+    """Ahead-of-time compile for this batch shape (one per stage: the image size changes)."""
+    return train_step.lower(state, batch).compile()
+
+
+def xla_cost_flops(compiled) -> float:
+    """XLA's own FLOP count of a compiled step (all devices): a diagnostic beside :func:`model_flops`.
+    It counts remat recomputation and elementwise work, and on GPU misses the matmuls handed to
+    cuBLAS/cuDNN, so it is not the MFU numerator."""
     try:
         ca = compiled.cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        # cost_analysis is per device (SPMD partition); count the whole step.
-        return compiled, float(ca.get("flops", 0.0)) * jax.device_count()
-    except Exception:  # noqa: BLE001 - MFU is a diagnostic, never a reason to stop
-        return compiled, 0.0
+        return float(ca.get("flops", 0.0)) * jax.device_count()  # per device (SPMD partition) -> all
+    except Exception:  # noqa: BLE001 - a diagnostic, never a reason to stop
+        return 0.0
+
+
+def model_flops(c, setup: Setup, batch_size: int, image_hw: tuple[int, int]) -> float:
+    """The MFU numerator of one step: :func:`perf.rice_train_flops` for this config and batch.
+
+    Region tokens only when a region term is on (the global-only objective runs the plain ViT);
+    each margin-softmax term scores ⌈ρ·K⌉ centres per row (PartialFC), K of its own bank."""
+    rho = min(float(c.loss.sample_rate), 1.0)
+    regions = c.data.num_regions if (c.loss.object_weight or c.loss.ocr_weight) else 0
+    terms = []
+    if c.loss.object_weight:
+        terms.append((regions, math.ceil(rho * setup.num_obj)))
+    if c.loss.ocr_weight:
+        terms.append((regions, math.ceil(rho * setup.num_ocr)))
+    if c.loss.global_weight:
+        terms.append((1, math.ceil(rho * setup.num_obj)))
+    return perf.rice_train_flops(build_model_config(c), batch_size, image_hw, regions, tuple(terms))
 
 
 def restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log):
@@ -446,7 +468,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     last = time.perf_counter()
     steps_this_run = 0
     skipped_shard_records = float(sum(s.expected for s in damaged_shards))
-    compiled = None  # one ahead-of-time compile per stage (image size); also gives the FLOP count
+    compiled = None  # one ahead-of-time compile per stage (image size)
     while step < total_steps:
         if stage_at(c, step) != stage:
             stage, data_iter, compiled = stage_at(c, step), stage_iter(stage_at(c, step)), None
@@ -455,7 +477,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         batch = to_global_batch(local, batch_sh)
         t1 = time.perf_counter()
         if compiled is None:
-            compiled, flops_per_step = compile_step(train_step, state, batch)
+            compiled = compile_step(train_step, state, batch)
+            flops_per_step = model_flops(c, setup, c.batch_size, tuple(batch["image"].shape[1:3]))
         state, metrics = compiled(state, batch)
         step += 1
         steps_this_run += 1
