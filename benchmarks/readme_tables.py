@@ -170,17 +170,19 @@ def plan() -> str:
         return "(run `.venv-plan/bin/python -m benchmarks.plan_sweep`)"
     rows = [f"Global batch {r['global_batch']:,}, K = {r['K']:,} object centres, V = {r['V']:,} OCR token centres, "
             "ρ = 0.1, N = 10 regions, bf16, AdamW; per-device figures of the compiled step (ahead of time, on "
-            "this CPU machine); step time at an assumed 40% MFU of the datasheet bf16 peak.", "",
-            "| config | px | slice | remat policy | per-device HBM (of) | fits | FLOPs / step | s / step @40% | "
-            "images / s |", "|---|---|---|---|---|---|---|---|---|"]
+            "this CPU machine); step time = model FLOPs (`train.model_flops`) / (chips × datasheet bf16 peak × an "
+            "assumed 40% MFU). Rows with micro-batches > 1 run the 32K batch as gradient-accumulation microbatches.", "",
+            "| config | px | slice | remat policy | micro-batches | per-device HBM (of) | fits | model FLOPs / step | "
+            "s / step @40% | images / s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         if "error" in x and "per_device" not in x and "image_size" not in x:
-            rows.append(f"| {x['variant']} | | {x['topology']} | {x['policy']} | error: {x['error'][:80]} | | | | |")
+            rows.append(f"| {x['variant']} | | {x['topology']} | {x['policy']} | {x.get('grad_accum_steps', 1)} | "
+                        f"error: {x['error'][:80]} | | | | |")
             continue
         hbm = f"{x['hbm_bytes'] / 2**30:.0f} GiB" if "hbm_bytes" in x else "?"
         if "per_device" in x:
             used = f"{x['per_device']['total_bytes'] / 2**30:.1f} GiB ({hbm})"
-            perf = (f"{x['flops_per_step']:.2e} | {x['step_time_s']:.2f} | {x['images_per_s']:,.0f}"
+            perf = (f"{x['model_flops_per_step']:.2e} | {x['step_time_s']:.2f} | {x['images_per_s']:,.0f}"
                     if x.get("step_time_s") else "| |")
         else:
             m = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", x.get("error", ""))
@@ -188,7 +190,7 @@ def plan() -> str:
                     if m else f"compiler: out of memory ({hbm})")
             perf = "— | — | —"
         rows.append(f"| {x['variant']} | {x['image_size']} | {x['topology']} ({x['devices']} chips) | "
-                    f"{x['policy']} | {used} | {'yes' if x['fits'] else 'no'} | {perf} |")
+                    f"{x['policy']} | {x.get('grad_accum_steps', 1)} | {used} | {'yes' if x['fits'] else 'no'} | {perf} |")
     return "\n".join(rows)
 
 

@@ -66,7 +66,7 @@ def build_jax_step(objective, preset, batch, image, n_regions, k, v):
         holder["s"], m = compiled(holder["s"], b)
         jax.block_until_ready(m["loss"])
 
-    run.model_flops = train.model_flops(c, setup, batch, (image, image))
+    run.model_flops = train.model_flops(c, setup.num_obj, setup.num_ocr, batch, (image, image))
     return run, compiled
 
 

@@ -31,6 +31,9 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_ID", "0")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No chip is opened here, so two plans (or a plan beside the suite's planner test) may run at once:
+# without this, libtpu's single-process lockfile makes the second one fail.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -95,6 +98,7 @@ def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.
     kind = topology.partition(":")[0]
     out = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
            "mesh": dict(mesh.shape), "global_batch": c.batch_size, "image_size": image_size,
+           "grad_accum_steps": int(c.get("grad_accum_steps", 1) or 1),
            "backbone": c.model.backbone, "num_layers": model_cfg.backbone.num_layers,
            "dtype": c.model.dtype, "remat_policy": c.model.remat_policy, "num_classes": num_classes,
            "vocab_size": vocab_size, "sample_rate": c.loss.sample_rate, "num_regions": c.data.num_regions}
@@ -122,16 +126,28 @@ def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.
         spec = perf.chip(kind)
         out["hbm_bytes"] = spec["hbm_bytes"]
         out["fits"] = per["total_bytes"] <= spec["hbm_bytes"]
-        out["mfu_assumed"] = mfu
-        out["step_time_s"] = flops / (spec["bf16_flops"] * mfu) if flops else None
-        out["images_per_s"] = c.batch_size / out["step_time_s"] if out["step_time_s"] else None
+        out.update(project(c, num_classes, vocab_size, image_size, len(devices), spec["bf16_flops"], mfu))
     else:
         out["fits"] = None          # CPU devices have no HBM to fit into; the figures are still exact
     return out
 
 
+def project(c, num_classes: int, vocab_size: int, image_size: int, devices: int, peak_per_device: float,
+            mfu: float) -> dict:
+    """Step time and throughput at an assumed MFU: model FLOPs (``train.model_flops``, the numerator
+    every MFU in this project uses) over ``devices x peak x mfu``. Not the compiler's FLOP count: that
+    includes remat recomputation, and with gradient accumulation it counts one microbatch (the
+    cost analysis sees a scan body once)."""
+    from rice_jax import train
+
+    model = train.model_flops(c, num_classes, vocab_size, c.batch_size, (image_size, image_size))
+    step = model / (devices * peak_per_device * mfu)
+    return {"mfu_assumed": mfu, "model_flops_per_step": model, "step_time_s": step, "images_per_s": c.batch_size / step}
+
+
 def format_report(r: dict) -> str:
-    head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}, K = {r['num_classes']:,}, "
+    micro = f" in {r['grad_accum_steps']} microbatches" if r.get("grad_accum_steps", 1) > 1 else ""
+    head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}{micro}, K = {r['num_classes']:,}, "
             f"V = {r['vocab_size']:,}, rho = {r['sample_rate']}, N = {r['num_regions']}, {r['dtype']}, remat "
             f"{r['remat_policy']} on {r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']})")
     if "per_device" not in r:
@@ -141,10 +157,11 @@ def format_report(r: dict) -> str:
                    f"{p['temp_bytes'] / MIB:,.0f} MiB, outputs {p['output_bytes'] / MIB:,.0f} MiB "
                    f"(aliased {p['alias_bytes'] / MIB:,.0f}), total {p['total_bytes'] / MIB:,.0f} MiB"
                    + (f" of {r['hbm_bytes'] / MIB:,.0f} MiB HBM" if "hbm_bytes" in r else ""),
-             f"  FLOPs per step {r['flops_per_step']:.3g} ({r['flops_per_device']:.3g} per device); "
-             f"compiled in {r['compile_s']:.0f} s"]
+             f"  compiler FLOPs per step {r['flops_per_step']:.3g} ({r['flops_per_device']:.3g} per device; remat "
+             f"included, one microbatch under accumulation); compiled in {r['compile_s']:.0f} s"]
     if r.get("step_time_s"):
-        lines.append(f"  at {r['mfu_assumed']:.0%} MFU: {r['step_time_s']:.3g} s/step, {r['images_per_s']:,.0f} images/s")
+        lines.append(f"  model FLOPs per step {r['model_flops_per_step']:.3g}; at {r['mfu_assumed']:.0%} MFU: "
+                     f"{r['step_time_s']:.3g} s/step, {r['images_per_s']:,.0f} images/s")
     if r["fits"] is not None:
         lines.append("  FITS" if r["fits"] else "  DOES NOT FIT")
     return "\n".join(lines)

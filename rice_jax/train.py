@@ -41,6 +41,7 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
     if c.batch_size % num_devices:
         raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {num_devices} devices; "
                          f"use a multiple of {num_devices}")
+    check_grad_accum(c, num_devices)
     if c.data.num_regions < 1:
         raise ValueError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
     if not c.stages:
@@ -189,8 +190,30 @@ def apply_init_from(spec: str, state, model_cfg: RICEConfig):
 
 
 # ----------------------------------------------------------------------------- the step
+def check_grad_accum(c, num_devices: int) -> int:
+    """``config.grad_accum_steps`` checked against the batch and the devices; returns it."""
+    n = int(c.get("grad_accum_steps", 1) or 1)
+    if n < 1 or c.batch_size % (n * num_devices):
+        raise ValueError(f"config.grad_accum_steps={n}: batch_size {c.batch_size} must split into {n} microbatches "
+                         f"that each spread evenly over the {num_devices} devices (a multiple of {n * num_devices})")
+    return n
+
+
+def split_microbatches(x: jax.Array, n: int, mesh) -> jax.Array:
+    """``[B, ...]`` -> ``[n, B/n, ...]``, microbatch j = rows j, j+n, j+2n, ...
+
+    Strided rather than contiguous so that every device's own rows split evenly into the n
+    microbatches: each microbatch stays spread over all devices and no row moves."""
+    y = jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+    spec = P(None, sharding.ALL_AXES, *([None] * (x.ndim - 1)))
+    if sharding.has_explicit_axes(mesh):
+        return jax.sharding.reshard(y, spec)
+    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+
 def make_train_step(c, setup: Setup):
     mesh, graphdef, tx = setup.mesh, setup.graphdef, setup.tx
+    accum = check_grad_accum(c, mesh.size)
     region_losses = bool(c.loss.object_weight or c.loss.ocr_weight)
 
     def forward(model_params, image, boxes, region_valid):
@@ -212,16 +235,32 @@ def make_train_step(c, setup: Setup):
     def train_step(state, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
-        def loss_fn(params):
-            region_embed, global_embed = forward(params["model"], batch["image"], batch["boxes"], batch["region_valid"])
+        def loss_fn(params, mb, key):
+            region_embed, global_embed = forward(params["model"], mb["image"], mb["boxes"], mb["region_valid"])
             return losses.rice_loss(
-                region_embed, global_embed, batch["region_valid"], batch["region_kind"], batch["labels"],
+                region_embed, global_embed, mb["region_valid"], mb["region_kind"], mb["labels"],
                 params["centers_obj"], params["centers_ocr"], object_weight=c.loss.object_weight,
-                ocr_weight=c.loss.ocr_weight, global_weight=c.loss.global_weight, rng=rng,
+                ocr_weight=c.loss.ocr_weight, global_weight=c.loss.global_weight, rng=key,
                 num_obj_classes=setup.num_obj, num_ocr_classes=setup.num_ocr, mesh=mesh, scale=c.loss.scale,
                 margin=c.loss.margin, margin_type=c.loss.margin_type, sample_rate=c.loss.sample_rate)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:
+            (loss, metrics), grads = grad_fn(state["params"], batch, rng)
+        else:
+            # Microbatches in a scan: the update is the mean of their gradients (each microbatch's
+            # loss a mean over its own rows), metrics their means; PartialFC draws per microbatch.
+            micro = {k: split_microbatches(batch[k], accum, mesh) for k in BATCH_KEYS if k != "image_ok"}
+
+            def body(acc, xs):
+                mb, j = xs
+                (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, j))
+                return jax.tree.map(lambda a, b: a + b.astype(a.dtype) / accum, acc, g), m
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            grads, stacked = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+            metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), stacked)
+            loss = metrics["loss"]
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
@@ -360,7 +399,7 @@ def xla_cost_flops(compiled) -> float:
         return 0.0
 
 
-def model_flops(c, setup: Setup, batch_size: int, image_hw: tuple[int, int]) -> float:
+def model_flops(c, num_obj: int, num_ocr: int, batch_size: int, image_hw: tuple[int, int]) -> float:
     """The MFU numerator of one step: :func:`perf.rice_train_flops` for this config and batch.
 
     Region tokens only when a region term is on (the global-only objective runs the plain ViT);
@@ -369,11 +408,11 @@ def model_flops(c, setup: Setup, batch_size: int, image_hw: tuple[int, int]) -> 
     regions = c.data.num_regions if (c.loss.object_weight or c.loss.ocr_weight) else 0
     terms = []
     if c.loss.object_weight:
-        terms.append((regions, math.ceil(rho * setup.num_obj)))
+        terms.append((regions, math.ceil(rho * num_obj)))
     if c.loss.ocr_weight:
-        terms.append((regions, math.ceil(rho * setup.num_ocr)))
+        terms.append((regions, math.ceil(rho * num_ocr)))
     if c.loss.global_weight:
-        terms.append((1, math.ceil(rho * setup.num_obj)))
+        terms.append((1, math.ceil(rho * num_obj)))
     return perf.rice_train_flops(build_model_config(c), batch_size, image_hw, regions, tuple(terms))
 
 
@@ -478,7 +517,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         t1 = time.perf_counter()
         if compiled is None:
             compiled = compile_step(train_step, state, batch)
-            flops_per_step = model_flops(c, setup, c.batch_size, tuple(batch["image"].shape[1:3]))
+            flops_per_step = model_flops(c, setup.num_obj, setup.num_ocr, c.batch_size,
+                                         tuple(batch["image"].shape[1:3]))
         state, metrics = compiled(state, batch)
         step += 1
         steps_this_run += 1

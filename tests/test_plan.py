@@ -40,11 +40,12 @@ def test_plan_arithmetic_on_cpu_devices(monkeypatch):
     # The donated state aliases its outputs: the step holds the state once, not twice.
     assert 0 < p["alias_bytes"] <= min(p["argument_bytes"], p["output_bytes"])
     assert r["flops_per_step"] == pytest.approx(8 * r["flops_per_device"]) and r["flops_per_device"] > 0
-    # The projection: step time = per-device FLOPs / (peak x MFU); fit = total <= HBM.
+    # The projection: step time = model FLOPs / (devices x peak x MFU); fit = total <= HBM.
     monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": p["total_bytes"]})
     r2 = plan.plan(c, "cpu:8", num_classes=1000, vocab_size=256, mfu=0.5)
     assert r2["fits"] is True
-    assert r2["step_time_s"] == pytest.approx(r2["flops_per_device"] / 0.5e12)
+    assert r2["model_flops_per_step"] == pytest.approx(train.model_flops(c, 1000, 256, 16, (r2["image_size"],) * 2))
+    assert r2["step_time_s"] == pytest.approx(r2["model_flops_per_step"] / (8 * 0.5e12))
     assert r2["images_per_s"] == pytest.approx(16 / r2["step_time_s"])
     monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": p["total_bytes"] - 1})
     assert plan.plan(c, "cpu:8", num_classes=1000, vocab_size=256)["fits"] is False

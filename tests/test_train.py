@@ -197,6 +197,41 @@ def test_nan_batch_does_not_update(data_dir):
         np.testing.assert_array_equal(x, np.asarray(y))
 
 
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_gradient_accumulation_matches_the_full_batch(data_dir, axis_type):
+    """grad_accum_steps=2 and 4 against one pass over the same 32 images on 8 devices: the same loss
+    and gradient norm when every microbatch holds the same number of rows of each kind (the
+    update is the mean of microbatch gradients, each a mean over its rows) and no sampling is
+    drawn (ρ = 1); a split that cannot spread over the devices is refused with the numbers."""
+    results = {}
+    for accum in (1, 2, 4):
+        c = small_config(data_dir)
+        c.loss.sample_rate = 1.0
+        c.model.embed_batchnorm = False
+        c.grad_accum_steps = accum
+        c.batch_size = 32
+        mesh = make_mesh(8, 1, axis_type=axis_type)
+        state, setup = train.init_state(c, mesh, train.build_model_config(c), 12, 128)
+        step_fn, batch_sh = train.make_train_step(c, setup)
+        r = np.random.default_rng(0)
+        b, n = 32, c.data.num_regions
+        lo = r.uniform(0, 0.5, (b, n, 2))
+        batch = {"image": r.standard_normal((b, 32, 32, 3)).astype(np.float32),
+                 "boxes": np.concatenate([lo, lo + 0.4], -1).astype(np.float32),
+                 "region_valid": np.ones((b, n), bool),
+                 "region_kind": np.tile((np.arange(n) % 3 == 0).astype(np.int32), (b, 1)),
+                 "labels": r.integers(0, 12, (b, n, c.data.max_labels)).astype(np.int32), "image_ok": np.ones(b, bool)}
+        _, m = step_fn(state, train.to_global_batch(batch, batch_sh))
+        results[accum] = {k: float(m[k]) for k in ("loss", "loss_object", "loss_ocr", "grad_norm")}
+    for accum in (2, 4):
+        for k, v in results[1].items():
+            assert results[accum][k] == pytest.approx(v, rel=2e-5), (accum, k, results)
+    c = small_config(data_dir)
+    c.grad_accum_steps = 3
+    with pytest.raises(ValueError, match="grad_accum_steps=3.*multiple of 24"):
+        train.check_grad_accum(c, 8)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(data_dir, tmp_path):
     """2 processes x 4 CPU devices (gloo) reproduce the 1-process 8-device losses."""

@@ -106,6 +106,7 @@ def get_config(arg=None):
 
     # ---- Schedule --------------------------------------------------------------------
     c.batch_size = 32768               # global
+    c.grad_accum_steps = 1             # microbatches per update: batch_size / grad_accum_steps rows in memory at once
     c.stages = ((400_000, 224),)       # resolution schedule: (steps, image_size) stages run in order
 
     # ---- Mesh and parameter layout ---------------------------------------------------------
