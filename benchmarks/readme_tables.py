@@ -198,7 +198,7 @@ def step_profile() -> str:
     r = _load("step_profile")
     if not r:
         return "(run `python -m benchmarks.step_profile`)"
-    from benchmarks.step_profile import CATEGORIES, PHASES
+    from benchmarks.step_profile import CATEGORIES
 
     j, t = r["jax"]["ms"], r["torch"]["ms"]
     rows = [f"{r['preset']}, batch {r['batch']}, fp32, {r['objective']}; ms per step summed over executed ops "

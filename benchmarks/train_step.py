@@ -13,7 +13,6 @@ run); torch.matmul's rate is recorded beside it.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 
 import jax

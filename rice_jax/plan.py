@@ -118,10 +118,8 @@ def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.
            "code_bytes": int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)}
     # Donated state: outputs that alias arguments occupy the arguments' buffers.
     per["total_bytes"] = per["argument_bytes"] + per["output_bytes"] - per["alias_bytes"] + per["temp_bytes"]
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    flops = float(ca.get("flops", 0.0))                      # per device (the SPMD partition)
-    out.update(per_device=per, flops_per_device=flops, flops_per_step=flops * len(devices))
+    flops = train.xla_cost_flops(compiled, len(devices))
+    out.update(per_device=per, flops_per_device=flops / len(devices), flops_per_step=flops)
     if kind in perf.CHIPS:
         spec = perf.chip(kind)
         out["hbm_bytes"] = spec["hbm_bytes"]
