@@ -48,21 +48,6 @@ def report(name: str, record: dict, *, write: bool = True) -> dict:
     return record
 
 
-def random_batch(batch: int, image: int, regions: int, max_labels: int, num_labels: int, seed: int = 0) -> dict:
-    """A per-process batch with the pipeline's keys, shapes and dtypes (random content), for timing
-    the train step without the input pipeline."""
-    import numpy as np
-
-    r = np.random.default_rng(seed)
-    lo = r.uniform(0, 0.6, (batch, regions, 2))
-    return {"image": r.standard_normal((batch, image, image, 3)).astype(np.float32),
-            "boxes": np.concatenate([lo, lo + 0.3], -1).clip(0, 1).astype(np.float32),
-            "region_valid": np.ones((batch, regions), bool),
-            "region_kind": (r.random((batch, regions)) < 0.3).astype(np.int32),
-            "labels": r.integers(0, num_labels, (batch, regions, max_labels)).astype(np.int32),
-            "image_ok": np.ones(batch, bool)}
-
-
 def torch_threads(n: int | None = None):
     """Give PyTorch the same cores JAX uses (all of them by default)."""
     import torch

@@ -19,7 +19,8 @@ import time
 
 import jax
 
-from benchmarks.common import random_batch, report, timeit
+from benchmarks.common import report, timeit
+from rice_jax.batch import random_batch
 
 
 def _config(variant: str, batch: int, impl: str, num_classes: int, smoke: bool):

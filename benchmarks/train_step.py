@@ -18,8 +18,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import random_batch, report, timeit, torch_threads
-
+from benchmarks.common import report, timeit, torch_threads
+from rice_jax.batch import random_batch
 
 
 def _config(objective: str, preset: str, batch: int, image: int, k: int, v: int):

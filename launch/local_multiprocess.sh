@@ -13,7 +13,7 @@ export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEV
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   python -m rice_jax.train --config "$CONFIG" --workdir "$WORKDIR" \
-    --coordinator_address "127.0.0.1:${PORT}" --num_processes "$NUM_PROCESSES" --process_id "$i" "$@" &
+    --coordinator-address "127.0.0.1:${PORT}" --num-processes "$NUM_PROCESSES" --process-id "$i" "$@" &
   pids+=($!)
 done
 rc=0

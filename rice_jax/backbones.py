@@ -16,6 +16,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from rice_jax import errors
+
 SCHEMES = ("hf", "ckpt", "hub")
 
 
@@ -23,7 +25,7 @@ def parse(spec: str) -> tuple[str, str]:
     """``"ckpt:/runs/a"`` -> ``("ckpt", "/runs/a")``; a one-line error for anything else."""
     scheme, sep, where = str(spec).partition(":")
     if not sep or scheme not in SCHEMES or not where:
-        raise ValueError(f"backbone {spec!r}: use hf:DIR (Hugging Face MLCDVisionModel folder), ckpt:DIR "
+        raise errors.InputError(f"backbone {spec!r}: use hf:DIR (Hugging Face MLCDVisionModel folder), ckpt:DIR "
                          "(rice_jax training run) or hub:ID (downloads)")
     return scheme, where
 

@@ -16,8 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rice_jax import storage
-from rice_jax.cli import first_line
+from rice_jax import distributed, errors, storage
 from rice_jax.sharding import path_to_str as sharding_path
 
 CKPT_SUBDIR = "checkpoints"
@@ -25,11 +24,11 @@ DAMAGED_SUBDIR = "damaged_checkpoints"   # beside CKPT_SUBDIR: unreadable checkp
 BACKBONE = ("params", "model", "backbone")
 
 
-class CheckpointDamaged(RuntimeError):
+class CheckpointDamaged(errors.UserError, RuntimeError):
     """A checkpoint that cannot be read; the message names the step, its folder and the first error line."""
 
 
-class CheckpointIncompatible(ValueError):
+class CheckpointIncompatible(errors.InputError):
     """A readable checkpoint whose arrays do not fit this run's state (another config): never "damaged"."""
 
 
@@ -44,15 +43,6 @@ def _manager(directory, *, every: int = 1, keep: Optional[int] = None, async_sav
                                              create=not read_only),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
-
-
-def _all_processes_true(flag: bool) -> bool:
-    """True only if ``flag`` is true on every process (one tiny all-gather; free on one process)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
 class Checkpointer:
@@ -128,10 +118,10 @@ class Checkpointer:
                 raise  # a config change, not damage: never move a good checkpoint aside
             except Exception as e:  # noqa: BLE001 - any read failure makes this checkpoint unusable
                 err, result = e, None
-            if _all_processes_true(err is None):
+            if distributed.all_true(err is None):
                 return step, result
             folder = self.directory / str(step)
-            what = first_line(err, 400) if err is not None else "another host could not read it"
+            what = errors.first_line(err, 400) if err is not None else "another host could not read it"
             if strict:
                 raise CheckpointDamaged(f"checkpoint step {step} ({folder}) cannot be read: {what}; rerun with "
                                         "--config.strict_restore=False to fall back to the newest intact one")
@@ -145,10 +135,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             dst.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"rice_jax_move_aside_{step}")
+        distributed.barrier(f"rice_jax_move_aside_{step}")
         self.mngr.reload()
         return dst
 
@@ -180,7 +167,7 @@ def _open_read_only(path: storage.PathLike, step: Optional[int]):
         absl_logging.set_verbosity(level)
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found (expected {path}/{CKPT_SUBDIR}/<step>)")
+        raise errors.MissingInput(f"{path}: no checkpoint found (expected {path}/{CKPT_SUBDIR}/<step>)")
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return mngr, step, meta
 
@@ -220,7 +207,7 @@ def restore_subtree(path: storage.PathLike, abstract: Any, keys: tuple[str, ...]
     for k in keys:
         if not isinstance(sub, dict) or k not in sub:
             mngr.close()
-            raise ValueError(f"{path}@{step}: checkpoint has no {'/'.join(keys)} (is it a rice_jax train checkpoint?)")
+            raise errors.InputError(f"{path}@{step}: checkpoint has no {'/'.join(keys)} (is it a rice_jax train checkpoint?)")
         sub = sub[k]
     target = _match_keys(abstract, sub, f"{path}@{step}", "")
     item = _nest(keys, target)
@@ -240,14 +227,14 @@ def _match_keys(abstract: Any, saved: Any, where: str, path: str) -> Any:
     """``abstract`` re-keyed with the saved tree's (string) keys; shape mismatches and gaps named."""
     if isinstance(abstract, dict):
         if not isinstance(saved, dict):
-            raise ValueError(f"{where}: expected a mapping at {path or '/'}")
+            raise errors.InputError(f"{where}: expected a mapping at {path or '/'}")
         by_str = {str(k): k for k in saved}
         missing = [k for k in abstract if str(k) not in by_str]
         if missing:
-            raise ValueError(f"{where}: checkpoint lacks {[f'{path}/{m}' for m in missing][:10]}")
+            raise errors.InputError(f"{where}: checkpoint lacks {[f'{path}/{m}' for m in missing][:10]}")
         return {by_str[str(k)]: _match_keys(v, saved[by_str[str(k)]], where, f"{path}/{k}") for k, v in abstract.items()}
     if tuple(saved.shape) != tuple(abstract.shape):
-        raise ValueError(f"{where}: {path} has shape {tuple(saved.shape)}, model expects {tuple(abstract.shape)}")
+        raise errors.InputError(f"{where}: {path} has shape {tuple(saved.shape)}, model expects {tuple(abstract.shape)}")
     return abstract
 
 
@@ -271,15 +258,15 @@ def load_into(abstract_pure: dict, restored: Any, where: str) -> dict:
     def walk(a, r, path):
         if isinstance(a, dict):
             if not isinstance(r, dict):
-                raise ValueError(f"{where}: expected a mapping at {path or '/'}")
+                raise errors.InputError(f"{where}: expected a mapping at {path or '/'}")
             rk = {str(k): v for k, v in r.items()}
             missing = [k for k in a if str(k) not in rk]
             if missing:
-                raise ValueError(f"{where}: checkpoint lacks {[f'{path}/{m}' for m in missing][:10]}")
+                raise errors.InputError(f"{where}: checkpoint lacks {[f'{path}/{m}' for m in missing][:10]}")
             return {k: walk(v, rk[str(k)], f"{path}/{k}") for k, v in a.items()}
         arr = np.asarray(r)
         if tuple(arr.shape) != tuple(a.shape):
-            raise ValueError(f"{where}: {path} has shape {arr.shape}, model expects {tuple(a.shape)}")
+            raise errors.InputError(f"{where}: {path} has shape {arr.shape}, model expects {tuple(a.shape)}")
         return arr.astype(a.dtype)
     return walk(abstract_pure, restored, "")
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from rice_jax import distributed, errors
 from rice_jax.data import pipeline, records
 
 FEATURES_FILE = "region_features.npy"
@@ -164,7 +165,7 @@ def make_extractor(spec: str, image_size: int | None = None):
     from rice_jax import backbones
 
     if spec.partition(":")[0] not in backbones.SCHEMES:
-        raise ValueError(f"unknown extractor {spec!r}: use handcrafted, oracle, a backbone (hf:DIR, ckpt:DIR, "
+        raise errors.InputError(f"unknown extractor {spec!r}: use handcrafted, oracle, a backbone (hf:DIR, ckpt:DIR, "
                          "hub:ID) or any Hugging Face vision encoder (transformers:DIR)")
     return ViTExtractor(backbones.load(spec), spec, image_size)
 
@@ -209,7 +210,7 @@ BACKENDS = ("auto", "sklearn", "faiss", "jax")
 
 def resolve_backend(backend: str, k: int) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: use one of {BACKENDS}")
+        raise errors.InputError(f"--backend {backend!r}: use one of {BACKENDS}")
     if backend == "auto":
         return "jax" if k >= JAX_BACKEND_MIN_K else "sklearn"
     return backend
@@ -306,7 +307,7 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
             ids.append((i, int(r)))
             labels.append(int(rec.category[r]))
     if not ids:
-        raise ValueError(f"{data_dir}: no object region has a ground-truth category; the oracle needs them")
+        raise errors.InputError(f"{data_dir}: no object region has a ground-truth category; the oracle needs them")
     ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int32)
     k = int(labels.max()) + 1
     _write_labels(data_dir, src, ids, labels)
@@ -318,7 +319,7 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
         image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"--data {data_dir}: no such directory")
+        raise errors.MissingInput(f"--data {data_dir}: no such directory")
     if extractor == "oracle":
         return oracle_labels(data_dir, log)
     src = records.RecordSource(data_dir)
@@ -326,7 +327,6 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     out.mkdir(parents=True, exist_ok=True)
     import jax
 
-    from rice_jax.kmeans import gather_rows
 
     # Several processes: each extracts the features of its contiguous share of the records; the
     # mesh k-means then runs over all of them, and process 0 writes labels, centres and report.
@@ -336,14 +336,14 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     ids, feats = extract_to_memmap(_RecordRange(src, lo, hi) if nproc > 1 else src, ext, out, chunk,
                                    FEATURES_FILE if nproc == 1 else f"region_features.process{pid}.npy")
     ids[:, 0] += lo
-    n_total = int(np.sum(gather_rows(np.asarray([len(ids)], np.int64))))
+    n_total = int(np.sum(distributed.gather_rows(np.asarray([len(ids)], np.int64))))
     if k < 1 or k > n_total:
-        raise ValueError(f"--k {k} must be between 1 and the number of object regions ({n_total}); lower K")
+        raise errors.InputError(f"--k {k} must be between 1 and the number of object regions ({n_total}); lower K")
     backend = resolve_backend(backend, k)
     if (topk > 1 or levels != 1 or nproc > 1) and backend != "jax":
-        raise ValueError("--topk, --levels 2 and multi-process runs need --backend jax (they run on the mesh)")
+        raise errors.InputError("--topk, --levels 2 and multi-process runs need --backend jax (they run on the mesh)")
     if levels not in (1, 2) or (levels == 2 and (topk > 1 or nproc > 1)):
-        raise ValueError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical; one process, without --topk)")
+        raise errors.InputError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical; one process, without --topk)")
     log(f"[clustering] {n_total} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k} "
         f"({backend}, {nproc} process(es))")
     fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
@@ -351,11 +351,11 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
         labels, inertia = fitted.assign(feats)
         centers = fitted.centers_numpy()
-        ids, labels = gather_rows(ids), gather_rows(labels)
-        inertia = float(np.sum(gather_rows(np.asarray([inertia], np.float64))))
+        ids, labels = distributed.gather_rows(ids), distributed.gather_rows(labels)
+        inertia = float(np.sum(distributed.gather_rows(np.asarray([inertia], np.float64))))
         if topk > 1:
             top, scores = fitted.assign_topk(feats, topk)
-            top, scores = gather_rows(top), gather_rows(scores)
+            top, scores = distributed.gather_rows(top), distributed.gather_rows(scores)
             if pid == 0:
                 np.savez(out / TOPK_FILE, ids=ids, labels=top, scores=scores)
                 log(f"[clustering] top-{topk} assignment in {out / TOPK_FILE}")
@@ -388,14 +388,14 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=None)
     from rice_jax import cli
 
-    cli.add_distributed_flags(ap)
+    distributed.add_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
                     help="2 = hierarchical k-means (about sqrt(K) coarse clusters, then fine ones inside each): for "
                          "K >= 1M when a flat pass is too slow (jax backend)")
     ap.add_argument("--topk", type=int, default=1,
                     help=f"also write each region's T nearest clusters to {TOPK_FILE} (multi-label use; jax backend)")
     a = ap.parse_args(argv)
-    cli.init_distributed(a)
+    distributed.join(a)
     if a.extractor != "oracle" and a.k < 1:
         ap.error("--k K is required (the number of clusters)")
     run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rice_jax import storage
+from rice_jax import errors, storage
 from rice_jax.models.config import ViTConfig
 from rice_jax.models.vit import ViT
 
@@ -35,7 +35,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_STATE_DICT = "pytorch_model.bin"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.InputError):
     """A checkpoint whose keys or shapes do not match the configured model."""
 
 
@@ -191,7 +191,7 @@ def read_hf_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
         sd = torch.load(path / TORCH_STATE_DICT, map_location="cpu", weights_only=True)
         state = {k: v.float().numpy() for k, v in sd.items()}
     else:
-        raise FileNotFoundError(
+        raise errors.MissingInput(
             f"{path}: no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_STATE_DICT} found "
             "(expected a Hugging Face MLCDVisionModel directory)")
     # Drop non-persistent buffers some exporters include.
@@ -216,7 +216,7 @@ def load_hf(path: str | os.PathLike, *, from_hub: bool = False, revision: str | 
     path = Path(storage.download_dir(path))
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found (expected a Hugging Face MLCDVisionModel directory)")
+        raise errors.MissingInput(f"{cfg_file} not found (expected a Hugging Face MLCDVisionModel directory)")
     cfg = ViTConfig.from_hf_dict(json.loads(cfg_file.read_text()), **runtime)
     return vit_from_hf_state(cfg, read_hf_state(path), source=str(path))
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rice_jax import sharding
+from rice_jax import errors, sharding
 from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 
 
@@ -27,7 +27,7 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     """
     idx = layer if layer >= 0 else num_layers + 1 + layer
     if not 0 <= idx <= num_layers:
-        raise ValueError(f"--layer {layer} is outside [-{num_layers + 1}, {num_layers}] for a {num_layers}-block model")
+        raise errors.InputError(f"--layer {layer} is outside [-{num_layers + 1}, {num_layers}] for a {num_layers}-block model")
     return idx
 
 
@@ -121,7 +121,7 @@ class TransformersRegionFeatures:
         self.image_size = image_size or int(cfg.image_size if not isinstance(cfg.image_size, (list, tuple))
                                             else cfg.image_size[0])
         if self.image_size % self.patch:
-            raise ValueError(f"{path}: image size {self.image_size} is not a multiple of the patch size {self.patch}")
+            raise errors.InputError(f"{path}: image size {self.image_size} is not a multiple of the patch size {self.patch}")
         self.dim = int(cfg.hidden_size)
         mean, std = CLIP_MEAN, CLIP_STD
         pre = os.path.join(local, "preprocessor_config.json")

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rice_jax import sharding
+from rice_jax import distributed, errors, sharding
 from rice_jax.losses import padded_num_classes
 from rice_jax.sharding import ALL_AXES
 
@@ -136,46 +136,13 @@ def _sq_dist(x, best, valid, metric):
     return jnp.where(valid, jnp.maximum(d2, 0.0), 0.0)
 
 
-def _max_over_processes(v: int) -> int:
-    if jax.process_count() == 1:
-        return int(v)
-    from jax.experimental import multihost_utils
-
-    return int(np.max(multihost_utils.process_allgather(np.asarray([v], np.int64))))
-
-
-def _slice_offsets(n_local: int) -> tuple[int, int]:
-    """(global index of this process's first row, total rows): processes hold contiguous slices in
-    process order, so global row indices — and every random choice made with them — are the same
-    whatever the number of processes."""
-    if jax.process_count() == 1:
-        return 0, n_local
-    from jax.experimental import multihost_utils
-
-    counts = np.asarray(multihost_utils.process_allgather(np.asarray([n_local], np.int64))).reshape(-1)
-    return int(np.sum(counts[: jax.process_index()])), int(np.sum(counts))
-
-
 def _rows_at(feats, idx: np.ndarray, offset: int) -> np.ndarray:
     """Rows at sorted *global* indices ``idx``, assembled from the processes that hold them."""
     mine = (idx >= offset) & (idx < offset + len(feats))
     rows = np.zeros((len(idx), feats.shape[1]), np.float32)
     if mine.any():
         rows[mine] = np.asarray(feats[idx[mine] - offset], np.float32)
-    if jax.process_count() == 1:
-        return rows
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(rows)).sum(axis=0)  # one owner per row
-
-
-def _to_host(a: jax.Array) -> np.ndarray:
-    """A (possibly multi-process) sharded array as one numpy array on every process."""
-    if a.is_fully_addressable:
-        return np.asarray(jax.device_get(a))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return distributed.sum_over_processes(rows)  # one owner per row
 
 
 class MeshKMeans:
@@ -184,9 +151,9 @@ class MeshKMeans:
     def __init__(self, k: int, dim: int, *, metric: str = "cosine", mesh=None, batch_size: int = 16384,
                  seed: int = 0, checkpoint_dir: Optional[str] = None, log: Callable[[str], None] = print):
         if metric not in METRICS:
-            raise ValueError(f"metric {metric!r}: use one of {METRICS}")
+            raise errors.InputError(f"metric {metric!r}: use one of {METRICS}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise errors.InputError(f"k must be >= 1, got {k}")
         self.k, self.dim, self.metric, self.seed, self.log = k, dim, metric, seed, log
         self.mesh = mesh if mesh is not None else sharding.make_mesh(-1, 1)
         w = self.mesh.size
@@ -236,9 +203,9 @@ class MeshKMeans:
 
     def init_random(self, feats) -> None:
         """K distinct random rows of ``feats`` as the initial centres (deterministic from the seed)."""
-        if _slice_offsets(len(feats))[1] < self.k:
-            raise ValueError(f"{len(feats)} feature rows for K = {self.k}: need at least K rows (lower K)")
-        offset, total = _slice_offsets(len(feats))
+        if distributed.slice_offsets(len(feats))[1] < self.k:
+            raise errors.InputError(f"{len(feats)} feature rows for K = {self.k}: need at least K rows (lower K)")
+        offset, total = distributed.slice_offsets(len(feats))
         rng = np.random.default_rng(self.seed)
         self.set_centers(_rows_at(feats, np.sort(rng.choice(total, self.k, replace=False)), offset))
 
@@ -246,7 +213,7 @@ class MeshKMeans:
         """k-means++ on a random sample (for small K; it is O(K · sample))."""
         from sklearn.cluster import kmeans_plusplus
 
-        offset, total = _slice_offsets(len(feats))
+        offset, total = distributed.slice_offsets(len(feats))
         rng = np.random.default_rng(self.seed)
         x = _rows_at(feats, np.sort(rng.choice(total, min(total, max(sample, self.k)), replace=False)), offset)
         if self.metric == "cosine":
@@ -263,7 +230,7 @@ class MeshKMeans:
         the same number of times (the largest slice sets it; shorter slices pad with invalid rows).
         ``local rows`` are the global batch positions holding this process's rows, in order."""
         n, lb = len(feats), self.batch_size // jax.process_count()
-        steps = _max_over_processes(-(-n // lb))
+        steps = distributed.max_over_processes(-(-n // lb))
         positions = None
         for i in range(steps):
             chunk = np.asarray(feats[i * lb:(i + 1) * lb], np.float32).reshape(-1, self.dim)
@@ -294,12 +261,12 @@ class MeshKMeans:
         return inertia
 
     def _update(self, sums, counts, sse):
-        counts_host = _to_host(counts)[: self.k]
+        counts_host = distributed.to_host(counts)[: self.k]
         new = self._mean(sums, counts, self.centers)
         empty = np.nonzero(counts_host == 0)[0]
         if len(empty):
             # Donors: clusters of >= 2 rows, drawn in proportion to their squared-error sum.
-            weight = np.where(counts_host >= 2, _to_host(sse)[: self.k].astype(np.float64), 0.0)
+            weight = np.where(counts_host >= 2, distributed.to_host(sse)[: self.k].astype(np.float64), 0.0)
             new = self._split_into_empty(new, empty, weight)
             self.log(f"[kmeans] pass {self.passes_done + 1}: {len(empty)} empty cluster(s) filled by "
                      f"splitting large ones")
@@ -321,7 +288,7 @@ class MeshKMeans:
         if weight.sum() == 0:               # every cluster is a singleton or empty: nothing to split
             return centers
         donors = rng.choice(self.k, size=len(empty), p=weight / weight.sum())
-        rows = _to_host(self._take(centers, jnp.asarray(donors, jnp.int32)))
+        rows = distributed.to_host(self._take(centers, jnp.asarray(donors, jnp.int32)))
         signs = np.where(rng.random((len(empty), self.dim)) < 0.5, -1.0, 1.0).astype(np.float32)
         copies = rows * (1.0 + SPLIT_EPS * signs)
         # Each donor moves opposite to its first copy.
@@ -342,7 +309,7 @@ class MeshKMeans:
         elif init == "kmeans++":
             self.init_kmeans_plusplus(feats)
         elif init != "given" or self.centers is None:
-            raise ValueError(f"init {init!r}: use random, kmeans++, or given (after set_centers)")
+            raise errors.InputError(f"init {init!r}: use random, kmeans++, or given (after set_centers)")
         while self.passes_done < passes:
             inertia = self.lloyd_pass(feats)
             self.log(f"[kmeans] pass {self.passes_done}/{passes}: inertia {inertia:.6g} (before the update)")
@@ -373,13 +340,13 @@ class MeshKMeans:
         return labels, inertia
 
     def centers_numpy(self) -> np.ndarray:
-        return _to_host(self.centers)[: self.k]
+        return distributed.to_host(self.centers)[: self.k]
 
     def assign_topk(self, feats, topk: int) -> tuple[np.ndarray, np.ndarray]:
         """``(labels [R, topk], scores [R, topk])``: the ``topk`` nearest centres of every row, nearest
         first (multi-label use: a region's several clusters)."""
         if not 1 <= topk <= self.k:
-            raise ValueError(f"topk {topk} must be in [1, K={self.k}]")
+            raise errors.InputError(f"topk {topk} must be in [1, K={self.k}]")
         key = ("topk", topk)
         if key not in self._topk_fns:
             rows, vec = P(ALL_AXES, None), P(ALL_AXES)
@@ -421,7 +388,7 @@ class MeshKMeans:
                     "passes_done": np.zeros((), np.int64), "k": np.zeros((), np.int64), "seed": np.zeros((), np.int64)}
         state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
         if int(state["k"]) != self.k or int(state["seed"]) != self.seed:
-            raise ValueError(f"{self.checkpoint_dir}: k-means state for K={int(state['k'])}, seed={int(state['seed'])}; "
+            raise errors.InputError(f"{self.checkpoint_dir}: k-means state for K={int(state['k'])}, seed={int(state['seed'])}; "
                              f"this run has K={self.k}, seed={self.seed} (use another checkpoint dir)")
         self.centers = state["centers"]
         self.passes_done = int(state["passes_done"])
@@ -441,7 +408,7 @@ class HierarchicalKMeans:
         self.k, self.dim, self.metric, self.mesh, self.seed, self.log = k, dim, metric, mesh, seed, log
         self.k1 = int(k1 or max(1, round(math.sqrt(k))))
         if not 1 <= self.k1 <= k:
-            raise ValueError(f"k1 {self.k1} must be in [1, K={k}]")
+            raise errors.InputError(f"k1 {self.k1} must be in [1, K={k}]")
         self.batch_size = batch_size
         self.coarse: Optional[MeshKMeans] = None
         self.fine: list[Optional[MeshKMeans]] = []
@@ -537,9 +504,9 @@ def main(argv=None):
     ap.add_argument("--labels", default=None, help="also write this process's labels (.npy; suffixed by process)")
     from rice_jax import cli, storage
 
-    cli.add_distributed_flags(ap)
+    distributed.add_flags(ap)
     a = ap.parse_args(argv)
-    cli.init_distributed(a)
+    distributed.join(a)
 
     feats = np.load(storage.require_local(a.features, "a feature file", "copy it locally or mount the bucket"),
                     mmap_mode="r")
@@ -551,28 +518,13 @@ def main(argv=None):
     km.fit(mine, passes=a.passes, init=a.init)
     centers = km.centers_numpy()
     labels, inertia = km.assign(mine)
-    total = float(np.sum(gather_rows(np.asarray([inertia], np.float64))))
+    total = float(np.sum(distributed.gather_rows(np.asarray([inertia], np.float64))))
     if pid == 0:
         np.save(a.out, centers)
         print(f"[kmeans] K={a.k} over {n} rows on {jax.device_count()} devices / {nproc} process(es): "
               f"inertia {total:.6g}; centres in {a.out}", flush=True)
     if a.labels:
         np.save(a.labels if nproc == 1 else f"{a.labels}.process{pid}", labels)
-
-
-def gather_rows(x: np.ndarray) -> np.ndarray:
-    """Every process's rows of ``x`` concatenated in process order, on every process (rows may differ
-    in number between processes)."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    n = int(_max_over_processes(len(x)))
-    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)], np.int64))).reshape(-1)
-    padded = np.zeros((n,) + x.shape[1:], x.dtype)
-    padded[: len(x)] = x
-    allx = np.asarray(multihost_utils.process_allgather(padded))
-    return np.concatenate([allx[p, : counts[p]] for p in range(len(counts))])
 
 
 if __name__ == "__main__":

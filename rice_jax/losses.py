@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rice_jax.data.records import KIND_OBJECT, KIND_TEXT
+from rice_jax.batch import KIND_OBJECT, KIND_TEXT
 from rice_jax.sharding import ALL_AXES, conform
 
 _COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite

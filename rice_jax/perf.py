@@ -13,6 +13,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from rice_jax import errors
+
 
 def peak_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
     """Best measured dense matmul rate of one device (FLOP/s)."""
@@ -89,5 +91,5 @@ def chip(name: str) -> dict:
     """Datasheet figures of a target chip (``v5p``, ``v5e``, ... or ``h100``); a clear error otherwise."""
     key = name.lower().split(":")[0]
     if key not in CHIPS:
-        raise ValueError(f"unknown chip {name!r}: known {sorted(CHIPS)}")
+        raise errors.InputError(f"unknown chip {name!r}: known {sorted(CHIPS)}")
     return CHIPS[key]

@@ -38,6 +38,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import json  # noqa: E402
 import time  # noqa: E402
 
+from rice_jax import batch as batch_contract, errors  # noqa: E402 - after the environment above
+
 MIB = 2**20
 
 
@@ -50,7 +52,7 @@ def target_devices(topology: str):
     if kind == "cpu":
         n = int(shape or jax.device_count())
         if n > jax.device_count():
-            raise ValueError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
+            raise errors.InputError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
                              f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return jax.devices("cpu")[:n]
     try:
@@ -63,21 +65,7 @@ def target_devices(topology: str):
 
 
 def _first(e: BaseException) -> str:
-    from rice_jax.cli import first_line
-
-    return first_line(e, 300)
-
-
-def abstract_batch(c, batch_sh: dict, image_size: int) -> dict:
-    """The pipeline's batch contract (``docs/design.md`` §3.2) as abstract arrays."""
-    import jax
-    import jax.numpy as jnp
-
-    b, n, m = c.batch_size, c.data.num_regions, c.data.max_labels
-    shapes = {"image": ((b, image_size, image_size, 3), jnp.float32), "boxes": ((b, n, 4), jnp.float32),
-              "region_valid": ((b, n), jnp.bool_), "region_kind": ((b, n), jnp.int32),
-              "labels": ((b, n, m), jnp.int32), "image_ok": ((b,), jnp.bool_)}
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
+    return errors.first_line(e, 300)
 
 
 def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.4, stage: int = -1) -> dict:
@@ -89,12 +77,13 @@ def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.
     devices = list(target_devices(topology))
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices, axis_type=c.mesh.axis_type)
     if c.batch_size % mesh.size:
-        raise ValueError(f"batch_size {c.batch_size} is not a multiple of the {mesh.size} devices of {topology}")
+        raise errors.InputError(f"batch_size {c.batch_size} is not a multiple of the {mesh.size} devices of {topology}")
     image_size = int(c.stages[stage][1])
     model_cfg = train.build_model_config(c)
     _, setup = train.abstract_setup(c, mesh, model_cfg, num_classes, vocab_size)
     step, batch_sh = train.make_train_step(c, setup)
-    batch = abstract_batch(c, batch_sh, image_size)
+    batch = batch_contract.abstract_batch(c.batch_size, image_size, c.data.num_regions, c.data.max_labels,
+                                          batch_sh)
     kind = topology.partition(":")[0]
     out = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
            "mesh": dict(mesh.shape), "global_batch": c.batch_size, "image_size": image_size,

@@ -8,7 +8,7 @@ import argparse
 import json
 import io
 
-from rice_jax import storage
+from rice_jax import errors, storage
 
 # One panel per tuple; a key missing from the run (e.g. OCR terms of a global-only run) is skipped.
 PANELS = (
@@ -33,7 +33,7 @@ def plot(workdir: str | storage.PathLike):
     workdir = storage.path(workdir)
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     if not rows:
-        raise ValueError(f"{workdir}/metrics.jsonl is empty")
+        raise errors.InputError(f"{workdir}/metrics.jsonl is empty")
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
     for ax, keys, title in zip(axes.ravel(), PANELS, TITLES):
         ax.set_title(title, fontsize=9)
@@ -61,4 +61,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from rice_jax import cli
+
+    cli.run(main)

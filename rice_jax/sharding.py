@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from rice_jax import errors
+
 MESH_AXES = ("data", "fsdp")
 # The batch and the class-parallel centre matrices are split over every device.
 ALL_AXES = MESH_AXES
@@ -29,17 +31,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     sharding-in-types mode: every array's sharding is part of its type). The loss and the train
     step run on both."""
     if axis_type not in AXIS_TYPES:
-        raise ValueError(f"mesh axis_type {axis_type!r}: use one of {sorted(AXIS_TYPES)}")
+        raise errors.InputError(f"mesh axis_type {axis_type!r}: use one of {sorted(AXIS_TYPES)}")
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if data == -1 and fsdp == -1:
-        raise ValueError("at most one of data/fsdp may be -1")
+        raise errors.InputError("at most one of data/fsdp may be -1")
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(
+        raise errors.InputError(
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
             "set mesh sizes whose product is the device count (or -1 for one of them)"
         )
@@ -112,12 +114,12 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES,
                 return _fsdp_spec(shape, mesh.shape["fsdp"], min_fsdp_size)
             if tactic == "class_parallel":
                 if shape[0] % mesh.size:
-                    raise ValueError(
+                    raise errors.InputError(
                         f"{path}: {shape[0]} rows are not divisible by the {mesh.size} devices; "
                         "pad K to a multiple of the device count (losses.padded_num_classes)"
                     )
                 return P(ALL_AXES, *([None] * (len(shape) - 1)))
-            raise ValueError(f"unknown sharding tactic {tactic!r} for {path}")
+            raise errors.InputError(f"unknown sharding tactic {tactic!r} for {path}")
     return P()
 
 

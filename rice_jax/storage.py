@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 
 from etils import epath
 
+from rice_jax import errors
+
 PathLike = str | os.PathLike
 
 
@@ -42,7 +44,7 @@ def is_remote(p: PathLike) -> bool:
 def require_local(p: PathLike, what: str, advice: str) -> str:
     """``p`` as a local path string, or a one-line error saying why it must be local and what to do."""
     if is_remote(p):
-        raise ValueError(f"{p}: {what} must be on a local or mounted filesystem ({advice})")
+        raise errors.InputError(f"{p}: {what} must be on a local or mounted filesystem ({advice})")
     return os.fspath(path(p))
 
 

@@ -24,45 +24,43 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rice_jax import backbones, checkpoint, losses, perf, sharding, storage
+from rice_jax import backbones, checkpoint, distributed, errors, losses, perf, sharding, storage
+from rice_jax import batch as batch_contract
 from rice_jax.data import pipeline, records
 from rice_jax.models import config as mcfg
 from rice_jax.models import rice as rice_settings
 from rice_jax.models.rice import RICEConfig, RICEModel
 
-BATCH_KEYS = ("image", "boxes", "region_valid", "region_kind", "labels", "image_ok")
-
-
 # ----------------------------------------------------------------------------- config checks
 def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
     """Derived checks with messages that say what to change. Returns (K, V)."""
     if not c.data.dir:
-        raise ValueError("config.data.dir is empty: set --config.data.dir=DIR (a rice_jax region dataset)")
+        raise errors.InputError("config.data.dir is empty: set --config.data.dir=DIR (a rice_jax region dataset)")
     if c.batch_size % num_devices:
-        raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {num_devices} devices; "
+        raise errors.InputError(f"config.batch_size={c.batch_size} is not divisible by the {num_devices} devices; "
                          f"use a multiple of {num_devices}")
     check_grad_accum(c, num_devices)
     if c.data.num_regions < 1:
-        raise ValueError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
+        raise errors.InputError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
     if not c.stages:
-        raise ValueError("config.stages is empty: give at least one (steps, image_size) pair")
+        raise errors.InputError("config.stages is empty: give at least one (steps, image_size) pair")
     stage_lr_multipliers(c)  # one per stage
     preset = mcfg.get_preset(c.model.backbone)
     for s in c.stages:
         if len(s) != 2 or s[0] < 1:
-            raise ValueError(f"config.stages entry {s!r} must be (steps >= 1, image_size)")
+            raise errors.InputError(f"config.stages entry {s!r} must be (steps >= 1, image_size)")
         if s[1] % preset.patch_size:
-            raise ValueError(f"stage image_size {s[1]} is not a multiple of patch size {preset.patch_size}")
+            raise errors.InputError(f"stage image_size {s[1]} is not a multiple of patch size {preset.patch_size}")
     k = c.loss.num_classes or (manifest.get("num_clusters") or 0)
     if (c.loss.object_weight or c.loss.global_weight) and k < 1:
-        raise ValueError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.clustering --data "
+        raise errors.InputError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.clustering --data "
                          f"{c.data.dir} --k K` first, or set config.loss.num_classes")
     if c.loss.num_classes and manifest.get("num_clusters") and c.loss.num_classes < manifest["num_clusters"]:
-        raise ValueError(f"config.loss.num_classes={c.loss.num_classes} < the dataset's {manifest['num_clusters']} "
+        raise errors.InputError(f"config.loss.num_classes={c.loss.num_classes} < the dataset's {manifest['num_clusters']} "
                          "clusters (K must be >= the largest label + 1)")
     v = c.loss.vocab_size or ((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
     if c.loss.ocr_weight and v < 1:
-        raise ValueError(f"{c.data.dir} has no tokenizer: build one with `python -m rice_jax.data.tokenizer "
+        raise errors.InputError(f"{c.data.dir} has no tokenizer: build one with `python -m rice_jax.data.tokenizer "
                          f"--data {c.data.dir}`, or set --config.loss.ocr_weight=0")
     return max(k, 1), max(v, 1)
 
@@ -87,7 +85,7 @@ def stage_lr_multipliers(c) -> tuple[float, ...]:
     (1 for the first stage, 0.1 for every later, higher-resolution one)."""
     mults = tuple(float(m) for m in c.optim.stage_lr_mults) or (1.0,) + (0.1,) * (len(c.stages) - 1)
     if len(mults) != len(c.stages):
-        raise ValueError(f"config.optim.stage_lr_mults has {len(mults)} entries for {len(c.stages)} stages; "
+        raise errors.InputError(f"config.optim.stage_lr_mults has {len(mults)} entries for {len(c.stages)} stages; "
                          "give one per stage or () for the paper's 1, 0.1, 0.1, ...")
     return mults
 
@@ -174,7 +172,7 @@ def _put_centers(centers: np.ndarray, target: jax.Array) -> jax.Array:
     """k-means centres (rows < K) into the padded, sharded centre matrix, shard by shard."""
     centers = np.asarray(centers, np.float32)
     if centers.shape[1] != target.shape[1] or centers.shape[0] > target.shape[0]:
-        raise ValueError(f"init_centers {centers.shape} do not fit the centre matrix {target.shape} "
+        raise errors.InputError(f"init_centers {centers.shape} do not fit the centre matrix {target.shape} "
                          "(the extractor's dimension must equal the embedding size)")
     full = np.zeros(target.shape, np.float32)
     full[: centers.shape[0]] = centers * 0.01 * math.sqrt(target.shape[1])
@@ -194,7 +192,7 @@ def check_grad_accum(c, num_devices: int) -> int:
     """``config.grad_accum_steps`` checked against the batch and the devices; returns it."""
     n = int(c.get("grad_accum_steps", 1) or 1)
     if n < 1 or c.batch_size % (n * num_devices):
-        raise ValueError(f"config.grad_accum_steps={n}: batch_size {c.batch_size} must split into {n} microbatches "
+        raise errors.InputError(f"config.grad_accum_steps={n}: batch_size {c.batch_size} must split into {n} microbatches "
                          f"that each spread evenly over the {num_devices} devices (a multiple of {n * num_devices})")
     return n
 
@@ -250,7 +248,7 @@ def make_train_step(c, setup: Setup):
         else:
             # Microbatches in a scan: the update is the mean of their gradients (each microbatch's
             # loss a mean over its own rows), metrics their means; PartialFC draws per microbatch.
-            micro = {k: split_microbatches(batch[k], accum, mesh) for k in BATCH_KEYS if k != "image_ok"}
+            micro = {k: split_microbatches(batch[k], accum, mesh) for k in batch_contract.TRAIN_KEYS if k != "image_ok"}
 
             def body(acc, xs):
                 mb, j = xs
@@ -275,8 +273,8 @@ def make_train_step(c, setup: Setup):
                        skipped_records=jnp.sum(~batch["image_ok"]))
         return new_state, metrics
 
-    batch_sh = {k: sharding.batch_sharding(mesh, nd) for k, nd in
-                (("image", 4), ("boxes", 3), ("region_valid", 2), ("region_kind", 2), ("labels", 3), ("image_ok", 1))}
+    batch_sh = {k: sharding.batch_sharding(mesh, len(shape))
+                for k, (shape, _) in batch_contract.train_shapes(1, 1, 1, 1).items()}
     step = jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
                    out_shardings=(setup.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     return (_InMesh(step, mesh) if sharding.has_explicit_axes(mesh) else step), batch_sh
@@ -300,7 +298,7 @@ class _InMesh:
 
 def to_global_batch(local: dict, batch_sh: dict) -> dict:
     """Per-process numpy batch -> global jax arrays (each process holds its own slice)."""
-    return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in BATCH_KEYS}
+    return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(local[k])) for k in batch_contract.TRAIN_KEYS}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -575,28 +573,21 @@ def main(argv):
     from absl import flags, logging
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-
-    FLAGS = flags.FLAGS
-    if FLAGS.coordinator_address:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()  # TPU pods / SLURM: everything from the environment
+    distributed.join(distributed.absl_args())
     from rice_jax import cli
 
-    cli.run(lambda: train(FLAGS.config, FLAGS.workdir))
+    train(cli.absl_config("config"), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "rice_jax/configs/rice.py:VARIANT", lock_config=True)
+    from rice_jax import cli
+
+    config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
+                                    lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and logs go here")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the environment")
-    flags.DEFINE_string("coordinator_address", "", "host:port for a local multi-process CPU run")
-    flags.DEFINE_integer("num_processes", 1, "with --coordinator_address")
-    flags.DEFINE_integer("process_id", 0, "with --coordinator_address")
+    distributed.define_absl_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run_absl(main)

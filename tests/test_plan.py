@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from rice_jax import perf, plan, train
+from rice_jax import batch as batch_contract, perf, plan, train
 from rice_jax.configs.rice import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_plan_arithmetic_on_cpu_devices(monkeypatch):
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     _, setup = train.abstract_setup(c, mesh, train.build_model_config(c), 1000, 256)
     step, batch_sh = train.make_train_step(c, setup)
-    compiled = step.lower(setup.abstract_state, plan.abstract_batch(c, batch_sh, 32)).compile()
+    compiled = step.lower(setup.abstract_state, batch_contract.abstract_batch(c.batch_size, 32, c.data.num_regions, c.data.max_labels, batch_sh)).compile()
     mem = compiled.memory_analysis()
     p = r["per_device"]
     assert p["argument_bytes"] == mem.argument_size_in_bytes and p["temp_bytes"] == mem.temp_size_in_bytes

@@ -23,7 +23,7 @@ import dataclasses
 
 import ml_collections
 
-from rice_jax import sharding
+from rice_jax import errors, sharding
 from rice_jax.data import pipeline
 from rice_jax.models import rice as rice_model
 
@@ -40,17 +40,17 @@ def _parse(arg):
             elif k == "variant":
                 variant = v
             else:
-                raise ValueError(f"unknown config argument {k!r} (use variant=..., objective=..., runlocal)")
+                raise errors.InputError(f"unknown config argument {k!r} (use variant=..., objective=..., runlocal)")
         elif part == "runlocal":
             runlocal = True
         elif i == 0:
             variant = part
         else:
-            raise ValueError(f"cannot parse config argument {part!r}")
+            raise errors.InputError(f"cannot parse config argument {part!r}")
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+        raise errors.InputError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if objective not in ("rice", "mlcd"):
-        raise ValueError(f"objective must be 'rice' or 'mlcd', got {objective!r}")
+        raise errors.InputError(f"objective must be 'rice' or 'mlcd', got {objective!r}")
     return variant, objective, runlocal
 
 

@@ -49,7 +49,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from rice_jax import storage
+from rice_jax import errors, storage
 from rice_jax.data import records
 from rice_jax.data.coco import IMAGE_EXTS, ImportStats, open_image
 
@@ -102,14 +102,14 @@ def plan_units(*, images: Optional[str] = None, records_dir: Optional[str] = Non
                images_per_unit: int = 256) -> list[Unit]:
     """The input split into units, in a deterministic order."""
     if sum(x is not None for x in (images, records_dir, tar)) != 1:
-        raise ValueError("give exactly one input: --images DIR, --records DATASET or --tar PATTERN")
+        raise errors.InputError("give exactly one input: --images DIR, --records DATASET or --tar PATTERN")
     if images is not None:
         root = Path(images)
         if not root.is_dir():
-            raise FileNotFoundError(f"--images {images}: not a folder")
+            raise errors.MissingInput(f"--images {images}: not a folder")
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
         if not files:
-            raise ValueError(f"--images {images}: no image files ({', '.join(IMAGE_EXTS)}) found")
+            raise errors.InputError(f"--images {images}: no image files ({', '.join(IMAGE_EXTS)}) found")
         return [Unit(i, "images", tuple(files[s:s + images_per_unit]), str(root.resolve()))
                 for i, s in enumerate(range(0, len(files), images_per_unit))]
     if records_dir is not None:
@@ -118,7 +118,7 @@ def plan_units(*, images: Optional[str] = None, records_dir: Optional[str] = Non
         c in pat for c in "*?[") else [pat])]
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise FileNotFoundError(f"--tar {tar}: {len(missing)} file(s) missing, first {missing[0]}")
+        raise errors.MissingInput(f"--tar {tar}: {len(missing)} file(s) missing, first {missing[0]}")
     return [Unit(i, "tar", (str(Path(p).resolve()),)) for i, p in enumerate(paths)]
 
 
@@ -315,11 +315,11 @@ def _check_plan(out: Path, units: list[Unit], settings: MiningSettings, source: 
         old = json.loads(path.read_text())
         if old != json.loads(json.dumps(plan)):
             what = [k for k in ("settings", "units", "source") if old.get(k) != json.loads(json.dumps(plan))[k]]
-            raise ValueError(f"{out} holds a mining run with different {' and '.join(what)}: use a new --out, "
+            raise errors.InputError(f"{out} holds a mining run with different {' and '.join(what)}: use a new --out, "
                              f"or delete {out} to start over")
         return
     if (out / records.MANIFEST).exists():
-        raise ValueError(f"{out} already holds a dataset that was not mined by this command: use a new --out")
+        raise errors.InputError(f"{out} already holds a dataset that was not mined by this command: use a new --out")
     (out / MINING_DIR).mkdir(parents=True, exist_ok=True)
     storage.write_text_atomic(path, json.dumps(plan, indent=1, sort_keys=True) + "\n")
 
@@ -364,7 +364,7 @@ def mine(out: str, *, images: Optional[str] = None, records_dir: Optional[str] =
         _run_ray(pending, n, str(out), settings, address=ray_address, workers=workers,
                  gpus_per_unit=ray_gpus_per_unit, progress=progress)
     else:
-        raise ValueError(f"--engine {engine!r}: use local or ray")
+        raise errors.InputError(f"--engine {engine!r}: use local or ray")
     if bar is not None:
         bar.close()
     return finalize(out, units, settings, source, engine, time.perf_counter() - t0)

@@ -28,6 +28,8 @@ import unicodedata
 from pathlib import Path
 import numpy as np
 
+from rice_jax import errors
+
 PAPER_MIN_CONFIDENCE = 0.7
 
 
@@ -104,7 +106,7 @@ class PaddleResults:
     def __init__(self, path: str | os.PathLike, min_confidence: float = PAPER_MIN_CONFIDENCE):
         self.path, self.min_confidence = Path(path), min_confidence
         if not self.path.exists():
-            raise FileNotFoundError(f"{self.path} not found: --ocr paddle-json:PATH needs PaddleOCR results "
+            raise errors.MissingInput(f"{self.path} not found: --ocr paddle-json:PATH needs PaddleOCR results "
                                     "(a predict_system .txt, a JSON/JSON-lines file, or a folder of *.json)")
         self.by_name: dict[str, list] = {}
         files = sorted(self.path.rglob("*.json")) if self.path.is_dir() else [self.path]
@@ -114,7 +116,7 @@ class PaddleResults:
     def _add(self, image_path: str, items: list, where: str) -> None:
         name = Path(str(image_path)).name
         if name in self.by_name:
-            raise ValueError(f"{where}: results for {name!r} appear twice; give one result per image")
+            raise errors.InputError(f"{where}: results for {name!r} appear twice; give one result per image")
         self.by_name[name] = items
 
     def _load(self, f: Path) -> None:
@@ -129,13 +131,13 @@ class PaddleResults:
                 for d in (doc if isinstance(doc, list) else [doc]):
                     d = d.get("res", d)
                     if "input_path" not in d or "rec_texts" not in d:
-                        raise ValueError(f"{f}: a PaddleOCR 3 result needs 'input_path' and 'rec_texts' "
+                        raise errors.InputError(f"{f}: a PaddleOCR 3 result needs 'input_path' and 'rec_texts' "
                                          f"(found keys {sorted(d)[:8]})")
                     polys = d.get("rec_polys", d.get("dt_polys"))
                     if polys is None and "rec_boxes" in d:
                         polys = [[[b[0], b[1]], [b[2], b[3]]] for b in d["rec_boxes"]]
                     if polys is None or len(polys) != len(d["rec_texts"]):
-                        raise ValueError(f"{f}: {d['input_path']}: rec_polys/rec_boxes missing or not one per "
+                        raise errors.InputError(f"{f}: {d['input_path']}: rec_polys/rec_boxes missing or not one per "
                                          "rec_texts entry")
                     scores = d.get("rec_scores", [1.0] * len(d["rec_texts"]))
                     self._add(d["input_path"], list(zip(polys, d["rec_texts"], scores)), str(f))
@@ -144,12 +146,12 @@ class PaddleResults:
             if not line.strip():
                 continue
             if "\t" not in line:
-                raise ValueError(f"{f}:{n}: expected 'image_path<TAB>[...]' (PaddleOCR predict_system output)")
+                raise errors.InputError(f"{f}:{n}: expected 'image_path<TAB>[...]' (PaddleOCR predict_system output)")
             image_path, payload = line.split("\t", 1)
             try:
                 items = json.loads(payload)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{n}: results are not JSON ({e.msg})") from e
+                raise errors.InputError(f"{f}:{n}: results are not JSON ({e.msg})") from e
             self._add(image_path, [(it["points"], it.get("transcription", ""), it.get("score", 1.0))
                                    for it in items], f"{f}:{n}")
 
@@ -169,11 +171,11 @@ def parse(spec: str, *, min_confidence: float = PAPER_MIN_CONFIDENCE, threads: i
     if name == "rapidocr":
         opts = dict(item.split("=", 1) for item in rest.split(",") if "=" in item)
         if set(opts) - {"side"} or (rest and not opts):
-            raise ValueError(f"--ocr {spec!r}: rapidocr takes one option, side=N (e.g. rapidocr:side=320)")
+            raise errors.InputError(f"--ocr {spec!r}: rapidocr takes one option, side=N (e.g. rapidocr:side=320)")
         return RapidOCR(min_confidence, threads=threads, side=int(opts.get("side", 0)))
     if name == "paddle-json":
         if not rest:
-            raise ValueError("paddle-json needs a path: --ocr paddle-json:/path/to/results")
+            raise errors.InputError("paddle-json needs a path: --ocr paddle-json:/path/to/results")
         return PaddleResults(rest, min_confidence)
-    raise ValueError(f"--ocr {spec!r}: use none, rapidocr or paddle-json:PATH")
+    raise errors.InputError(f"--ocr {spec!r}: use none, rapidocr or paddle-json:PATH")
 

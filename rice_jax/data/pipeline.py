@@ -10,13 +10,8 @@ same subsequent batches. Bad images are not dropped silently: the example
 keeps its slot with ``image_ok=False`` and no valid region (the loss ignores
 it) and the train loop counts it as a skipped record.
 
-Output per batch: ``image [B,H,W,3] float32`` (CLIP-normalised),
-``boxes [B,N,4]`` (xyxy normalised to the model input), ``region_valid
-[B,N]``, ``region_kind [B,N]`` (0 object, 1 text), ``labels [B,N,M] int32``
-(−1 pad; objects use column 0), ``category [B,N]`` (ground truth, −1 unknown;
-evaluation only), ``region_index [B,N]`` (index in the record, −1 pad),
-``image_ok [B]``, ``image_index [B]`` (global record index)
-and ``image_id [B]`` (str).
+Output per batch: the batch contract of :mod:`rice_jax.batch` (training keys plus the
+bookkeeping keys ``category``, ``region_index``, ``image_index``, ``image_id``).
 """
 from __future__ import annotations
 
@@ -28,7 +23,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from rice_jax import storage
+from rice_jax import batch, errors, storage
 from rice_jax.data import records
 
 # The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use).
@@ -61,9 +56,9 @@ class PipelineConfig:
 
     def __post_init__(self):
         if self.num_regions < 1:
-            raise ValueError(f"num_regions must be >= 1, got {self.num_regions}")
+            raise errors.InputError(f"num_regions must be >= 1, got {self.num_regions}")
         if self.fill not in ("pad", "resample"):
-            raise ValueError(f"fill must be 'pad' or 'resample', got {self.fill!r}")
+            raise errors.InputError(f"fill must be 'pad' or 'resample', got {self.fill!r}")
 
 
 PER_STAGE_FIELDS = ("image_size", "batch_size", "seed")
@@ -141,8 +136,8 @@ class RegionExampleTransform:
         slots unless objects leave some free; ``fill="resample"`` repeats chosen regions up to N."""
         c, n = self.cfg, self.cfg.num_regions
         usable = (kept >= c.min_box_visible) & (size_px >= c.min_box_size)
-        obj = np.nonzero(usable & (rec.kind == records.KIND_OBJECT) & (cluster >= 0))[0]
-        txt = np.nonzero(usable & (rec.kind == records.KIND_TEXT))[0] if self.tokenizer is not None else np.zeros(0, int)
+        obj = np.nonzero(usable & (rec.kind == batch.KIND_OBJECT) & (cluster >= 0))[0]
+        txt = np.nonzero(usable & (rec.kind == batch.KIND_TEXT))[0] if self.tokenizer is not None else np.zeros(0, int)
         n_txt = min(len(txt), int(round(n * c.text_fraction)))
         n_obj = min(len(obj), n - n_txt)
         n_txt = min(len(txt), n - n_obj)  # give unused object slots back to text
@@ -152,12 +147,12 @@ class RegionExampleTransform:
         return chosen
 
     def encode_labels(self, rec: records.RegionRecord, chosen: np.ndarray, cluster: np.ndarray) -> np.ndarray:
-        """``[len(chosen), M]`` labels in the batch contract (docs/design.md §3.3): an object's cluster
+        """``[len(chosen), M]`` labels in the batch contract (:mod:`rice_jax.batch`): an object's cluster
         in column 0, a text region's transcript token ids; −1 pad."""
         m = self.cfg.max_labels
         labels = np.full((len(chosen), m), -1, np.int32)
         for slot, r in enumerate(chosen):
-            if rec.kind[r] == records.KIND_OBJECT:
+            if rec.kind[r] == batch.KIND_OBJECT:
                 labels[slot, 0] = cluster[r]
             else:
                 labels[slot] = self.tokenizer.encode(rec.text[r], m)
@@ -167,13 +162,7 @@ class RegionExampleTransform:
         index, raw = item
         c = self.cfg
         s, n, m = c.image_size, c.num_regions, c.max_labels
-        out = {
-            "image": np.zeros((s, s, 3), np.float32), "boxes": np.zeros((n, 4), np.float32),
-            "region_valid": np.zeros(n, bool), "region_kind": np.zeros(n, np.int32),
-            "labels": np.full((n, m), -1, np.int32), "category": np.full(n, -1, np.int32),
-            "region_index": np.full(n, -1, np.int32),
-            "image_ok": np.bool_(False), "image_index": np.int64(index), "image_id": "",
-        }
+        out = batch.empty_example(s, n, m, index)
         rec = records.decode(raw, self.where(index))  # schema violations name themselves
         out["image_id"] = rec.image_id
         decoded = self.decode_and_crop(rec, rng)
@@ -232,7 +221,7 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
     transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
     ds = grain.MapDataset.source(_IndexedSource(src))
     if len(ds) < cfg.batch_size * process_count:
-        raise ValueError(f"{data_dir}: {len(ds)} records, fewer than one global batch "
+        raise errors.InputError(f"{data_dir}: {len(ds)} records, fewer than one global batch "
                          f"({cfg.batch_size} x {process_count} processes)")
     ds = ds.seed(cfg.seed)
     if cfg.shuffle:

@@ -33,6 +33,8 @@ from typing import Optional
 
 import numpy as np
 
+from rice_jax import errors
+
 
 # ----------------------------------------------------------------------------- boxes
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -205,15 +207,15 @@ class Sam:
         self.settings, self.device = settings, device
         path = Path(model_dir)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}/config.json not found: --proposals sam:DIR needs a local "
+            raise errors.MissingInput(f"{path}/config.json not found: --proposals sam:DIR needs a local "
                                     "transformers SAM directory (save_pretrained of a SamModel)")
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
         self.kind = cfg.model_type
         if self.kind == "sam2":
-            raise ValueError(f"{path}: SAM 2 folders are not supported yet (multi-level image features); use a "
+            raise errors.InputError(f"{path}: SAM 2 folders are not supported yet (multi-level image features); use a "
                              "SamModel folder (SAM ViT-B/L/H, SlimSAM, ...)")
         if self.kind != "sam":
-            raise ValueError(f"{path}: model_type {cfg.model_type!r} is not a SAM model")
+            raise errors.InputError(f"{path}: model_type {cfg.model_type!r} is not a SAM model")
         from transformers import SamModel
 
         self.model = SamModel.from_pretrained(path, local_files_only=True).eval().to(device)
@@ -292,7 +294,7 @@ def _options(text: str) -> dict[str, str]:
     out = {}
     for item in filter(None, text.split(",")):
         if "=" not in item:
-            raise ValueError(f"proposer option {item!r}: expected key=value")
+            raise errors.InputError(f"proposer option {item!r}: expected key=value")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -317,12 +319,12 @@ def parse(spec: str, *, min_short_edge: float = 0.0, max_per_image: int = 16, nm
         if "work" in o:
             kw["work_size"] = int(o.pop("work"))
         if o:
-            raise ValueError(f"felzenszwalb: unknown option(s) {sorted(o)} (scales, sigma, pairs, work)")
+            raise errors.InputError(f"felzenszwalb: unknown option(s) {sorted(o)} (scales, sigma, pairs, work)")
         return Felzenszwalb(filter=box_filter, **kw)
     if name == "sam":
         model_dir, _, opts = rest.partition(",")
         if not model_dir:
-            raise ValueError("sam needs a directory: --proposals sam:/path/to/local/sam (transformers format)")
+            raise errors.InputError("sam needs a directory: --proposals sam:/path/to/local/sam (transformers format)")
         o = _options(opts)
         kw = {}
         for key, field, typ in (("points", "points_per_side", int), ("iou", "pred_iou_thresh", float),
@@ -330,6 +332,6 @@ def parse(spec: str, *, min_short_edge: float = 0.0, max_per_image: int = 16, nm
             if key in o:
                 kw[field] = typ(o.pop(key))
         if o:
-            raise ValueError(f"sam: unknown option(s) {sorted(o)} (points, iou, stability, batch)")
+            raise errors.InputError(f"sam: unknown option(s) {sorted(o)} (points, iou, stability, batch)")
         return Sam(model_dir, SamSettings(filter=box_filter, **kw))
-    raise ValueError(f"--proposals {spec!r}: use felzenszwalb[:options], sam:DIR[,options] or none")
+    raise errors.InputError(f"--proposals {spec!r}: use felzenszwalb[:options], sam:DIR[,options] or none")

@@ -29,15 +29,14 @@ from typing import Iterable, Iterator
 import msgpack
 import numpy as np
 
-from rice_jax import storage
-from rice_jax.cli import first_line
+from rice_jax import errors, storage
+from rice_jax.batch import KIND_OBJECT, KIND_TEXT  # noqa: F401 - the kind codes records store
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-KIND_OBJECT, KIND_TEXT = 0, 1
 
 
-class RecordError(ValueError):
+class RecordError(errors.InputError):
     """A record that breaks the schema; the message names file, index and field."""
 
 
@@ -219,7 +218,7 @@ def write_shard_atomic(records: Iterable[RegionRecord], path: str | os.PathLike)
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     path = storage.path(data_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {data_dir} is not a rice_jax region dataset "
+        raise errors.MissingInput(f"{path} not found: {data_dir} is not a rice_jax region dataset "
                                 "(create one with `python -m rice_jax.data.synthetic --out DIR`)")
     m = json.loads(path.read_text())
     if m.get("schema_version") != SCHEMA_VERSION:
@@ -275,7 +274,7 @@ def check_shard(path: str, expected: int) -> ShardStatus:
         found = int(reader.num_records())
         reader.close()
     except Exception as e:  # noqa: BLE001 - the reader reports truncation / corruption as RuntimeError
-        return ShardStatus(path, expected, -1, size, f"cannot be opened ({first_line(e)}); the file is truncated "
+        return ShardStatus(path, expected, -1, size, f"cannot be opened ({errors.first_line(e)}); the file is truncated "
                                                     "or corrupted")
     if found != expected:
         return ShardStatus(path, expected, found, size, f"holds {found} records, the manifest says {expected}")
@@ -392,7 +391,7 @@ def validate_report(data_dir: str | os.PathLike, *, decode_records: bool = True)
                     decode(reader.read([i])[0], f"{st.path}:{i}")
                 except Exception as e:  # noqa: BLE001 - counted and reported, not raised
                     bad += 1
-                    first = first or first_line(e)
+                    first = first or errors.first_line(e)
             reader.close()
             row["bad_records"] = bad
             if bad:

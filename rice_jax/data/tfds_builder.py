@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rice_jax import errors
 from rice_jax.data import coco, records
 
 
@@ -57,7 +58,7 @@ class RiceRegions(tfds.core.GeneratorBasedBuilder):
         manual = Path(dl_manager.manual_dir)
         splits = sorted(p.stem[len("instances_"):] for p in (manual / "annotations").glob("instances_*.json"))
         if not splits:
-            raise FileNotFoundError(f"{manual}/annotations/instances_<split>.json not found. "
+            raise errors.MissingInput(f"{manual}/annotations/instances_<split>.json not found. "
                                     + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
         return {s: self._generate_examples(manual, s) for s in splits}
 

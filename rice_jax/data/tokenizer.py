@@ -13,6 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
+from rice_jax import errors
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -39,7 +41,7 @@ class OCRTokenizer:
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no tokenizer.json (build one with "
+            raise errors.MissingInput(f"{path}: no tokenizer.json (build one with "
                                     f"`python -m rice_jax.data.tokenizer --data {path.parent}`)")
         self.path = path
         self._tok = Tokenizer.from_str(path.read_text())
@@ -84,7 +86,7 @@ def build_for_dataset(data_dir: str | os.PathLike, vocab_size: int = 512) -> OCR
     src = records.RecordSource(data_dir)
     texts = [t for rec in src for t, k in zip(rec.text, rec.kind) if k == records.KIND_TEXT]
     if not texts:
-        raise ValueError(f"{data_dir}: no text regions to train a tokenizer on")
+        raise errors.InputError(f"{data_dir}: no text regions to train a tokenizer on")
     out = Path(data_dir) / TOKENIZER_FILE
     train_tokenizer(texts, vocab_size, out)
     tok = OCRTokenizer(out)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rice_jax import errors
+
 REMAT_POLICIES = (
     "none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
     "everything_saveable",
@@ -41,13 +43,13 @@ class ViTConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+            raise errors.InputError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
-            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for the 2D rotary embedding")
+            raise errors.InputError(f"head_dim {self.head_dim} must be a multiple of 4 for the 2D rotary embedding")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+            raise errors.InputError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
+            raise errors.InputError(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}")
 
     @property
     def head_dim(self) -> int:
@@ -85,9 +87,9 @@ class ViTConfig:
             d = d["vision_config"]
         act = d.get("hidden_act", "gelu")
         if act != "gelu":
-            raise ValueError(f"hidden_act {act!r} unsupported: MLCD uses exact 'gelu'")
+            raise errors.InputError(f"hidden_act {act!r} unsupported: MLCD uses exact 'gelu'")
         if d.get("num_key_value_groups", 1) != 1:
-            raise ValueError("num_key_value_groups != 1 is not used by MLCD/RICE checkpoints")
+            raise errors.InputError("num_key_value_groups != 1 is not used by MLCD/RICE checkpoints")
         rope = d.get("rope_parameters") or {}
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         image_size = d.get("image_size", 224)
@@ -96,7 +98,7 @@ class ViTConfig:
             image_size = image_size[0]
         if isinstance(patch, (list, tuple)):
             if patch[0] != patch[1]:
-                raise ValueError(f"non-square patches {patch} unsupported")
+                raise errors.InputError(f"non-square patches {patch} unsupported")
             patch = patch[0]
         return cls(
             hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -137,5 +139,5 @@ PRESETS: dict[str, ViTConfig] = {
 
 def get_preset(name: str, **overrides) -> ViTConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown backbone preset {name!r}; choose from {sorted(PRESETS)}")
+        raise errors.InputError(f"unknown backbone preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rice_jax import errors
 from rice_jax.models.config import RUNTIME_FIELDS, ViTConfig, get_preset
 from rice_jax.models.region import box_patch_visibility, region_attention_mask
 from rice_jax.models.vit import ViT
@@ -37,7 +38,7 @@ class RICEConfig:
 
     def __post_init__(self):
         if not 1 <= self.region_layers <= self.backbone.num_layers:
-            raise ValueError(f"region_layers must be in [1, {self.backbone.num_layers}], got {self.region_layers}")
+            raise errors.InputError(f"region_layers must be in [1, {self.backbone.num_layers}], got {self.region_layers}")
 
 
 def settings_defaults() -> dict:
@@ -58,7 +59,7 @@ def config_from_settings(settings) -> RICEConfig:
     settings = dict(settings)
     unknown = set(settings) - set(settings_defaults())
     if unknown:
-        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(settings_defaults())}")
+        raise errors.InputError(f"unknown model settings {sorted(unknown)}; known: {sorted(settings_defaults())}")
     overrides = {k: settings.pop(k) for k in RUNTIME_FIELDS if k in settings}
     depth = int(settings.pop("num_layers", 0) or 0)
     if depth:
