@@ -36,10 +36,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rice_jax.batch import KIND_OBJECT, KIND_TEXT
-from rice_jax.sharding import ALL_AXES, conform
+from rice_jax.sharding import ALL_AXES, conform, has_explicit_axes
 
 _COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite
 
@@ -257,9 +257,43 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
         else:
             validate_labels(labels, k_total)
 
+    args = (scale, margin, margin_type, sample_rate, rng, mesh, k_total, max_positives_per_shard)
+    if mesh is None or not has_explicit_axes(mesh) or jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        return _margin_softmax_on_mesh(features, centers, labels, *args)
+    # Explicit axes and no (or another) context mesh: shardings are part of the types and reshard /
+    # shard_map read the mesh from the context, which ``jax.set_mesh`` sets only outside any trace.
+    # Inside a trace (a jit, or a grad) the abstract mesh is enough once the inputs are placed on the
+    # mesh, so the same call works with or without ``jax.set_mesh``.
+    if all(not isinstance(a, jax.core.Tracer) for a in (features, centers, labels)):
+        with jax.set_mesh(mesh):
+            return _margin_softmax_on_mesh(features, centers, labels, *args)
+    if not any(isinstance(a, jax.core.Tracer) and _under_jit(a) for a in (features, centers, labels)):
+        rep = NamedSharding(mesh, P())  # eager autodiff: commit the inputs to the mesh's devices
+        features, centers, labels = (jax.device_put(a, rep) for a in (features, centers, labels))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        staged = lambda f, c, l, key: _margin_softmax_on_mesh(f, c, l, scale, margin, margin_type, sample_rate, key,
+                                                              mesh, k_total, max_positives_per_shard)
+        return jax.jit(staged)(features, centers, labels, rng)
+
+
+def _under_jit(x) -> bool:
+    """``x`` is being staged into a jaxpr (jit, scan, shard_map), not evaluated eagerly."""
+    from jax._src import interpreters  # noqa: F401
+    from jax.interpreters import partial_eval as pe
+
+    return isinstance(x, pe.DynamicJaxprTracer)
+
+
+def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_type, sample_rate, rng, mesh, k_total,
+                            max_positives_per_shard):
     num_shards = 1 if mesh is None else mesh.size
     k_pad = padded_num_classes(centers.shape[0], num_shards)
     if k_pad != centers.shape[0]:
+        # Pad K up to a multiple of the devices (padded rows are masked; the gradient is sliced back).
+        # Rows that do not divide over the devices cannot be sharded along K, so on an Explicit mesh
+        # the pad runs on a replicated copy (an Auto mesh lets the compiler choose).
+        if mesh is not None:
+            centers = conform(centers, mesh, P())
         centers = jnp.pad(centers, ((0, k_pad - centers.shape[0]), (0, 0)))
     k_shard = k_pad // num_shards
     b, m = labels.shape

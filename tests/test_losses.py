@@ -75,6 +75,32 @@ def test_class_parallel_matches_dense(shape, k, axis_type):
     assert gc1.shape == c.shape
 
 
+@pytest.mark.parametrize("context", [False, True])
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_explicit_mesh_any_k_with_or_without_set_mesh(context, rate):
+    """The public loss on an Explicit mesh at K = 1003 (not a multiple of the 8 devices), called
+    eagerly and under jit, inside ``jax.set_mesh`` or not: same loss and gradient as an Auto mesh."""
+    import contextlib
+
+    f, c, labels = make_problem(b=16, k=1003, d=32, m=4, seed=3)
+    kw = dict(labels=jnp.asarray(labels), sample_rate=rate, rng=jax.random.key(7))
+    auto, explicit = make_mesh(axis_type="auto"), make_mesh(axis_type="explicit")
+    fn = lambda f, c, mesh: losses.margin_softmax_loss(f, c, kw["labels"], mesh=mesh, sample_rate=rate, rng=kw["rng"])
+    ref_loss, (ref_gf, ref_gc) = _grads(lambda f, c, l, **_: fn(f, c, auto), f, c, labels)
+    with jax.set_mesh(explicit) if context else contextlib.nullcontext():
+        eager_loss, _ = fn(jnp.asarray(f), jnp.asarray(c), explicit)
+        grads = jax.jit(jax.value_and_grad(lambda f, c: fn(f, c, explicit)[0], argnums=(0, 1)))
+        loss, (gf, gc) = grads(jnp.asarray(f), jnp.asarray(c))
+        if context:  # eager autodiff on an Explicit mesh needs the context mesh (JAX's rule)
+            eager_grad = jax.grad(lambda c: fn(jnp.asarray(f), c, explicit)[0])(jnp.asarray(c))
+            assert_close(eager_grad, ref_gc)
+    for value in (eager_loss, loss):
+        assert abs(float(value) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    assert gc.shape == c.shape
+    assert_close(gf, ref_gf)
+    assert_close(gc, ref_gc)
+
+
 def test_class_parallel_with_prepadded_centers():
     mesh = make_mesh(1, 8)
     f, c, labels = make_problem(b=8, k=21, d=16, m=2)
