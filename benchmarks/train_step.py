@@ -79,14 +79,14 @@ def build_torch_step(preset, batch, image, k):
     torch = torch_threads()
     from transformers import MLCDVisionModel
 
-    from rice_jax import export
+    from rice_jax.models import hf
     from rice_jax.models.config import get_preset
     from rice_jax.models.vit import ViT
     from flax import nnx
 
     vit = ViT(get_preset(preset), rngs=nnx.Rngs(0))
     with tempfile.TemporaryDirectory() as d:
-        export.save_hf(vit, d)
+        hf.save_hf(vit, d)
         model = MLCDVisionModel.from_pretrained(d, attn_implementation="sdpa").train()
     centers = torch.nn.Parameter(0.01 * torch.randn(k, vit.cfg.hidden_size))
     opt = torch.optim.AdamW(list(model.parameters()) + [centers], lr=1e-3, weight_decay=0.05)

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import report, timeit, torch_threads
-from rice_jax import export
+from rice_jax.models import hf
 from rice_jax.models import config as mcfg
 from rice_jax.models.vit import ViT
 
@@ -34,7 +34,7 @@ def run(preset: str, batch: int, repeats: int, attention_impl: str, write: bool,
     from transformers import MLCDVisionModel
 
     with tempfile.TemporaryDirectory() as d:
-        export.save_hf(vit, d)
+        hf.save_hf(vit, d)
         hf = MLCDVisionModel.from_pretrained(d).eval()
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.inference_mode():

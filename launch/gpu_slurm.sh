@@ -6,7 +6,7 @@
 #SBATCH --exclusive
 set -euo pipefail
 WORKDIR="${1:?usage: sbatch ... launch/gpu_slurm.sh WORKDIR [overrides]}"; shift
-CONFIG="${CONFIG:-rice_jax/configs/rice.py:l14_336}"
+CONFIG="${CONFIG:-configs/gpu_cluster.py}"
 # XLA flags that matter on GPUs: latency-hiding scheduler, cuDNN attention is picked automatically.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"

@@ -8,7 +8,7 @@
 # files only, so mount the bucket with gcsfuse first (GCSFUSE_BUCKET=bucket mounts it at /gcs/bucket).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}" "${DATA:?set DATA (a local or gcsfuse path)}"
-CONFIG="${CONFIG:-rice_jax/configs/rice.py:l14_336}"
+CONFIG="${CONFIG:-configs/l14_224_336.py}"
 REPO_DIR="${REPO_DIR:-~/rice_jax}"
 MOUNT=""
 if [ -n "${GCSFUSE_BUCKET:-}" ]; then

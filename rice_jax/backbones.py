@@ -16,7 +16,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from rice_jax import errors
+from rice_jax import checkpoint, errors
+from rice_jax.models import hf
+from rice_jax.models.config import ViTConfig
+from rice_jax.models.vit import ViT
 
 SCHEMES = ("hf", "ckpt", "hub")
 
@@ -34,12 +37,8 @@ def load(spec: str, **runtime):
     """The ViT of ``spec`` on this host's first device. ``runtime``: ViT runtime options (dtype, ...)."""
     scheme, where = parse(spec)
     if scheme == "ckpt":
-        from rice_jax import checkpoint
-
-        return checkpoint.load_backbone(where, **runtime)
-    from rice_jax import export
-
-    return export.load_hf(where, from_hub=scheme == "hub", **runtime)
+        return load_checkpoint_backbone(where, **runtime)
+    return hf.load_hf(where, from_hub=scheme == "hub", **runtime)
 
 
 def load_params_into(spec: str, target: Any) -> Any:
@@ -49,14 +48,24 @@ def load_params_into(spec: str, target: Any) -> Any:
     anything else; ``hf:``/``hub:`` weights are read on the host and placed shard by shard."""
     scheme, where = parse(spec)
     if scheme == "ckpt":
-        from rice_jax import checkpoint
-
         abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), target)
         restored, _, _ = checkpoint.restore_subtree(where, abstract)
         return restored
-    from rice_jax import checkpoint
-
     src = nnx.to_pure_dict(nnx.state(load(spec)))
     loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)
     return jax.tree.map(lambda t, v: jax.make_array_from_callback(t.shape, t.sharding, lambda idx: v[idx]),
                         target, loaded)
+
+
+def load_checkpoint_backbone(path, step=None, **runtime) -> ViT:
+    """The ViT backbone of a rice_jax training checkpoint (params only, nothing else is read)."""
+    meta = checkpoint.read_meta(path, step)
+    cfg = ViTConfig(**{**meta["backbone"], **runtime})
+    vit = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+    gdef, abstract = nnx.split(vit)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    pure = nnx.to_pure_dict(abstract)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), pure)
+    restored, _, _ = checkpoint.restore_subtree(path, target, step=step)
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(gdef, abstract)

@@ -269,27 +269,3 @@ def load_into(abstract_pure: dict, restored: Any, where: str) -> dict:
             raise errors.InputError(f"{where}: {path} has shape {arr.shape}, model expects {tuple(a.shape)}")
         return arr.astype(a.dtype)
     return walk(abstract_pure, restored, "")
-
-
-def load_backbone(path: storage.PathLike, step: Optional[int] = None, **runtime):
-    """The ViT backbone of a training checkpoint (params only, nothing else read), e.g. for export or clustering."""
-    from flax import nnx
-
-    from rice_jax.models.config import ViTConfig
-    from rice_jax.models.vit import ViT
-
-    meta = read_meta(path, step)
-    cfg = ViTConfig(**{**meta["backbone"], **runtime})
-    vit = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
-    gdef, abstract = nnx.split(vit)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    pure = nnx.to_pure_dict(abstract)
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), pure)
-    restored, _, _ = restore_subtree(path, target, step=step)
-    nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(gdef, abstract)
-
-
-def dump_meta(meta: dict) -> dict:
-    """JSON-safe copy of the metadata."""
-    return json.loads(json.dumps(meta, default=str))

@@ -152,11 +152,11 @@ def main(argv=None):
             print(f"  {k:26s} trained {v:.3f}   random init {summary['eval']['random_init'].get(k, float('nan')):.3f}")
 
     t = _stage("5. export to Hugging Face and reload with transformers")
-    from rice_jax import export
+    from rice_jax.models import hf
 
-    out_dir = export.save_hf(vit, workdir / "export_hf", torch_state_dict=True)
+    out_dir = hf.save_hf(vit, workdir / "export_hf", torch_state_dict=True)
     x = np.random.default_rng(0).standard_normal((2, 64, 96, 3)).astype(np.float32)
-    diffs = export.compare_with_transformers(vit, out_dir, x)
+    diffs = hf.compare_with_transformers(vit, out_dir, x)
     summary["export"] = {"dir": str(out_dir), "max_abs_diff": diffs}
     print(json.dumps(summary["export"]))
     if max(diffs.values()) > 1e-4:

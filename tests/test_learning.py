@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rice_jax.configs.rice import get_config
-from rice_jax import checkpoint, clustering, evaluate, train
+from rice_jax import backbones, checkpoint, clustering, evaluate, train
 from rice_jax.data import synthetic
 from rice_jax.models.vit import ViT
 
@@ -37,7 +37,7 @@ def test_short_run_lifts_region_probes_above_random_init(tmp_path):
     assert last["object/top1_acc"] > first["object/top1_acc"] + 0.1, (first, last)
 
     size, rl = c.stages[0][1], c.model.region_layers
-    vit = checkpoint.load_backbone(tmp_path / "run")
+    vit = backbones.load(f"ckpt:{tmp_path / 'run'}")
     trained = evaluate.evaluate_backbone(vit, eval_dir, size, region_layers=rl)
     random = evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(0)), eval_dir, size, region_layers=rl)
     assert trained["region_token_linear_acc"] > random["region_token_linear_acc"] + 0.12, (trained, random)

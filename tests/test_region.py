@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rice_jax import export, sharding
+from rice_jax import sharding
+from rice_jax.models import hf
 from rice_jax.models.config import ViTConfig
 from rice_jax.models.region import box_patch_visibility, region_attention_mask
 from rice_jax.models.rice import RICEConfig, RICEModel
@@ -175,12 +176,12 @@ def test_whole_image_and_sub_patch_boxes_match_reference():
 
 def test_export_writes_only_the_backbone(tmp_path):
     model = _model(embed_dim=16)
-    export.save_hf(model, tmp_path)
+    hf.save_hf(model, tmp_path)
     from safetensors.numpy import load_file
 
     keys = set(load_file(tmp_path / "model.safetensors"))
     assert not any("head" in k for k in keys)
-    again = export.load_hf(tmp_path)
+    again = hf.load_hf(tmp_path)
     x, _ = _inputs(1)
     np.testing.assert_allclose(np.asarray(again(x).pooler_output), np.asarray(model.backbone(x).pooler_output), atol=1e-6)
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rice_jax import checkpoint, train
+from rice_jax import backbones, checkpoint, train
 from rice_jax.data import records
 from rice_jax.sharding import make_mesh
 from tests.fake_gcs import fake_gcs
@@ -232,7 +232,8 @@ def test_init_from_ckpt_reads_only_the_backbone(data_dir, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- cloud paths
 def test_gs_workdir_end_to_end_offline(data_dir, tmp_path, monkeypatch):
-    from rice_jax import export, plot
+    from rice_jax import plot
+    from rice_jax.models import hf
 
     bucket_root = tmp_path / "gcs"
     cwd = tmp_path / "cwd"
@@ -256,10 +257,10 @@ def test_gs_workdir_end_to_end_offline(data_dir, tmp_path, monkeypatch):
         model_cfg = train.build_model_config(c2)
         state, _ = train.init_state(c2, make_mesh(8, 1), model_cfg, 12, 128)
         state = train.apply_init_from(c2.init_from, state, model_cfg)
-        vit = checkpoint.load_backbone("gs://bkt/runs/a")
-        export.save_hf(vit, "gs://bkt/export/hf")
+        vit = backbones.load("ckpt:gs://bkt/runs/a")
+        hf.save_hf(vit, "gs://bkt/export/hf")
         assert (bucket_root / "bkt" / "export" / "hf" / "config.json").exists()
-        back = export.load_hf("gs://bkt/export/hf")
+        back = hf.load_hf("gs://bkt/export/hf")
         x = np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32)
         np.testing.assert_allclose(np.asarray(back(x).pooler_output), np.asarray(vit(x).pooler_output), atol=1e-6)
         plot.plot("gs://bkt/runs/a")
@@ -330,7 +331,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step(data_dir, tmp_path):
         time.sleep(0.2)
     time.sleep(1.0)
     # SIGTERM to process 1 only, as a TPU maintenance event hits one host.
-    pid = subprocess.run(["pgrep", "-f", "--", f"--workdir {run} .*--process_id 1"], capture_output=True,
+    pid = subprocess.run(["pgrep", "-f", "--", f"--workdir {run} .*--process-id 1"], capture_output=True,
                          text=True).stdout.split()
     assert len(pid) == 1, pid
     os.kill(int(pid[0]), signal.SIGTERM)

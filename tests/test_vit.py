@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rice_jax import export, sharding
+from rice_jax import sharding
+from rice_jax.models import hf
 from rice_jax.models import config as mcfg
 from rice_jax.models.vit import ViT, attention
 from tests.helpers import hf_forward, save_random_hf_model, tiny_hf_config
@@ -29,7 +30,7 @@ def _pixels(b=2, hw=NON_SQUARE, seed=0):
 
 def test_load_hf_matches_transformers_non_square(hf_dir):
     path, hf_model = hf_dir
-    vit = export.load_hf(path)
+    vit = hf.load_hf(path)
     x = _pixels()
     ref_last, ref_pool = hf_forward(hf_model, x)
     out = vit(jnp.asarray(x))
@@ -41,7 +42,7 @@ def test_load_hf_matches_transformers_non_square(hf_dir):
 def test_same_weights_any_resolution(hf_dir):
     """2D RoPE has no size-dependent parameter: one model serves square and non-square inputs."""
     path, hf_model = hf_dir
-    vit = export.load_hf(path)
+    vit = hf.load_hf(path)
     for hw in [(28, 28), (84, 56), (112, 42)]:
         x = _pixels(1, hw, seed=hw[0])
         ref_last, _ = hf_forward(hf_model, x)
@@ -56,7 +57,7 @@ def test_prefixed_checkpoint_loads(hf_dir, tmp_path):
     state = load_file(path / "model.safetensors")
     save_file({"vision_model." + k: v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    vit = export.load_hf(tmp_path)
+    vit = hf.load_hf(tmp_path)
     x = _pixels(1)
     np.testing.assert_allclose(np.asarray(vit(jnp.asarray(x)).pooler_output), hf_forward(hf_model, x)[1], atol=1e-4)
 
@@ -68,7 +69,7 @@ def test_jax_init_save_hf_roundtrip(tmp_path):
 
     cfg = mcfg.ViTConfig.from_hf(tiny_hf_config())
     vit = ViT(cfg, rngs=nnx.Rngs(3))
-    export.save_hf(vit, tmp_path, torch_state_dict=True)
+    hf.save_hf(vit, tmp_path, torch_state_dict=True)
     hf, info = MLCDVisionModel.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = _pixels()
@@ -83,7 +84,7 @@ def test_jax_init_save_hf_roundtrip(tmp_path):
     for k in sd:
         np.testing.assert_array_equal(sd[k].numpy(), hf_sd[k].numpy())
     # And load_hf of our own export gives back identical parameters.
-    again = export.load_hf(tmp_path)
+    again = hf.load_hf(tmp_path)
     for a, b in zip(jax.tree.leaves(nnx.state(vit, nnx.Param)), jax.tree.leaves(nnx.state(again, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -98,8 +99,8 @@ def test_mismatched_checkpoint_error_lists_keys_and_shapes(hf_dir, tmp_path):
     state["some.extra.tensor"] = np.zeros(3, np.float32)
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(export.CheckpointMismatchError) as e:
-        export.load_hf(tmp_path)
+    with pytest.raises(hf.CheckpointMismatchError) as e:
+        hf.load_hf(tmp_path)
     msg = str(e.value)
     assert "encoder.layers.1.mlp.fc2.bias" in msg and "missing keys" in msg
     assert "some.extra.tensor" in msg and "unexpected keys" in msg
@@ -110,25 +111,25 @@ def test_corrupted_safetensors_and_missing_files(hf_dir, tmp_path):
     path, _ = hf_dir
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        export.load_hf(tmp_path)
+        hf.load_hf(tmp_path)
     (tmp_path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:1000])
     with pytest.raises(Exception):
-        export.load_hf(tmp_path)
+        hf.load_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        export.load_hf(tmp_path / "nope")
+        hf.load_hf(tmp_path / "nope")
 
 
 def test_config_hf_roundtrip_and_presets():
-    hf = tiny_hf_config(image_size=84, layer_norm_eps=1e-6)
-    cfg = mcfg.ViTConfig.from_hf(hf)
+    hf_cfg = tiny_hf_config(image_size=84, layer_norm_eps=1e-6)
+    cfg = mcfg.ViTConfig.from_hf(hf_cfg)
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.patch_size, cfg.layer_norm_eps) == (64, 2, 4, 14, 1e-6)
     back = cfg.to_hf()
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
               "image_size", "layer_norm_eps"):
-        assert getattr(back, k) == getattr(hf, k), k
+        assert getattr(back, k) == getattr(hf_cfg, k), k
     l560 = mcfg.get_preset("vit_l14_560")
     assert (l560.hidden_size, l560.intermediate_size, l560.num_layers, l560.num_heads, l560.image_size) == (1024, 4096, 24, 16, 560)
-    n_params = sum(int(np.prod(v.shape)) for v in export.vit_to_hf_state_abstract(export._AbstractViT(l560)).values())
+    n_params = sum(int(np.prod(v.shape)) for v in hf.vit_to_hf_state_abstract(hf._AbstractViT(l560)).values())
     assert 300e6 < n_params < 306e6  # RICE ViT-L/14-560: ~303M
     with pytest.raises(ValueError, match="vit_b16_224"):
         mcfg.get_preset("vit_huge")
@@ -137,7 +138,7 @@ def test_config_hf_roundtrip_and_presets():
 
 
 def test_non_multiple_of_patch_is_a_clear_error(hf_dir):
-    vit = export.load_hf(hf_dir[0])
+    vit = hf.load_hf(hf_dir[0])
     with pytest.raises(ValueError, match="multiple of the patch size"):
         vit(jnp.zeros((1, 50, 56, 3)))
 
@@ -257,8 +258,8 @@ def test_attention_fully_masked_row_is_finite():
 
 def test_bf16_compute_close_to_fp32(hf_dir):
     path, _ = hf_dir
-    f32 = export.load_hf(path)
-    bf16 = export.load_hf(path, dtype="bfloat16")
+    f32 = hf.load_hf(path)
+    bf16 = hf.load_hf(path, dtype="bfloat16")
     assert bf16.blocks[0].mlp.fc1_kernel[...].dtype == jnp.float32  # params stay fp32
     x = jnp.asarray(_pixels())
     a, b = f32(x).pooler_output, bf16(x).pooler_output
@@ -280,8 +281,8 @@ def test_remat_same_values_and_grads(hf_dir):
             return jnp.sum(nnx.merge(graphdef, p)(x).pooler_output ** 2)
         return jax.jit(jax.value_and_grad(f))(params)
 
-    l0, g0 = loss_and_grad(export.load_hf(path))
-    l1, g1 = loss_and_grad(export.load_hf(path, remat_policy="nothing_saveable"))
+    l0, g0 = loss_and_grad(hf.load_hf(path))
+    l1, g1 = loss_and_grad(hf.load_hf(path, remat_policy="nothing_saveable"))
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -289,7 +290,7 @@ def test_remat_same_values_and_grads(hf_dir):
 
 def test_sharded_forward_matches_unsharded(hf_dir, mesh):
     path, _ = hf_dir
-    vit = export.load_hf(path)
+    vit = hf.load_hf(path)
     x = _pixels(8)
     ref = vit(jnp.asarray(x))
     graphdef, state = nnx.split(vit)
