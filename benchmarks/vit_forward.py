@@ -35,11 +35,11 @@ def run(preset: str, batch: int, repeats: int, attention_impl: str, write: bool,
 
     with tempfile.TemporaryDirectory() as d:
         hf.save_hf(vit, d)
-        hf = MLCDVisionModel.from_pretrained(d).eval()
+        torch_model = MLCDVisionModel.from_pretrained(d).eval()
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.inference_mode():
-        torch_t = timeit(lambda: hf(pixel_values=xt), repeats=repeats)
-        ref = hf(pixel_values=xt).pooler_output.numpy()
+        torch_t = timeit(lambda: torch_model(pixel_values=xt), repeats=repeats)
+        ref = torch_model(pixel_values=xt).pooler_output.numpy()
     max_diff = float(np.max(np.abs(np.asarray(fwd(state, xj)) - ref)))
 
     # RICE: the same backbone with N region tokens in the last k blocks.

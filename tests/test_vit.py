@@ -70,16 +70,16 @@ def test_jax_init_save_hf_roundtrip(tmp_path):
     cfg = mcfg.ViTConfig.from_hf(tiny_hf_config())
     vit = ViT(cfg, rngs=nnx.Rngs(3))
     hf.save_hf(vit, tmp_path, torch_state_dict=True)
-    hf, info = MLCDVisionModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    torch_model, info = MLCDVisionModel.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     x = _pixels()
-    ref_last, ref_pool = hf_forward(hf.eval(), x)
+    ref_last, ref_pool = hf_forward(torch_model.eval(), x)
     out = vit(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(out.last_hidden_state), ref_last, atol=1e-4)
     np.testing.assert_allclose(np.asarray(out.pooler_output), ref_pool, atol=1e-4)
     # The plain torch state dict has the same names and values.
     sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
-    hf_sd = hf.state_dict()
+    hf_sd = torch_model.state_dict()
     assert set(sd) == set(hf_sd)
     for k in sd:
         np.testing.assert_array_equal(sd[k].numpy(), hf_sd[k].numpy())
