@@ -1,6 +1,8 @@
-"""Regenerate the README's performance and ablation tables from benchmarks/results/*.json.
+"""Regenerate the generated tables of the README and docs/*.md from benchmarks/results/*.json.
 
-The tables live between ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers in README.md.
+Each table lives between ``<!-- BEGIN name -->`` / ``<!-- END name -->`` markers in whichever page
+holds them (docs/performance.md, docs/data.md, docs/results.md, README.md); a section found in no
+page, or in two, is an error.
     python -m benchmarks.readme_tables
 """
 from __future__ import annotations
@@ -260,18 +262,29 @@ def gpu() -> str:
     return "\n".join(out)
 
 
+SECTIONS = ("gpu", "step_profile", "plan", "mining", "kmeans", "performance", "ablation", "layers")
+
+
+def pages() -> list[Path]:
+    return [README] + sorted((README.parent / "docs").glob("*.md"))
+
+
+def page_of(name: str) -> Path:
+    """The one page that carries section ``name``'s markers."""
+    hits = [p for p in pages() if f"<!-- BEGIN {name} -->" in p.read_text()]
+    if len(hits) != 1:
+        raise ValueError(f"section {name!r}: markers found in {[str(h) for h in hits] or 'no page'}; "
+                         "exactly one page must carry them")
+    return hits[0]
+
+
 def main():
-    text = README.read_text()
-    text = replace_section(text, "gpu", gpu())
-    text = replace_section(text, "step_profile", step_profile())
-    text = replace_section(text, "plan", plan())
-    text = replace_section(text, "mining", mining())
-    text = replace_section(text, "kmeans", kmeans())
-    text = replace_section(text, "performance", performance())
-    text = replace_section(text, "ablation", ablation())
-    text = replace_section(text, "layers", layers())
-    README.write_text(text)
-    print(f"updated {README}")
+    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "mining": mining, "kmeans": kmeans,
+             "performance": performance, "ablation": ablation, "layers": layers}
+    for name in SECTIONS:
+        page = page_of(name)
+        page.write_text(replace_section(page.read_text(), name, build[name]()))
+        print(f"updated {name} in {page.relative_to(README.parent)}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_readme_tables_replace_marked_sections_only():
     assert readme_tables.replace_section(out, "ablation", "| new |") == out  # idempotent
     with pytest.raises(ValueError, match="markers"):
         readme_tables.replace_section("no markers", "performance", "x")
-    # The committed README carries both sections.
-    readme = (ROOT / "README.md").read_text()
-    for name in ("performance", "ablation"):
-        assert f"<!-- BEGIN {name} -->" in readme and f"<!-- END {name} -->" in readme
+    # Every generated section lives on exactly one committed page (README.md or docs/*.md).
+    for name in readme_tables.SECTIONS:
+        text = readme_tables.page_of(name).read_text()
+        assert f"<!-- BEGIN {name} -->" in text and f"<!-- END {name} -->" in text
