@@ -278,7 +278,6 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
 
 def _under_jit(x) -> bool:
     """``x`` is being staged into a jaxpr (jit, scan, shard_map), not evaluated eagerly."""
-    from jax._src import interpreters  # noqa: F401
     from jax.interpreters import partial_eval as pe
 
     return isinstance(x, pe.DynamicJaxprTracer)
