@@ -31,7 +31,7 @@ def _config(variant: str, batch: int, impl: str, num_classes: int, smoke: bool):
     c.model.attention_impl = impl
     if not smoke:
         c.stages = ((10, c.stages[-1][1]),)
-    c.loss.num_classes = num_classes
+    c.loss.num_obj_classes = num_classes
     return c
 
 
@@ -65,7 +65,7 @@ def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
     except Exception:  # noqa: BLE001 - a diagnostic only
         pass
     return {"step_s": t["median_s"], "step_min_s": t["min_s"], "images_per_s": b / t["median_s"],
-            "model_flops_per_step": train.model_flops(c, setup.num_obj, setup.num_ocr, b, (c.stages[-1][1],) * 2),
+            "model_flops_per_step": train.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, b, (c.stages[-1][1],) * 2),
             "xla_cost_flops_per_step": train.xla_cost_flops(compiled),
             "compile_s": compile_s, **mem}
 

@@ -54,7 +54,7 @@ def accumulation_rows():
         for policy in POLICIES:
             c = _config(variant, policy, rec["global_batch"], steps)
             try:
-                r = plan.plan(c, ACCUM_TOPOLOGY, num_classes=rec["K"], vocab_size=rec["V"], stage=stage)
+                r = plan.plan(c, ACCUM_TOPOLOGY, num_obj_classes=rec["K"], num_ocr_classes=rec["V"], stage=stage)
             except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                 r = {"topology": ACCUM_TOPOLOGY, "error": plan._first(e), "fits": None}
             r.update(variant=variant, stage=stage, policy=policy, grad_accum_steps=steps)
@@ -107,7 +107,7 @@ def main(argv=None):
             for policy in POLICIES:
                 c = _config(variant if not a.smoke else "tiny", policy, batch)
                 try:
-                    r = plan.plan(c, topo, num_classes=k, vocab_size=v, stage=stage)
+                    r = plan.plan(c, topo, num_obj_classes=k, num_ocr_classes=v, stage=stage)
                 except Exception as e:  # noqa: BLE001 - recorded, the sweep goes on
                     r = {"topology": topo, "error": plan._first(e), "fits": None}
                 r.update(variant=variant, stage=stage, policy=policy)

@@ -29,7 +29,7 @@ def _config(objective: str, preset: str, batch: int, image: int, k: int, v: int)
     c.model.backbone = preset
     c.batch_size = batch
     c.stages = ((10, image),)
-    c.loss.num_classes, c.loss.vocab_size = k, v
+    c.loss.num_obj_classes, c.loss.num_ocr_classes = k, v
     c.loss.sample_rate = 1.0
     c.loss.scale, c.loss.margin = 64.0, 0.3
     c.loss.pad_classes_to = 1
@@ -65,7 +65,7 @@ def build_jax_step(objective, preset, batch, image, n_regions, k, v):
         holder["s"], m = compiled(holder["s"], b)
         jax.block_until_ready(m["loss"])
 
-    run.model_flops = train.model_flops(c, setup.num_obj, setup.num_ocr, batch, (image, image))
+    run.model_flops = train.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, batch, (image, image))
     return run, compiled
 
 

@@ -8,8 +8,6 @@ on one mesh restores onto another (e.g. 8 -> 4 devices).
 from __future__ import annotations
 
 import datetime
-import json
-import os
 from typing import Any, Callable, Optional
 
 import jax

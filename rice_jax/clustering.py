@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 from PIL import Image
 
-from rice_jax import distributed, errors
+from rice_jax import backbones, cli, distributed, errors
 from rice_jax.data import pipeline, records
+from rice_jax.features import RegionFeatures, TransformersRegionFeatures
+from rice_jax.kmeans import HierarchicalKMeans, MeshKMeans
 
 FEATURES_FILE = "region_features.npy"
 CENTERS_FILE = "centers.npy"
@@ -63,22 +65,20 @@ def handcrafted_features(crop: np.ndarray) -> np.ndarray:
     return np.concatenate([hog.ravel(), 0.5 * colour])
 
 
-def _iter_object_images(src: records.RecordSource) -> Iterator[tuple[int, records.RegionRecord, np.ndarray, Image.Image]]:
-    """(record index, record, object region indices, decoded RGB image) for records with objects."""
+def _iter_object_records(src: records.RecordSource) -> Iterator[tuple[int, records.RegionRecord, np.ndarray]]:
+    """(record index, record, object region indices) for records with objects."""
     for i in range(len(src)):
         rec = src[i]
         obj = np.nonzero(rec.kind == records.KIND_OBJECT)[0]
-        if not len(obj):
-            continue
-        try:
-            img = Image.open(io.BytesIO(rec.image)).convert("RGB")
-        except Exception:  # noqa: BLE001 - unreadable image: its regions stay unlabelled (-1)
-            continue
-        yield i, rec, obj, img
+        if len(obj):
+            yield i, rec, obj
 
 
 def _iter_object_crops(src: records.RecordSource) -> Iterator[tuple[int, int, np.ndarray]]:
-    for i, rec, obj, img in _iter_object_images(src):
+    for i, rec, obj in _iter_object_records(src):
+        img = pipeline.decode_image(rec)
+        if img is None:  # unreadable image: its regions stay unlabelled (-1)
+            continue
         arr = np.asarray(img)
         for r in obj:
             x0, y0, x1, y1 = np.round(rec.boxes[r]).astype(int)
@@ -110,10 +110,6 @@ class ViTExtractor:
     (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
 
     def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16):
-        import jax
-
-        from rice_jax.features import RegionFeatures, TransformersRegionFeatures
-
         self.name = name
         n_dev = jax.local_device_count()
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
@@ -128,26 +124,21 @@ class ViTExtractor:
             self._features = lambda x, b, v: ours(x, b, v)["roi"][key]
 
     def __call__(self, src: records.RecordSource, chunk: int):
-        s = self.image_size
         batch = []
 
         def flush(batch):
-            n = max(len(b[2]) for b in batch)
-            x = np.zeros((self.batch_size, s, s, 3), np.float32)
-            boxes = np.zeros((self.batch_size, n, 4), np.float32)
-            valid = np.zeros((self.batch_size, n), bool)
-            for j, (img, _, nb) in enumerate(batch):
-                x[j], boxes[j, : len(nb)], valid[j, : len(nb)] = img, nb, True
+            x, boxes, valid = pipeline.stack_inputs([(img, nb) for img, _, nb in batch], self.batch_size)
             feats = self._features(x, boxes, valid)
             ids = [(i, r) for _, rs, _ in batch for i, r in rs]
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
 
-        for i, rec, obj, img in _iter_object_images(src):
-            w, h = img.size
-            arr = pipeline.resize_normalize(img, s)
-            nb = rec.boxes[obj] / np.array([w, h, w, h], np.float32)
-            batch.append((arr, [(i, int(r)) for r in obj], np.clip(nb, 0, 1)))
+        for i, rec, obj in _iter_object_records(src):
+            inp = pipeline.record_input(rec, self.image_size)
+            if inp is None:  # unreadable image: its regions stay unlabelled (-1)
+                continue
+            img, nb = inp
+            batch.append((img, [(i, int(r)) for r in obj], nb[obj]))
             if len(batch) == self.batch_size:
                 yield flush(batch)
                 batch = []
@@ -159,10 +150,7 @@ def make_extractor(spec: str, image_size: int | None = None):
     if spec == "handcrafted":
         return HandcraftedExtractor()
     if spec.startswith("transformers:"):
-        from rice_jax.features import TransformersRegionFeatures
-
         return ViTExtractor(TransformersRegionFeatures(spec.partition(":")[2], image_size), spec)
-    from rice_jax import backbones
 
     if spec.partition(":")[0] not in backbones.SCHEMES:
         raise errors.InputError(f"unknown extractor {spec!r}: use handcrafted, oracle, a backbone (hf:DIR, ckpt:DIR, "
@@ -223,13 +211,9 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
     ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
     sharded on the mesh; ``state_dir`` makes its passes resumable)."""
     if backend == "jax" and levels == 2:
-        from rice_jax.kmeans import HierarchicalKMeans
-
         return HierarchicalKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed, log=log).fit(
             feats, passes=passes)
     if backend == "jax":
-        from rice_jax.kmeans import MeshKMeans
-
         km = MeshKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed,
                         checkpoint_dir=str(state_dir) if state_dir else None, log=log)
         return km.fit(feats, passes=passes, init="kmeans++" if k < JAX_BACKEND_MIN_K else "random")
@@ -325,9 +309,6 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     src = records.RecordSource(data_dir)
     out = Path(out) if out else data_dir
     out.mkdir(parents=True, exist_ok=True)
-    import jax
-
-
     # Several processes: each extracts the features of its contiguous share of the records; the
     # mesh k-means then runs over all of them, and process 0 writes labels, centres and report.
     pid, nproc = jax.process_index(), jax.process_count()
@@ -386,7 +367,6 @@ def main(argv=None):
                     help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
                          "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
-    from rice_jax import cli
 
     distributed.add_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
@@ -403,6 +383,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

@@ -25,8 +25,11 @@ import json
 import numpy as np
 from PIL import Image
 
-from rice_jax import storage
+from rice_jax import checkpoint as ckpt
+from rice_jax import backbones, cli, errors, storage
+from rice_jax.clustering import handcrafted_features
 from rice_jax.data import pipeline, records, synthetic
+from rice_jax.data.tokenizer import for_dataset
 from rice_jax.features import RegionFeatures, resolve_layer
 
 
@@ -51,16 +54,14 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     idx = list(range(len(src)))
     for s in range(0, len(idx), batch_size):
         recs = [src[i] for i in idx[s:s + batch_size]]
-        n = max(1, max(r.num_regions for r in recs))
-        x = np.zeros((batch_size, image_size, image_size, 3), np.float32)
-        boxes = np.zeros((batch_size, n, 4), np.float32)
-        valid = np.zeros((batch_size, n), bool)
-        for j, r in enumerate(recs):
-            img = Image.open(io.BytesIO(r.image))
-            w, h = img.size
-            x[j] = pipeline.resize_normalize(img, image_size)
-            boxes[j, : r.num_regions] = r.boxes / np.array([w, h, w, h], np.float32)
-            valid[j, : r.num_regions] = True
+        inputs = []
+        for i, r in zip(idx[s:s + batch_size], recs):
+            inp = pipeline.record_input(r, image_size)
+            if inp is None:
+                raise errors.InputError(f"{src.where(src.dataset_index(i))}: the image does not decode; "
+                                        "an evaluation set must be whole (rebuild or drop that record)")
+            inputs.append(inp)
+        x, boxes, valid = pipeline.stack_inputs(inputs, batch_size)
         out = feats(x, boxes, valid)
         roi, tokens, pooled = out["roi"], out["tokens"], out["pooled"]
         for j, r in enumerate(recs):
@@ -236,7 +237,6 @@ def evaluate_handcrafted(data_dir, image_size: int) -> dict:
     :func:`evaluate_backbone`. What the pseudo-labels were made from, so the bar a
     backbone trained on them has to clear to have learned more than its teacher.
     """
-    from rice_jax.clustering import handcrafted_features
 
     src = records.RecordSource(data_dir)
     items = []
@@ -257,8 +257,6 @@ def evaluate_handcrafted(data_dir, image_size: int) -> dict:
 
 
 def load_model(checkpoint: str | None = None, hf: str | None = None):
-    from rice_jax import backbones
-
     return backbones.load(f"hf:{hf}" if hf else f"ckpt:{checkpoint}")
 
 
@@ -278,15 +276,12 @@ def main(argv=None):
                          "checkpoint, 0 for an HF model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    from rice_jax.data.tokenizer import for_dataset
 
     tok = for_dataset(a.data)
     rl = a.region_layers
     if rl is None:
         rl = 0
         if a.checkpoint:
-            from rice_jax import checkpoint as ckpt
-
             rl = int(ckpt.read_meta(a.checkpoint).get("region_layers", 0))
     res = evaluate_backbone(load_model(a.checkpoint, a.hf), a.data, a.image_size, tok, layer=a.layer,
                             region_layers=rl, all_layers=a.all_layers)
@@ -296,6 +291,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

@@ -14,8 +14,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rice_jax import errors, sharding
+from rice_jax import errors, sharding, storage
+from rice_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 from rice_jax.models.region import box_patch_visibility, roi_mean_pool
+from rice_jax.models.rice import RICEConfig, RICEModel
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:
@@ -33,7 +35,6 @@ def resolve_layer(layer: int, num_layers: int) -> int:
 
 class RegionFeatures:
     """``features(x [B,H,W,3], boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
-
     ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` with ``region_layers``),
     ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``pooled``: ``[B, D]``
     (post-LN class token). Any B: batches are padded to a multiple of the device count.
@@ -41,8 +42,6 @@ class RegionFeatures:
 
     def __init__(self, vit, image_size: int, *, layers: Sequence[int] = (-1,), region_layers: int = 0,
                  keep_tokens: bool = False):
-        from rice_jax.models.rice import RICEConfig, RICEModel
-
         self.num_layers = num_layers = vit.cfg.num_layers
         self.layers = sorted({resolve_layer(l, num_layers) for l in layers})
         self.image_size = image_size
@@ -58,21 +57,16 @@ class RegionFeatures:
         @jax.jit
         def fwd(state, x, boxes, valid):
             model = nnx.merge(graphdef, state)
-            bb = model.backbone if rice is not None else model
-            h = bb.embed(x)
-            cos, sin = bb.rope(gh, gw)
-            hidden = [h]
-            for i in range(num_layers):
-                h = bb.run_block(i, h, cos, sin)
-                hidden.append(h)
+            # The model's own forward; XLA drops the hidden states nobody reads.
+            res = model(x, boxes, valid, output_hidden_states=True) if rice is not None else \
+                model(x, output_hidden_states=True)
+            hidden = res.hidden_states
             vis = box_patch_visibility(boxes, valid, gh, gw)
-            out = {"roi": {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs},
-                   "pooled": bb.post_norm(h[:, 0])}
+            out = {"roi": {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs}, "pooled": res.pooler_output}
             if keep_tokens:
                 out["tokens"] = {str(i): hidden[i][:, 1:] for i in idxs}
             if rice is not None:
-                _, r = model.region_blocks(hidden[model.first_region_block], (gh, gw), boxes, valid)
-                out["roi"]["region_token"] = bb.post_norm(r)
+                out["roi"]["region_token"] = res.region_embed  # no head, no batch-standardising: post-LN tokens
             return out
 
         self._fwd = fwd
@@ -105,9 +99,6 @@ class TransformersRegionFeatures:
 
         import torch
         from transformers import AutoConfig, AutoModel
-
-        from rice_jax import storage
-        from rice_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 
         local = storage.download_dir(path)
         model = AutoModel.from_pretrained(local)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Callable, Optional
 
 import jax
@@ -39,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rice_jax import distributed, errors, sharding
+from rice_jax import cli, distributed, errors, sharding, storage
 from rice_jax.losses import padded_num_classes
 from rice_jax.sharding import ALL_AXES
 
@@ -367,8 +366,6 @@ class MeshKMeans:
             return None
         import orbax.checkpoint as ocp
 
-        from rice_jax import storage
-
         return ocp.CheckpointManager(storage.path(self.checkpoint_dir),
                                      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
                                                                           enable_async_checkpointing=False))
@@ -502,7 +499,6 @@ def main(argv=None):
     ap.add_argument("--state-dir", default=None, help="save the state after every pass; a rerun resumes")
     ap.add_argument("--out", required=True, help="centres [K, D] .npy (written by process 0)")
     ap.add_argument("--labels", default=None, help="also write this process's labels (.npy; suffixed by process)")
-    from rice_jax import cli, storage
 
     distributed.add_flags(ap)
     a = ap.parse_args(argv)
@@ -528,6 +524,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

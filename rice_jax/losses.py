@@ -29,6 +29,7 @@ beyond the cap are then dropped and counted in ``aux["positives_dropped"]``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Optional
@@ -38,10 +39,56 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rice_jax import errors
 from rice_jax.batch import KIND_OBJECT, KIND_TEXT
 from rice_jax.sharding import ALL_AXES, conform, has_explicit_axes
 
 _COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite
+MARGIN_TYPES = ("arcface", "cosface")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The RICE objective of a training run. A training config's ``c.loss`` section is these fields.
+
+    Names: the *object* term scores object regions against ``num_obj_classes`` (K) cluster centres,
+    the *OCR* term scores text regions against ``num_ocr_classes`` (V) token centres, the *global*
+    term scores the image against the object centres (MLCD's multi-label target)."""
+    num_obj_classes: int = 0         # K object cluster centres; 0 = the dataset manifest's num_clusters
+    num_ocr_classes: int = 0         # V OCR token centres; 0 = the dataset tokenizer's vocab_size
+    scale: float = 64.0
+    margin: float = 0.3
+    margin_type: str = "arcface"     # or "cosface"
+    sample_rate: float = 0.1         # PartialFC rho (1.0 = all classes)
+    object_weight: float = 1.0
+    ocr_weight: float = 1.0
+    global_weight: float = 0.0       # image-level (MLCD-style) term
+    # Centre rows are padded to a multiple of lcm(this, device count): a checkpoint then restores
+    # on any mesh whose device count divides this number (e.g. written on 8, resumed on 4).
+    pad_classes_to: int = 512
+    init_centers: str = ""           # "" = N(0, 0.01); or a centers.npy from rice_jax.clustering
+
+    def __post_init__(self):
+        if self.margin_type not in MARGIN_TYPES:
+            raise errors.InputError(f"loss.margin_type must be one of {MARGIN_TYPES}, got {self.margin_type!r}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise errors.InputError(f"loss.sample_rate must be in (0, 1], got {self.sample_rate}")
+        weights = (self.object_weight, self.ocr_weight, self.global_weight)
+        if min(weights) < 0 or not any(weights):
+            raise errors.InputError(f"loss weights (object, ocr, global) = {weights}: all >= 0 and one > 0")
+        if self.num_obj_classes < 0 or self.num_ocr_classes < 0:
+            raise errors.InputError("loss.num_obj_classes / loss.num_ocr_classes must be >= 0 (0 = from the dataset)")
+
+    @property
+    def uses_regions(self) -> bool:
+        """Whether the model runs region tokens: the one decision read by the train step, the FLOP
+        count, the checkpoint's metadata (``region_layers``) and evaluation (through that metadata)."""
+        return bool(self.object_weight or self.ocr_weight)
+
+    def rice_loss_kwargs(self) -> dict:
+        """The keyword arguments of :func:`rice_loss` this config sets (class counts come from the data)."""
+        return dict(object_weight=self.object_weight, ocr_weight=self.ocr_weight, global_weight=self.global_weight,
+                    scale=self.scale, margin=self.margin, margin_type=self.margin_type, sample_rate=self.sample_rate)
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
@@ -248,16 +295,16 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
         raise ValueError(f"shape mismatch: features {features.shape}, centers {centers.shape}, labels {labels.shape}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    k_total = int(num_classes if num_classes is not None else centers.shape[0])
-    if k_total > centers.shape[0]:
-        raise ValueError(f"num_classes {k_total} > centre rows {centers.shape[0]}")
+    num_classes = int(num_classes if num_classes is not None else centers.shape[0])
+    if num_classes > centers.shape[0]:
+        raise ValueError(f"num_classes {num_classes} > centre rows {centers.shape[0]}")
     if check_labels:
         if isinstance(labels, jax.core.Tracer):
-            jax.debug.callback(lambda l: validate_labels(l, k_total), labels)
+            jax.debug.callback(lambda l: validate_labels(l, num_classes), labels)
         else:
-            validate_labels(labels, k_total)
+            validate_labels(labels, num_classes)
 
-    args = (scale, margin, margin_type, sample_rate, rng, mesh, k_total, max_positives_per_shard)
+    args = (scale, margin, margin_type, sample_rate, rng, mesh, num_classes, max_positives_per_shard)
     if mesh is None or not has_explicit_axes(mesh) or jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
         return _margin_softmax_on_mesh(features, centers, labels, *args)
     # Explicit axes and no (or another) context mesh: shardings are part of the types and reshard /
@@ -272,7 +319,7 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
         features, centers, labels = (jax.device_put(a, rep) for a in (features, centers, labels))
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         staged = lambda f, c, l, key: _margin_softmax_on_mesh(f, c, l, scale, margin, margin_type, sample_rate, key,
-                                                              mesh, k_total, max_positives_per_shard)
+                                                              mesh, num_classes, max_positives_per_shard)
         return jax.jit(staged)(features, centers, labels, rng)
 
 
@@ -283,7 +330,7 @@ def _under_jit(x) -> bool:
     return isinstance(x, pe.DynamicJaxprTracer)
 
 
-def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_type, sample_rate, rng, mesh, k_total,
+def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_type, sample_rate, rng, mesh, num_classes,
                             max_positives_per_shard):
     num_shards = 1 if mesh is None else mesh.size
     k_pad = padded_num_classes(centers.shape[0], num_shards)
@@ -300,14 +347,14 @@ def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_typ
     if sample_rate < 1.0:
         if rng is None:
             raise ValueError("sample_rate < 1 needs an rng key")
-        n_sample = max(1, math.ceil(sample_rate * k_total / num_shards))
+        n_sample = max(1, math.ceil(sample_rate * num_classes / num_shards))
         pos_bound = b * m if max_positives_per_shard is None else int(max_positives_per_shard)
         capacity = min(k_shard, max(n_sample, pos_bound))
     else:
         n_sample, capacity = k_shard, None
         rng = jax.random.key(0) if rng is None else rng
 
-    kw = dict(num_classes=k_total, n_sample=n_sample, capacity=capacity,
+    kw = dict(num_classes=num_classes, n_sample=n_sample, capacity=capacity,
               scale=float(scale), margin=float(margin), margin_type=margin_type)
     if mesh is None:
         return _shard_loss(features, labels, centers, rng, axis=None, **kw)

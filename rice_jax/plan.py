@@ -1,7 +1,7 @@
 """Size the real train step for a TPU slice (or these CPU devices) before queueing for it.
 
     bash launch/plan.sh --config rice_jax/configs/rice.py:l14_336 --topology v5p:4x4x4 \\
-        --config.batch_size=32768 --num_classes 1000000
+        --config.batch_size=32768 --num_obj_classes 1000000
     # = TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-plan/bin/python -m rice_jax.plan ...
 
 Builds the training step the train loop runs — the RICE model, the class-parallel
@@ -38,7 +38,11 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import json  # noqa: E402
 import time  # noqa: E402
 
-from rice_jax import batch as batch_contract, errors  # noqa: E402 - after the environment above
+import jax  # noqa: E402 - after the environment above
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from rice_jax import batch as batch_contract, cli, errors, perf, sharding, storage, train  # noqa: E402
 
 MIB = 2**20
 
@@ -46,8 +50,6 @@ MIB = 2**20
 def target_devices(topology: str):
     """``cpu:N`` -> N local CPU devices; ``v5p:4x4x4`` etc. -> the devices of that TPU topology
     description (libtpu compiles for it; no TPU is needed)."""
-    import jax
-
     kind, _, shape = topology.partition(":")
     if kind == "cpu":
         n = int(shape or jax.device_count())
@@ -56,7 +58,7 @@ def target_devices(topology: str):
                              f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return jax.devices("cpu")[:n]
     try:
-        from jax.experimental import topologies
+        from jax.experimental import topologies  # needs libtpu: imported only for a TPU target
 
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as e:  # noqa: BLE001 - missing libtpu or an unknown topology name
@@ -68,19 +70,15 @@ def _first(e: BaseException) -> str:
     return errors.first_line(e, 300)
 
 
-def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.4, stage: int = -1) -> dict:
+def plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int, mfu: float = 0.4, stage: int = -1) -> dict:
     """Compile the train step of config ``c`` for ``topology``; per-device memory, FLOPs, projection."""
-    import jax
-
-    from rice_jax import perf, sharding, train
-
     devices = list(target_devices(topology))
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices, axis_type=c.mesh.axis_type)
     if c.batch_size % mesh.size:
         raise errors.InputError(f"batch_size {c.batch_size} is not a multiple of the {mesh.size} devices of {topology}")
     image_size = int(c.stages[stage][1])
     model_cfg = train.build_model_config(c)
-    _, setup = train.abstract_setup(c, mesh, model_cfg, num_classes, vocab_size)
+    _, setup = train.abstract_setup(c, mesh, model_cfg, num_obj_classes, num_ocr_classes)
     step, batch_sh = train.make_train_step(c, setup)
     batch = batch_contract.abstract_batch(c.batch_size, image_size, c.data.num_regions, c.data.max_labels,
                                           batch_sh)
@@ -89,8 +87,8 @@ def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.
            "mesh": dict(mesh.shape), "global_batch": c.batch_size, "image_size": image_size,
            "grad_accum_steps": int(c.get("grad_accum_steps", 1) or 1),
            "backbone": c.model.backbone, "num_layers": model_cfg.backbone.num_layers,
-           "dtype": c.model.dtype, "remat_policy": c.model.remat_policy, "num_classes": num_classes,
-           "vocab_size": vocab_size, "sample_rate": c.loss.sample_rate, "num_regions": c.data.num_regions}
+           "dtype": c.model.dtype, "remat_policy": c.model.remat_policy, "num_obj_classes": num_obj_classes,
+           "num_ocr_classes": num_ocr_classes, "sample_rate": c.loss.sample_rate, "num_regions": c.data.num_regions}
     t = time.perf_counter()
     try:
         compiled = step.lower(setup.abstract_state, batch).compile()
@@ -113,29 +111,27 @@ def plan(c, topology: str, *, num_classes: int, vocab_size: int, mfu: float = 0.
         spec = perf.chip(kind)
         out["hbm_bytes"] = spec["hbm_bytes"]
         out["fits"] = per["total_bytes"] <= spec["hbm_bytes"]
-        out.update(project(c, num_classes, vocab_size, image_size, len(devices), spec["bf16_flops"], mfu))
+        out.update(project(c, num_obj_classes, num_ocr_classes, image_size, len(devices), spec["bf16_flops"], mfu))
     else:
         out["fits"] = None          # CPU devices have no HBM to fit into; the figures are still exact
     return out
 
 
-def project(c, num_classes: int, vocab_size: int, image_size: int, devices: int, peak_per_device: float,
+def project(c, num_obj_classes: int, num_ocr_classes: int, image_size: int, devices: int, peak_per_device: float,
             mfu: float) -> dict:
     """Step time and throughput at an assumed MFU: model FLOPs (``train.model_flops``, the numerator
     every MFU in this project uses) over ``devices x peak x mfu``. Not the compiler's FLOP count: that
     includes remat recomputation, and with gradient accumulation it counts one microbatch (the
     cost analysis sees a scan body once)."""
-    from rice_jax import train
-
-    model = train.model_flops(c, num_classes, vocab_size, c.batch_size, (image_size, image_size))
+    model = train.model_flops(c, num_obj_classes, num_ocr_classes, c.batch_size, (image_size, image_size))
     step = model / (devices * peak_per_device * mfu)
     return {"mfu_assumed": mfu, "model_flops_per_step": model, "step_time_s": step, "images_per_s": c.batch_size / step}
 
 
 def format_report(r: dict) -> str:
     micro = f" in {r['grad_accum_steps']} microbatches" if r.get("grad_accum_steps", 1) > 1 else ""
-    head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}{micro}, K = {r['num_classes']:,}, "
-            f"V = {r['vocab_size']:,}, rho = {r['sample_rate']}, N = {r['num_regions']}, {r['dtype']}, remat "
+    head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}{micro}, K = {r['num_obj_classes']:,}, "
+            f"V = {r['num_ocr_classes']:,}, rho = {r['sample_rate']}, N = {r['num_regions']}, {r['dtype']}, remat "
             f"{r['remat_policy']} on {r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']})")
     if "per_device" not in r:
         return f"{head}\n  DOES NOT FIT: {r.get('error', '')}"
@@ -156,38 +152,26 @@ def format_report(r: dict) -> str:
 
 def main(argv):
     del argv
-    from absl import flags
-
-    from rice_jax import cli
-
     F = flags.FLAGS
-
-    def run():
-        r = plan(F.config, F.topology, num_classes=F.num_classes, vocab_size=F.vocab_size or F.config.loss.vocab_size or 49408,
-                 mfu=F.mfu,
-                 stage=F.stage)
-        print(format_report(r), flush=True)
-        print(json.dumps(r), flush=True)
-        if F.out:
-            from rice_jax import storage
-
-            storage.write_text_atomic(F.out, json.dumps(r, indent=1) + "\n")
-        return r
-
-    cli.run(run)
+    c = cli.absl_config("config")
+    r = plan(c, F.topology, num_obj_classes=F.num_obj_classes,
+             num_ocr_classes=F.num_ocr_classes or c.loss.num_ocr_classes or 49408, mfu=F.mfu, stage=F.stage)
+    print(format_report(r), flush=True)
+    print(json.dumps(r), flush=True)
+    if F.out:
+        storage.write_text_atomic(F.out, json.dumps(r, indent=1) + "\n")
+    return r
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "rice_jax/configs/rice.py:VARIANT", lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
+                                    lock_config=True)
     flags.DEFINE_string("topology", "cpu:8", "v5p:4x4x4, v5e:16x16, v4:2x2x2, v6e:8x8, ... or cpu:N")
-    flags.DEFINE_integer("num_classes", 1_000_000, "K object centres (paper: 1M)")
-    flags.DEFINE_integer("vocab_size", 0, "OCR token centres (0 = the config's loss.vocab_size, or 49408 — "
-                                          "a CLIP-sized BPE vocabulary — when that is 0 too)")
+    flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M)")
+    flags.DEFINE_integer("num_ocr_classes", 0, "V OCR token centres (0 = the config's loss.num_ocr_classes, or "
+                                               "49408 — a CLIP-sized BPE vocabulary — when that is 0 too)")
     flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the projected step time")
     flags.DEFINE_integer("stage", -1, "which stage's image size to compile (default: the last)")
     flags.DEFINE_string("out", "", "also write the result as JSON here")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run_absl(main)

@@ -8,7 +8,7 @@ import argparse
 import json
 import io
 
-from rice_jax import errors, storage
+from rice_jax import cli, errors, storage
 
 # One panel per tuple; a key missing from the run (e.g. OCR terms of a global-only run) is skipped.
 PANELS = (
@@ -61,6 +61,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from rice_jax import backbones, cli, clustering, evaluate, plot, train
+from rice_jax.configs.rice import get_config
+from rice_jax.data import mine, records, synthetic, tokenizer
+from rice_jax.models import hf
+from rice_jax.models.vit import ViT
 
 
 def _stage(name: str) -> float:
@@ -23,14 +28,10 @@ def _stage(name: str) -> float:
 
 
 def _config(arg: str):
-    from rice_jax.configs.rice import get_config
-
     return get_config(arg)
 
 
 def _dataset(path: Path, n: int, seed: int, vocab: int):
-    from rice_jax.data import records, synthetic, tokenizer
-
     if not (path / records.MANIFEST).exists():
         synthetic.build(str(path), n, seed=seed, progress=True)
     if not records.read_manifest(path).get("tokenizer"):
@@ -42,7 +43,6 @@ def _mined_dataset(workdir: Path, path: Path, n: int, seed: int, vocab: int, wor
     categories thrown away), then mined (Felzenszwalb proposals + RapidOCR) into ``path``. OCR
     reads these small images with its detector at short side 320 instead of 736 (3.6x faster,
     61 vs 64 of 86 words exact; ``ocr.RapidOCR``)."""
-    from rice_jax.data import mine, records, synthetic, tokenizer
 
     raw = workdir / f"raw_images_s{seed}_n{n}"
     if not (path / records.MANIFEST).exists():
@@ -93,14 +93,12 @@ def main(argv=None):
         _dataset(train_dir, args.num_images, s, 512)
     eval_dir = workdir / f"data_eval_s{s + 1}_n{args.eval_images}"
     _dataset(eval_dir, args.eval_images, s + 1, 512)
-    from rice_jax.data import records
 
     m = records.read_manifest(train_dir)
     summary["data"] = {k: m[k] for k in ("num_images", "num_object_regions", "num_text_regions")}
     print(json.dumps(summary["data"]), f"({time.perf_counter() - t:.1f}s)")
 
     t = _stage("2. region clustering (handcrafted features -> spherical k-means)")
-    from rice_jax import clustering
 
     if (m.get("clustering") or {}).get("k") != args.clusters:
         clustering.run(train_dir, args.clusters, seed=s)
@@ -109,7 +107,6 @@ def main(argv=None):
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _stage("3. RICE pretraining (rice_jax/configs/rice.py:tiny, checkpoints in workdir/train)")
-    from rice_jax import train
 
     c = _config("tiny")
     c.data.dir = str(train_dir)
@@ -126,17 +123,12 @@ def main(argv=None):
                         "images_per_s": float(np.median([r["images_per_s"] for r in rows[1:]] or [0])),
                         "mfu": float(np.median([r["mfu"] for r in rows[1:]] or [0])),
                         "skipped_updates": rows[-1]["skipped_updates_total"], "seconds": time.perf_counter() - t}
-    from rice_jax import plot
 
     summary["train"]["curves"] = str(plot.plot(train_dir_run))
     print(json.dumps(summary["train"]))
 
     t = _stage("4. region-probe evaluation of the backbone on held-out data (trained vs random init)")
     from flax import nnx
-
-    from rice_jax import backbones, evaluate
-    from rice_jax.data import tokenizer
-    from rice_jax.models.vit import ViT
 
     vit = backbones.load(f"ckpt:{train_dir_run}")
     tok = tokenizer.for_dataset(eval_dir)
@@ -152,7 +144,6 @@ def main(argv=None):
             print(f"  {k:26s} trained {v:.3f}   random init {summary['eval']['random_init'].get(k, float('nan')):.3f}")
 
     t = _stage("5. export to Hugging Face and reload with transformers")
-    from rice_jax.models import hf
 
     out_dir = hf.save_hf(vit, workdir / "export_hf", torch_state_dict=True)
     x = np.random.default_rng(0).standard_normal((2, 64, 96, 3)).astype(np.float32)
@@ -176,6 +167,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -22,14 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
-from rice_jax import backbones, checkpoint, distributed, errors, losses, perf, sharding, storage
+from rice_jax import backbones, checkpoint, cli, distributed, errors, losses, optim, perf, sharding, storage
 from rice_jax import batch as batch_contract
 from rice_jax.data import pipeline, records
+from rice_jax.data.tokenizer import for_dataset as tokenizer_for_dataset
 from rice_jax.models import config as mcfg
-from rice_jax.models import rice as rice_settings
-from rice_jax.models.rice import RICEConfig, RICEModel
+from rice_jax.models.rice import RICEConfig, RICEModel, config_from_settings
 
 # ----------------------------------------------------------------------------- config checks
 def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
@@ -44,22 +49,23 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
         raise errors.InputError(f"config.data.num_regions={c.data.num_regions}: need N >= 1")
     if not c.stages:
         raise errors.InputError("config.stages is empty: give at least one (steps, image_size) pair")
-    stage_lr_multipliers(c)  # one per stage
+    optim.stage_lr_multipliers(optim_config(c), c.stages)  # one per stage
     preset = mcfg.get_preset(c.model.backbone)
     for s in c.stages:
         if len(s) != 2 or s[0] < 1:
             raise errors.InputError(f"config.stages entry {s!r} must be (steps >= 1, image_size)")
         if s[1] % preset.patch_size:
             raise errors.InputError(f"stage image_size {s[1]} is not a multiple of patch size {preset.patch_size}")
-    k = c.loss.num_classes or (manifest.get("num_clusters") or 0)
-    if (c.loss.object_weight or c.loss.global_weight) and k < 1:
+    lc = loss_config(c)
+    k = lc.num_obj_classes or (manifest.get("num_clusters") or 0)
+    if (lc.object_weight or lc.global_weight) and k < 1:
         raise errors.InputError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.clustering --data "
-                         f"{c.data.dir} --k K` first, or set config.loss.num_classes")
-    if c.loss.num_classes and manifest.get("num_clusters") and c.loss.num_classes < manifest["num_clusters"]:
-        raise errors.InputError(f"config.loss.num_classes={c.loss.num_classes} < the dataset's {manifest['num_clusters']} "
-                         "clusters (K must be >= the largest label + 1)")
-    v = c.loss.vocab_size or ((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
-    if c.loss.ocr_weight and v < 1:
+                         f"{c.data.dir} --k K` first, or set config.loss.num_obj_classes")
+    if lc.num_obj_classes and manifest.get("num_clusters") and lc.num_obj_classes < manifest["num_clusters"]:
+        raise errors.InputError(f"config.loss.num_obj_classes={lc.num_obj_classes} < the dataset's "
+                                f"{manifest['num_clusters']} clusters (K must be >= the largest label + 1)")
+    v = lc.num_ocr_classes or ((manifest.get("tokenizer") or {}).get("vocab_size") or 0)
+    if lc.ocr_weight and v < 1:
         raise errors.InputError(f"{c.data.dir} has no tokenizer: build one with `python -m rice_jax.data.tokenizer "
                          f"--data {c.data.dir}`, or set --config.loss.ocr_weight=0")
     return max(k, 1), max(v, 1)
@@ -67,54 +73,17 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- model + optimiser
 def build_model_config(c) -> RICEConfig:
-    return rice_settings.config_from_settings(c.model)
+    return config_from_settings(c.model)
 
 
-def _decay_mask(params) -> Any:
-    """No weight decay on norms, biases and the class / rotary embeddings."""
-    def keep(path, _):
-        p = sharding.path_to_str(path)
-        leaf = p.rsplit("/", 1)[-1]
-        return not (leaf in ("scale", "bias", "class_embedding", "class_pos_emb") or leaf.endswith("_bias")
-                    or "norm" in p)
-    return jax.tree_util.tree_map_with_path(keep, params)
+def loss_config(c) -> losses.LossConfig:
+    """``c.loss`` as the dataclass it is made from (checked on construction)."""
+    return losses.LossConfig(**c.loss.to_dict())
 
 
-def stage_lr_multipliers(c) -> tuple[float, ...]:
-    """One learning-rate multiplier per stage: ``c.optim.stage_lr_mults``, or the paper's default
-    (1 for the first stage, 0.1 for every later, higher-resolution one)."""
-    mults = tuple(float(m) for m in c.optim.stage_lr_mults) or (1.0,) + (0.1,) * (len(c.stages) - 1)
-    if len(mults) != len(c.stages):
-        raise errors.InputError(f"config.optim.stage_lr_mults has {len(mults)} entries for {len(c.stages)} stages; "
-                         "give one per stage or () for the paper's 1, 0.1, 0.1, ...")
-    return mults
-
-
-def make_schedule(c):
-    """Learning rate per global step: each stage runs its own warm-up + cosine decay, peaking at
-    ``lr x stage multiplier`` (the paper continues at higher resolution with lr / 10, a fresh schedule)."""
-    scheds, boundaries, start = [], [], 0
-    for (steps, _), mult in zip(c.stages, stage_lr_multipliers(c)):
-        warmup = max(min(c.optim.warmup_steps, steps - 1), 1)
-        scheds.append(optax.warmup_cosine_decay_schedule(0.0, c.optim.lr * mult, warmup, max(steps, warmup + 1),
-                                                         end_value=0.0))
-        boundaries.append(start)
-        start += steps
-    return optax.join_schedules(scheds, boundaries[1:])
-
-
-def make_optimizer(c):
-    sched = make_schedule(c)
-
-    def adamw(mult):
-        return optax.adamw(lambda s: sched(s) * mult, b1=c.optim.b1, b2=c.optim.b2,
-                           weight_decay=c.optim.weight_decay, mask=_decay_mask)
-
-    tx = optax.multi_transform({"backbone": adamw(1.0), "centers": adamw(c.optim.centers_lr_mult)},
-                               lambda params: {k: ("centers" if k.startswith("centers_") else "backbone") for k in params})
-    if c.optim.grad_clip:
-        tx = optax.chain(optax.clip_by_global_norm(c.optim.grad_clip), tx)
-    return tx, sched
+def optim_config(c) -> optim.OptimConfig:
+    """``c.optim`` as the dataclass it is made from (checked on construction)."""
+    return optim.OptimConfig(**c.optim.to_dict())
 
 
 @dataclasses.dataclass
@@ -125,19 +94,19 @@ class Setup:
     sched: Any
     state_shardings: Any
     abstract_state: Any
-    num_obj: int
-    num_ocr: int
+    num_obj_classes: int   # K real object centres (rows beyond are padding)
+    num_ocr_classes: int   # V real OCR token centres
 
 
-def abstract_setup(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int):
+def abstract_setup(c, mesh, model_cfg: RICEConfig, num_obj_classes: int, num_ocr_classes: int):
     """The train state's shapes, dtypes and shardings and how to create it, without allocating
     anything: what :func:`init_state` materialises and what ``rice_jax.plan`` compiles for a
     TPU topology. Returns ``(create, setup)``."""
-    tx, sched = make_optimizer(c)
+    tx, sched = optim.make_optimizer(optim_config(c), c.stages)
     e = model_cfg.embed_dim or model_cfg.backbone.hidden_size
     multiple = math.lcm(mesh.size, max(c.loss.pad_classes_to, 1))
-    k_pad = losses.padded_num_classes(num_obj, multiple)
-    v_pad = losses.padded_num_classes(num_ocr, multiple)
+    k_pad = losses.padded_num_classes(num_obj_classes, multiple)
+    v_pad = losses.padded_num_classes(num_ocr_classes, multiple)
 
     def create():
         model = RICEModel(model_cfg, rngs=nnx.Rngs(c.seed))
@@ -156,12 +125,12 @@ def abstract_setup(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int):
     shardings = sharding.tree_shardings(abstract, mesh, rules=tuple(tuple(r) for r in c.sharding_rules))
     graphdef = nnx.split(nnx.eval_shape(lambda: RICEModel(model_cfg, rngs=nnx.Rngs(0))))[0]
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return create, Setup(mesh, graphdef, tx, sched, shardings, abstract, num_obj, num_ocr)
+    return create, Setup(mesh, graphdef, tx, sched, shardings, abstract, num_obj_classes, num_ocr_classes)
 
 
-def init_state(c, mesh, model_cfg: RICEConfig, num_obj: int, num_ocr: int, init_centers=None):
+def init_state(c, mesh, model_cfg: RICEConfig, num_obj_classes: int, num_ocr_classes: int, init_centers=None):
     """Model, centres and optimiser state created inside jit with their final shardings."""
-    create, setup = abstract_setup(c, mesh, model_cfg, num_obj, num_ocr)
+    create, setup = abstract_setup(c, mesh, model_cfg, num_obj_classes, num_ocr_classes)
     state = jax.jit(create, out_shardings=setup.state_shardings)()
     if init_centers is not None:
         state["params"]["centers_obj"] = _put_centers(init_centers, state["params"]["centers_obj"])
@@ -212,7 +181,8 @@ def split_microbatches(x: jax.Array, n: int, mesh) -> jax.Array:
 def make_train_step(c, setup: Setup):
     mesh, graphdef, tx = setup.mesh, setup.graphdef, setup.tx
     accum = check_grad_accum(c, mesh.size)
-    region_losses = bool(c.loss.object_weight or c.loss.ocr_weight)
+    loss_cfg = loss_config(c)
+    region_losses = loss_cfg.uses_regions
 
     def forward(model_params, image, boxes, region_valid):
         model = nnx.merge(graphdef, model_params)
@@ -237,10 +207,9 @@ def make_train_step(c, setup: Setup):
             region_embed, global_embed = forward(params["model"], mb["image"], mb["boxes"], mb["region_valid"])
             return losses.rice_loss(
                 region_embed, global_embed, mb["region_valid"], mb["region_kind"], mb["labels"],
-                params["centers_obj"], params["centers_ocr"], object_weight=c.loss.object_weight,
-                ocr_weight=c.loss.ocr_weight, global_weight=c.loss.global_weight, rng=key,
-                num_obj_classes=setup.num_obj, num_ocr_classes=setup.num_ocr, mesh=mesh, scale=c.loss.scale,
-                margin=c.loss.margin, margin_type=c.loss.margin_type, sample_rate=c.loss.sample_rate)
+                params["centers_obj"], params["centers_ocr"], rng=key, mesh=mesh,
+                num_obj_classes=setup.num_obj_classes, num_ocr_classes=setup.num_ocr_classes,
+                **loss_cfg.rice_loss_kwargs())
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if accum == 1:
@@ -315,8 +284,6 @@ class MetricWriter:
             return
         self.mirror = storage.Mirror(workdir, seed=("metrics.jsonl",), every_s=sync_every_s)
         self.jsonl = open(os.path.join(self.mirror.local, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
-
         self.tb = SummaryWriter(os.path.join(self.mirror.local, "tensorboard"))
 
     def write(self, step: int, scalars: dict):
@@ -399,20 +366,21 @@ def xla_cost_flops(compiled, num_devices: Optional[int] = None) -> float:
     return per_device * (num_devices or jax.device_count())
 
 
-def model_flops(c, num_obj: int, num_ocr: int, batch_size: int, image_hw: tuple[int, int]) -> float:
+def model_flops(c, num_obj_classes: int, num_ocr_classes: int, batch_size: int, image_hw: tuple[int, int]) -> float:
     """The MFU numerator of one step: :func:`perf.rice_train_flops` for this config and batch.
 
-    Region tokens only when a region term is on (the global-only objective runs the plain ViT);
+    Region tokens only when the loss uses them (the global-only objective runs the plain ViT);
     each margin-softmax term scores ⌈ρ·K⌉ centres per row (PartialFC), K of its own bank."""
-    rho = min(float(c.loss.sample_rate), 1.0)
-    regions = c.data.num_regions if (c.loss.object_weight or c.loss.ocr_weight) else 0
+    lc = loss_config(c)
+    rho = min(float(lc.sample_rate), 1.0)
+    regions = c.data.num_regions if lc.uses_regions else 0
     terms = []
-    if c.loss.object_weight:
-        terms.append((regions, math.ceil(rho * num_obj)))
-    if c.loss.ocr_weight:
-        terms.append((regions, math.ceil(rho * num_ocr)))
-    if c.loss.global_weight:
-        terms.append((1, math.ceil(rho * num_obj)))
+    if lc.object_weight:
+        terms.append((regions, math.ceil(rho * num_obj_classes)))
+    if lc.ocr_weight:
+        terms.append((regions, math.ceil(rho * num_ocr_classes)))
+    if lc.global_weight:
+        terms.append((1, math.ceil(rho * num_obj_classes)))
     return perf.rice_train_flops(build_model_config(c), batch_size, image_hw, regions, tuple(terms))
 
 
@@ -457,7 +425,8 @@ class Preemption:
 
 
 def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) -> dict:
-    """Run (or resume) training; returns a summary. ``stop_after``: return early after that many steps (tests).
+    """Run (or resume) training; returns ``summary.json``'s content plus ``history`` (this run's logged
+    metrics, as in ``metrics.jsonl``). ``stop_after``: return early after that many steps (tests).
 
     ``workdir`` may be local or any ``etils.epath`` scheme (``gs://bucket/run``): checkpoints,
     metrics, TensorBoard events, ``config.json`` and ``summary.json`` all go there."""
@@ -465,7 +434,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
-    num_obj, num_ocr = validate_config(c, jax.device_count(), manifest)
+    num_obj_classes, num_ocr_classes = validate_config(c, jax.device_count(), manifest)
+    loss_cfg = loss_config(c)
     damaged_shards = _open_data(c, is_main)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type)
     model_cfg = build_model_config(c)
@@ -473,20 +443,20 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     if is_main:
         storage.write_text_atomic(workdir / "config.json", c.to_json_best_effort(indent=2))
         print(f"[train] {jax.process_count()} process(es), {jax.device_count()} devices, mesh {dict(mesh.shape)}; "
-              f"K={num_obj} V={num_ocr}; {total_steps} steps", flush=True)
+              f"K={num_obj_classes} V={num_ocr_classes}; {total_steps} steps", flush=True)
 
     # ---- Model, centres, optimiser (sharded at creation) --------------------------
-    init_centers = np.load(c.loss.init_centers) if c.loss.init_centers else None
-    state, setup = init_state(c, mesh, model_cfg, num_obj, num_ocr, init_centers)
+    init_centers = np.load(loss_cfg.init_centers) if loss_cfg.init_centers else None
+    state, setup = init_state(c, mesh, model_cfg, num_obj_classes, num_ocr_classes, init_centers)
     train_step, batch_sh = make_train_step(c, setup)
     ckpt = checkpoint.Checkpointer(workdir, every=c.checkpoint_every, keep=c.keep_checkpoints,
                                    async_save=c.async_checkpointing)
-    meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj": num_obj, "num_ocr": num_ocr,
-                 "objective": c.objective, "region_layers": model_cfg.region_layers if c.objective == "rice" else 0}
+    # What a reader of the checkpoint needs: region_layers is 0 when the loss never ran region tokens.
+    meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj_classes": num_obj_classes,
+                 "num_ocr_classes": num_ocr_classes, "uses_regions": loss_cfg.uses_regions,
+                 "region_layers": model_cfg.region_layers if loss_cfg.uses_regions else 0}
 
-    from rice_jax.data.tokenizer import for_dataset
-
-    tokenizer = for_dataset(c.data.dir, manifest)
+    tokenizer = tokenizer_for_dataset(c.data.dir, manifest)
     stage_iter = make_stage_iter(c, tokenizer)
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     start, state, data_iter = restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log)
@@ -499,8 +469,6 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     flops_per_step = None
     bar = None
     if is_main and c.progress_bar:
-        from tqdm import tqdm
-
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     history = []
     step = start
@@ -517,7 +485,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         t1 = time.perf_counter()
         if compiled is None:
             compiled = compile_step(train_step, state, batch)
-            flops_per_step = model_flops(c, setup.num_obj, setup.num_ocr, c.batch_size,
+            flops_per_step = model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, c.batch_size,
                                          tuple(batch["image"].shape[1:3]))
         state, metrics = compiled(state, batch)
         step += 1
@@ -554,37 +522,27 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     if bar is not None:
         bar.close()
     preemption.close()
-    summary = {"start_step": start, "end_step": step, "history": history, "peak_flops_per_device": peak,
-               "flops_per_step": flops_per_step, "preempted": preemption.stopped,
-               "skipped_shards": [s.path for s in damaged_shards]}
+    # summary.json is the run's outcome; the per-step metrics live once, in metrics.jsonl.
+    summary = {"start_step": start, "end_step": step, "last_metrics": history[-1] if history else None,
+               "metrics_file": "metrics.jsonl", "peak_flops_per_device": peak, "flops_per_step": flops_per_step,
+               "preempted": preemption.stopped, "skipped_shards": [s.path for s in damaged_shards]}
     if is_main:
         storage.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    return dict(summary, history=history)
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def main(argv):
     del argv
-    from absl import flags, logging
-
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     distributed.join(distributed.absl_args())
-    from rice_jax import cli
-
     train(cli.absl_config("config"), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from absl import flags
-    from ml_collections import config_flags
-
-    from rice_jax import cli
-
     config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and logs go here")

@@ -24,7 +24,7 @@ def _tiny(batch=16, image=32):
 
 def test_plan_arithmetic_on_cpu_devices(monkeypatch):
     c = _tiny()
-    r = plan.plan(c, "cpu:8", num_classes=1000, vocab_size=256)
+    r = plan.plan(c, "cpu:8", num_obj_classes=1000, num_ocr_classes=256)
     assert r["devices"] == 8 and r["mesh"] == {"data": 8, "fsdp": 1} and r["fits"] is None
     # The same step compiled directly: identical per-device figures.
     mesh = jax.make_mesh((8, 1), ("data", "fsdp"), devices=jax.devices()[:8],
@@ -42,15 +42,15 @@ def test_plan_arithmetic_on_cpu_devices(monkeypatch):
     assert r["flops_per_step"] == pytest.approx(8 * r["flops_per_device"]) and r["flops_per_device"] > 0
     # The projection: step time = model FLOPs / (devices x peak x MFU); fit = total <= HBM.
     monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": p["total_bytes"]})
-    r2 = plan.plan(c, "cpu:8", num_classes=1000, vocab_size=256, mfu=0.5)
+    r2 = plan.plan(c, "cpu:8", num_obj_classes=1000, num_ocr_classes=256, mfu=0.5)
     assert r2["fits"] is True
     assert r2["model_flops_per_step"] == pytest.approx(train.model_flops(c, 1000, 256, 16, (r2["image_size"],) * 2))
     assert r2["step_time_s"] == pytest.approx(r2["model_flops_per_step"] / (8 * 0.5e12))
     assert r2["images_per_s"] == pytest.approx(16 / r2["step_time_s"])
     monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": p["total_bytes"] - 1})
-    assert plan.plan(c, "cpu:8", num_classes=1000, vocab_size=256)["fits"] is False
+    assert plan.plan(c, "cpu:8", num_obj_classes=1000, num_ocr_classes=256)["fits"] is False
     # Centres are sharded along K: 8x the classes cost each device ~1/8 of their bytes, not 8x.
-    big = plan.plan(c, "cpu:8", num_classes=8000, vocab_size=256)["per_device"]["argument_bytes"]
+    big = plan.plan(c, "cpu:8", num_obj_classes=8000, num_ocr_classes=256)["per_device"]["argument_bytes"]
     e = train.build_model_config(c).embed_dim or train.build_model_config(c).backbone.hidden_size
     centre_bytes = (8000 - 1000) * e * 4 * 3          # centres + two Adam moments, all devices
     assert big - p["argument_bytes"] == pytest.approx(centre_bytes / 8, rel=0.05)
@@ -59,7 +59,7 @@ def test_plan_arithmetic_on_cpu_devices(monkeypatch):
 
 def test_plan_rejects_what_it_cannot_plan():
     with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
-        plan.plan(_tiny(batch=12), "cpu:8", num_classes=100, vocab_size=64)
+        plan.plan(_tiny(batch=12), "cpu:8", num_obj_classes=100, num_ocr_classes=64)
     with pytest.raises(ValueError, match="only 8 CPU devices"):
         plan.target_devices("cpu:64")
 
@@ -78,15 +78,15 @@ def test_plan_compiles_for_tpu_topologies_in_its_environment(tmp_path):
 
     def run(*args):
         r = subprocess.run([PLAN_PY, "-m", "rice_jax.plan", "--config", "rice_jax/configs/rice.py:tiny",
-                            "--config.batch_size=32", "--vocab_size=512", *args], cwd=ROOT, env=env,
+                            "--config.batch_size=32", "--num_ocr_classes=512", *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1]), r.stdout
 
-    fit, text = run("--topology", "v5e:2x2", "--num_classes", "4096")
+    fit, text = run("--topology", "v5e:2x2", "--num_obj_classes", "4096")
     assert fit["devices"] == 4 and "v5" in fit["device_kind"].lower() and fit["fits"] is True
     assert fit["per_device"]["total_bytes"] < fit["hbm_bytes"] and fit["flops_per_device"] > 0
     assert fit["step_time_s"] > 0 and "FITS" in text
     # 200M centres x 64 dims x 4 bytes x (value + 2 Adam moments) = 154 GB over 4 chips of 16 GiB.
-    nofit, text = run("--topology", "v5e:2x2", "--num_classes", "200000000")
+    nofit, text = run("--topology", "v5e:2x2", "--num_obj_classes", "200000000")
     assert nofit["fits"] is False and "DOES NOT FIT" in text

@@ -71,6 +71,18 @@ def test_image_path_is_the_plain_vit(with_regions):
     assert out.region_embed.shape == ((2, 4, 32) if with_regions else (2, 0, 32))
 
 
+@pytest.mark.parametrize("region_layers", [1, 3])
+def test_hidden_states_are_the_plain_vits(region_layers):
+    """With region tokens on, the per-block image tokens are still the plain ViT's (what extraction reads)."""
+    model = _model(region_layers)
+    x, boxes = _inputs()
+    ref = model.backbone(x, output_hidden_states=True).hidden_states
+    out = model(x, boxes, output_hidden_states=True).hidden_states
+    assert len(out) == len(ref) == model.backbone.cfg.num_layers + 1
+    for mine, theirs in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(theirs), atol=1e-6)
+
+
 def _brute_force_regions(model: RICEModel, x, boxes, valid):
     """Per image, per region: run the region blocks by explicit gather of the visible tokens."""
     vit = model.backbone

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rice_jax import backbones, checkpoint, train
+from rice_jax import backbones, checkpoint, optim, train
 from rice_jax.data import records
 from rice_jax.sharding import make_mesh
 from tests.fake_gcs import fake_gcs
@@ -44,17 +44,17 @@ def test_stage_lr_schedule_defaults_to_paper_tenth():
     c = load_config("tiny")
     c.optim.lr, c.optim.warmup_steps = 1.0, 2
     c.stages = ((10, 32), (6, 64))
-    sched = train.make_schedule(c)
-    assert train.stage_lr_multipliers(c) == (1.0, 0.1)
+    sched = optim.make_schedule(train.optim_config(c), c.stages)
+    assert optim.stage_lr_multipliers(train.optim_config(c), c.stages) == (1.0, 0.1)
     assert float(sched(0)) == 0.0 and float(sched(2)) == pytest.approx(1.0)   # stage 0: warm-up to lr
     assert float(sched(9)) < 0.1                                              # cosine towards 0
     assert float(sched(10)) == 0.0 and float(sched(12)) == pytest.approx(0.1)  # stage 1: fresh warm-up to lr/10
     assert max(float(sched(s)) for s in range(10, 16)) == pytest.approx(0.1)
     c.optim.stage_lr_mults = (1.0, 0.5)
-    assert float(train.make_schedule(c)(12)) == pytest.approx(0.5)
+    assert float(optim.make_schedule(train.optim_config(c), c.stages)(12)) == pytest.approx(0.5)
     c.optim.stage_lr_mults = (1.0,)
     with pytest.raises(ValueError, match="stage_lr_mults has 1 entries for 2 stages"):
-        train.make_schedule(c)
+        optim.make_schedule(train.optim_config(c), c.stages)
 
 
 # ----------------------------------------------------------------------------- damaged shards

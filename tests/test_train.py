@@ -80,8 +80,12 @@ def test_config_variants_and_errors(data_dir):
     c = small_config(data_dir)
     with pytest.raises(ValueError, match="no cluster labels: run `python -m rice_jax.clustering"):
         train.validate_config(c, 8, {})
-    c.loss.num_classes = 5
+    c.loss.num_obj_classes = 5
     with pytest.raises(ValueError, match="< the dataset's 12 clusters"):
+        train.validate_config(c, 8, {"num_clusters": 12, "tokenizer": {"vocab_size": 10}})
+    c = small_config(data_dir)
+    c.loss.margin_type = "sphereface"      # checked by the loss dataclass, named by its field
+    with pytest.raises(ValueError, match="loss.margin_type must be one of"):
         train.validate_config(c, 8, {"num_clusters": 12, "tokenizer": {"vocab_size": 10}})
     c = small_config(data_dir)
     c.stages = ((4, 30),)

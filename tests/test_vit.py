@@ -39,6 +39,24 @@ def test_load_hf_matches_transformers_non_square(hf_dir):
     np.testing.assert_allclose(np.asarray(out.pooler_output), ref_pool, atol=1e-4, rtol=0)
 
 
+def test_hidden_states_match_transformers(hf_dir):
+    """Every per-block output the extractors read is HF's ``hidden_states`` (embeddings first)."""
+    import torch
+
+    path, hf_model = hf_dir
+    vit = hf.load_hf(path)
+    x = _pixels()
+    with torch.no_grad():
+        ref = hf_model(pixel_values=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                       output_hidden_states=True).hidden_states
+    out = vit(jnp.asarray(x), output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref) == vit.cfg.num_layers + 1
+    for mine, theirs in zip(out.hidden_states, ref):
+        np.testing.assert_allclose(np.asarray(mine), theirs.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(out.hidden_states[-1]), np.asarray(out.last_hidden_state))
+    assert vit(jnp.asarray(x)).hidden_states is None
+
+
 def test_same_weights_any_resolution(hf_dir):
     """2D RoPE has no size-dependent parameter: one model serves square and non-square inputs."""
     path, hf_model = hf_dir

@@ -12,8 +12,9 @@ on a CPU (big_vision's habit): batch, image size, step counts and depth are cut
 to what two cores can do — width, heads, patch size, region layers, loss and
 schedule shape are the variant's own.
 
-``c.data`` is :class:`rice_jax.data.pipeline.PipelineConfig`'s fields and ``c.model``
-is :func:`rice_jax.models.rice.settings_defaults` — built from those dataclasses,
+``c.data`` is :class:`rice_jax.data.pipeline.PipelineConfig`'s fields, ``c.loss``
+:class:`rice_jax.losses.LossConfig`'s, ``c.optim`` :class:`rice_jax.optim.OptimConfig`'s and
+``c.model`` :func:`rice_jax.models.rice.settings_defaults` — built from those dataclasses,
 so each field and its default exist in one place; this file only states where a
 variant departs from them. The dict is locked: an unknown key or a value of the
 wrong type fails at start-up; ``rice_jax.train.validate_config`` adds the
@@ -23,7 +24,7 @@ import dataclasses
 
 import ml_collections
 
-from rice_jax import errors, sharding
+from rice_jax import errors, losses, optim, sharding
 from rice_jax.data import pipeline
 from rice_jax.models import rice as rice_model
 
@@ -54,10 +55,10 @@ def _parse(arg):
     return variant, objective, runlocal
 
 
-def _data_section() -> ml_collections.ConfigDict:
-    fields = {f.name: f.default for f in dataclasses.fields(pipeline.PipelineConfig)
-              if f.name not in pipeline.PER_STAGE_FIELDS}
-    return ml_collections.ConfigDict({"dir": "", **fields})
+def _section(dataclass_type, exclude=(), **extra) -> ml_collections.ConfigDict:
+    """A config section holding a dataclass's fields with their defaults (plus ``extra`` keys)."""
+    fields = {f.name: f.default for f in dataclasses.fields(dataclass_type) if f.name not in exclude}
+    return ml_collections.ConfigDict({**extra, **fields})
 
 
 def get_config(arg=None):
@@ -68,7 +69,7 @@ def get_config(arg=None):
     c.init_from = ""             # "" | "hf:DIR" (local HF MLCDVisionModel) | "ckpt:DIR" (our checkpoint, params only)
 
     # ---- Data: PipelineConfig fields (+ dir); image size, batch and seed are set per stage --------
-    c.data = _data_section()
+    c.data = _section(pipeline.PipelineConfig, exclude=pipeline.PER_STAGE_FIELDS, dir="")
     c.data.num_regions = 10      # N region tokens per image (paper: 10)
     c.data.max_labels = 10       # M token ids per OCR region (paper: 10)
     c.data.min_box_size = 8.0    # training drops boxes under 8 output px (the pipeline's generic default is 4)
@@ -77,32 +78,11 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict(rice_model.settings_defaults())
     c.model.backbone = "vit_b16_224"   # a rice_jax.models.config preset
 
-    # ---- Objective -------------------------------------------------------------------
-    c.loss = ml_collections.ConfigDict()
-    c.loss.num_classes = 0             # K object clusters; 0 = from the dataset manifest
-    c.loss.vocab_size = 0              # V OCR token classes; 0 = from the dataset tokenizer
-    c.loss.scale = 64.0
-    c.loss.margin = 0.3
-    c.loss.margin_type = "arcface"
-    c.loss.sample_rate = 0.1           # PartialFC rho (1.0 = all classes)
-    c.loss.object_weight = 1.0
-    c.loss.ocr_weight = 1.0
-    c.loss.global_weight = 0.0         # image-level (MLCD-style) term
-    # Centre rows are padded to a multiple of lcm(this, device count): a checkpoint then restores
-    # on any mesh whose device count divides this number (e.g. written on 8, resumed on 4).
-    c.loss.pad_classes_to = 512
-    c.loss.init_centers = ""           # "" = N(0, 0.01); or a centers.npy from rice_jax.clustering
+    # ---- Objective: rice_jax.losses.LossConfig fields ------------------------------------
+    c.loss = _section(losses.LossConfig)
 
-    # ---- Optimiser -------------------------------------------------------------------
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-3
-    c.optim.centers_lr_mult = 1.0      # separate learning rate for the centre matrices
-    c.optim.weight_decay = 0.2
-    c.optim.warmup_steps = 500         # per stage (capped at the stage's length)
-    c.optim.stage_lr_mults = ()        # peak lr multiplier per stage; () = 1, then 0.1 for each later stage (paper)
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.98
-    c.optim.grad_clip = 1.0            # global norm; 0 = off
+    # ---- Optimiser: rice_jax.optim.OptimConfig fields -----------------------------------------
+    c.optim = _section(optim.OptimConfig)
 
     # ---- Schedule --------------------------------------------------------------------
     c.batch_size = 32768               # global
@@ -163,11 +143,10 @@ def get_config(arg=None):
         # Paper: ViT-L/14 at 224, then continued at higher resolution with lr / 10 (stage_lr_mults default).
         c.stages = ((400_000, 224), (30_000, res))
 
-    if objective == "mlcd":
+    if objective == "mlcd":  # no c.objective field: the loss weights are the one record of it
         c.loss.object_weight = 0.0
         c.loss.ocr_weight = 0.0
         c.loss.global_weight = 1.0
-    c.objective = objective
 
     c.runlocal = runlocal
     if runlocal:

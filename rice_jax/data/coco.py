@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-import numpy as np
 from PIL import Image
 
+from rice_jax import cli
 from rice_jax.data import records
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -185,6 +185,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import io
 import json
 import os
 import re
@@ -49,8 +48,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from rice_jax import errors, storage
-from rice_jax.data import records
+from rice_jax import cli, errors, storage
+from rice_jax.data import ocr, proposals, records
 from rice_jax.data.coco import IMAGE_EXTS, ImportStats, open_image
 
 MINING_DIR = "mining"
@@ -156,8 +155,6 @@ _MODELS: dict = {}
 
 def _models(settings: MiningSettings, ocr_threads: int):
     """Proposer and OCR engine for ``settings``, built once per process (models are heavy)."""
-    from rice_jax.data import ocr, proposals
-
     key = (settings, ocr_threads)
     if key not in _MODELS:
         _MODELS.clear()
@@ -438,6 +435,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

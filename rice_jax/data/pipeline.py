@@ -25,6 +25,7 @@ from PIL import Image
 
 from rice_jax import batch, errors, storage
 from rice_jax.data import records
+from rice_jax.data.tokenizer import for_dataset
 
 # The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -64,10 +65,58 @@ class PipelineConfig:
 PER_STAGE_FIELDS = ("image_size", "batch_size", "seed")
 
 
-def resize_normalize(img: Image.Image, size: int) -> np.ndarray:
-    """Whole image -> ``[size, size, 3]`` float32, CLIP-normalised (evaluation / feature extraction)."""
-    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), np.float32) / 255.0
-    return (arr - CLIP_MEAN) / CLIP_STD
+def decode_image(rec: records.RegionRecord) -> Optional[Image.Image]:
+    """The record's image as RGB, or None when it does not decode (the caller counts or skips it)."""
+    try:
+        return Image.open(io.BytesIO(rec.image)).convert("RGB")
+    except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
+        return None
+
+
+def image_input(img: Image.Image, size: int, crop=None) -> np.ndarray:
+    """An RGB image (or its ``crop`` box, xyxy pixels) -> ``[size, size, 3]`` float32: bicubic resize,
+    CLIP-normalised. The one conversion of pixels into model input (training, evaluation, extraction)."""
+    arr = np.asarray(img.resize((size, size), Image.BICUBIC, box=crop), np.float32) / 255.0
+    return ((arr - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+
+
+def box_input(rec: records.RegionRecord, decoded_size: tuple[int, int], crop) -> tuple[np.ndarray, np.ndarray]:
+    """The record's pixel boxes -> clipped to ``crop`` and normalised to [0, 1] of it (model input), and
+    the share of each box's area the crop keeps. Boxes are first scaled from the stored image size to
+    the decoded one (they agree for valid records)."""
+    w, h = decoded_size
+    boxes = rec.boxes * np.array([w / rec.width, h / rec.height] * 2, np.float32)
+    x0, y0, x1, y1 = crop
+    clipped = np.stack([np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
+                        np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)], 1)
+    area = lambda b: np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+    kept = area(clipped) / np.maximum(area(boxes), 1e-9)
+    norm = (clipped - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0]
+    return norm.astype(np.float32), kept
+
+
+def record_input(rec: records.RegionRecord, size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """A record as the model sees it without augmentation: the whole image (:func:`image_input`) and
+    all its boxes (:func:`box_input`); None for an undecodable image. What evaluation and feature
+    extraction feed; training's examples are the same conversion of a random crop."""
+    img = decode_image(rec)
+    if img is None:
+        return None
+    w, h = img.size
+    return image_input(img, size), box_input(rec, (w, h), (0.0, 0.0, float(w), float(h)))[0]
+
+
+def stack_inputs(inputs, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[(image [S,S,3], boxes [R_i,4]), ...]`` (at most ``batch_size``) -> padded model input
+    ``x [B,S,S,3]``, ``boxes [B,N,4]``, ``valid [B,N]`` with N = max(1, max R_i)."""
+    size = inputs[0][0].shape[0]
+    n = max(1, max(len(b) for _, b in inputs))
+    x = np.zeros((batch_size, size, size, 3), np.float32)
+    boxes = np.zeros((batch_size, n, 4), np.float32)
+    valid = np.zeros((batch_size, n), bool)
+    for j, (img, b) in enumerate(inputs):
+        x[j], boxes[j, : len(b)], valid[j, : len(b)] = img, b, True
+    return x, boxes, valid
 
 
 def load_cluster_labels(data_dir: str | os.PathLike) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -104,30 +153,15 @@ class RegionExampleTransform:
                 return x0, y0, x0 + cw, y0 + ch
         return 0.0, 0.0, float(w), float(h)
 
-    @staticmethod
-    def transform_boxes(boxes: np.ndarray, crop, out_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes (pixels) -> clipped to the crop, normalised to [0,1] of the output; and kept area share."""
-        x0, y0, x1, y1 = crop
-        clipped = np.stack([np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
-                            np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)], 1)
-        area = lambda b: np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
-        kept = area(clipped) / np.maximum(area(boxes), 1e-9)
-        norm = (clipped - [x0, y0, x0, y0]) / [x1 - x0, y1 - y0, x1 - x0, y1 - y0]
-        return norm.astype(np.float32), kept
-
     # -- the three steps of an example ----------------------------------------------------
     def decode_and_crop(self, rec: records.RegionRecord, rng: np.random.Generator):
         """``(image [S,S,3] normalised, crop xyxy, (w, h))``, or None for an undecodable image."""
-        try:
-            img = Image.open(io.BytesIO(rec.image))
-            img = img.convert("RGB")
-        except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
+        img = decode_image(rec)
+        if img is None:
             return None
-        s = self.cfg.image_size
         w, h = img.size
         crop = self._crop(w, h, rng)
-        img = img.resize((s, s), Image.BICUBIC, box=crop)
-        return ((np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).astype(np.float32), crop, (w, h)
+        return image_input(img, self.cfg.image_size, crop), crop, (w, h)
 
     def select_regions(self, rec: records.RegionRecord, kept: np.ndarray, size_px: np.ndarray,
                        cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -171,9 +205,7 @@ class RegionExampleTransform:
         out["image"], crop, (w, h) = decoded
         out["image_ok"] = np.bool_(True)
 
-        # Scale boxes from the stored size to the decoded size (they agree for valid records).
-        boxes = rec.boxes * np.array([w / rec.width, h / rec.height] * 2, np.float32)
-        nb, kept = self.transform_boxes(boxes, crop, s)
+        nb, kept = box_input(rec, (w, h), crop)
         size_px = np.minimum(nb[:, 2] - nb[:, 0], nb[:, 3] - nb[:, 1]) * s
         cluster = rec.cluster
         if self.cluster_labels is not None:
@@ -215,8 +247,6 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
         process_index, process_count = jax.process_index(), jax.process_count()
     src = records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
     if tokenizer is None:
-        from rice_jax.data.tokenizer import for_dataset
-
         tokenizer = for_dataset(data_dir)
     transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
     ds = grain.MapDataset.source(_IndexedSource(src))

@@ -9,13 +9,18 @@ A record (schema version 1) is a msgpack map::
     image_id   str
     boxes      [R,4]    float32 xyxy, absolute pixels
     kind       [R]      int8: 0 object, 1 text
-    cluster    [R]      int32: object cluster id, -1 until clustering assigns it
+    cluster    [R]      int32: an object cluster id stored in the record; -1 (what every importer writes)
     text       [R]      str: OCR transcript ("" for objects)
     category   [R]      int32: ground-truth category, -1 unknown (evaluation only)
 
 Arrays are raw little-endian bytes; ``R`` is implied by ``len(kind)``. The
 manifest (``manifest.json``) holds counts, the schema version, the shard
 file names, the tokenizer and K, plus import/clustering summaries.
+
+Labels live beside the shards, not in them: clustering writes ``cluster_labels.npz``
+(keyed by global record index, so relabelling never rewrites a shard), and the input
+pipeline reads a record's ``cluster`` field only when that sidecar is absent — a dataset
+built with labels already inside its records.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from typing import Iterable, Iterator
 import msgpack
 import numpy as np
 
-from rice_jax import errors, storage
+from rice_jax import cli, errors, storage
 from rice_jax.batch import KIND_OBJECT, KIND_TEXT  # noqa: F401 - the kind codes records store
 
 SCHEMA_VERSION = 1
@@ -425,6 +430,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     sys.exit(cli.run(main))

@@ -27,6 +27,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rice_jax import cli
 from rice_jax.data import records
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -247,6 +248,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

@@ -13,7 +13,8 @@ from typing import Iterable
 
 import numpy as np
 
-from rice_jax import errors
+from rice_jax import cli, errors, storage
+from rice_jax.data import records
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -34,8 +35,6 @@ class OCRTokenizer:
 
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
-
-        from rice_jax import storage
 
         path = storage.path(path)
         if path.is_dir():
@@ -71,9 +70,6 @@ class OCRTokenizer:
 
 def for_dataset(data_dir: str | os.PathLike, manifest: dict | None = None) -> "OCRTokenizer | None":
     """The tokenizer a dataset's manifest names, or None if it has none (the one lookup everyone uses)."""
-    from rice_jax import storage
-    from rice_jax.data import records
-
     manifest = records.read_manifest(data_dir) if manifest is None else manifest
     entry = manifest.get("tokenizer")
     return OCRTokenizer(storage.path(data_dir) / entry["file"]) if entry else None
@@ -81,8 +77,6 @@ def for_dataset(data_dir: str | os.PathLike, manifest: dict | None = None) -> "O
 
 def build_for_dataset(data_dir: str | os.PathLike, vocab_size: int = 512) -> OCRTokenizer:
     """Train on every transcript of a dataset, save ``tokenizer.json`` there, record it in the manifest."""
-    from rice_jax.data import records
-
     src = records.RecordSource(data_dir)
     texts = [t for rec in src for t, k in zip(rec.text, rec.kind) if k == records.KIND_TEXT]
     if not texts:
@@ -109,6 +103,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from rice_jax import cli
 
     cli.run(main)

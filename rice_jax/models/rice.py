@@ -75,6 +75,9 @@ class RICEOutput:
     global_embed: Array        # [B, E]        head(post-LN class token)
     region_embed: Array        # [B, N, E]     head(post-LN region tokens) (batch-standardised if configured)
     region_hidden: Array       # [B, N, D]     region tokens before post-LN
+    # With ``output_hidden_states``: the image path's (embeddings, block 1, ..., block L), as
+    # :attr:`rice_jax.models.vit.ViTOutput.hidden_states` (image tokens never see region tokens).
+    hidden_states: Optional[tuple] = None
 
 
 def batch_standardize(x: Array, valid: Optional[Array] = None, eps: float = 1e-5) -> Array:
@@ -116,42 +119,44 @@ class RICEModel(nnx.Module):
         return x
 
     def region_blocks(self, x: Array, grid: tuple[int, int], boxes: Array, region_valid: Array,
-                      start: Optional[int] = None) -> tuple[Array, Array]:
+                      start: Optional[int] = None, hidden: Optional[list] = None) -> tuple[Array, Array]:
         """Run blocks ``start..L-1`` on ``x [B,1+T,D]`` plus region tokens made from ``x[:, 0]``.
 
-        Returns ``(image tokens [B,1+T,D], region tokens [B,N,D])``.
+        Returns ``(image tokens [B,1+T,D], region tokens [B,N,D])``; each block's image tokens are
+        appended to ``hidden`` when given.
         """
         vit = self.backbone
         start = self.first_region_block if start is None else start
         b, n = boxes.shape[:2]
         gh, gw = grid
+        t = 1 + gh * gw
         regions = jnp.broadcast_to(x[:, :1], (b, n, x.shape[-1]))
         xe = jnp.concatenate([x, regions], axis=1)
         cos, sin = vit.rope(gh, gw, num_extra=n)
         vis = box_patch_visibility(boxes, region_valid, gh, gw)
         mask = region_attention_mask(vis, attend_cls=self.cfg.region_attend_cls)
-        for i in range(start, vit.cfg.num_layers):
-            xe = vit.run_block(i, xe, cos, sin, mask)
-        return xe[:, : 1 + gh * gw], xe[:, 1 + gh * gw:]
+        extended = [] if hidden is not None else None
+        xe = vit.run_blocks(xe, cos, sin, start=start, mask=mask, hidden=extended)
+        if hidden is not None:
+            hidden.extend(h[:, :t] for h in extended)
+        return xe[:, :t], xe[:, t:]
 
     def __call__(self, pixels: Array, boxes: Optional[Array] = None,
-                 region_valid: Optional[Array] = None) -> RICEOutput:
+                 region_valid: Optional[Array] = None, output_hidden_states: bool = False) -> RICEOutput:
         """``pixels [B,H,W,3]``; ``boxes [B,N,4]`` normalised xyxy; ``region_valid [B,N]``."""
         vit = self.backbone
         grid = vit.grid(pixels.shape[1], pixels.shape[2])
-        x = vit.embed(pixels)
-        n = 0 if boxes is None else boxes.shape[1]
-        cos, sin = vit.rope(*grid)
-        stop = self.first_region_block if n else vit.cfg.num_layers
-        for i in range(stop):
-            x = vit.run_block(i, x, cos, sin)
-        if n:
+        hidden = [] if output_hidden_states else None
+        if boxes is not None and boxes.shape[1]:
             if region_valid is None:
                 region_valid = jnp.ones(boxes.shape[:2], bool)
-            x, r = self.region_blocks(x, grid, boxes, region_valid)
+            x = vit.encode(pixels, stop=self.first_region_block, hidden=hidden)
+            x, r = self.region_blocks(x, grid, boxes, region_valid, hidden=hidden)
         else:
+            x = vit.encode(pixels, hidden=hidden)
             r = jnp.zeros((x.shape[0], 0, x.shape[-1]), x.dtype)
         pooled = vit.post_norm(x[:, 0])
         return RICEOutput(
             last_hidden_state=x, pooler_output=pooled, global_embed=self._project(pooled),
-            region_embed=self._project(vit.post_norm(r), region_valid), region_hidden=r)
+            region_embed=self._project(vit.post_norm(r), region_valid), region_hidden=r,
+            hidden_states=tuple(hidden) if hidden is not None else None)

@@ -28,6 +28,9 @@ Array = jax.Array
 class ViTOutput:
     last_hidden_state: Array  # [B, 1+T, D], not post-normed (as HF)
     pooler_output: Array      # [B, D] = post_layernorm(last_hidden_state[:, 0])
+    # With ``output_hidden_states``: (embeddings after the pre-LN, block 1, ..., block L), each
+    # [B, 1+T, D] -- HF's ``hidden_states`` (index 0 = patch embedding, i = output of block i).
+    hidden_states: Optional[tuple] = None
 
 
 # ----------------------------------------------------------------------------- ops
@@ -317,10 +320,31 @@ class ViT(nnx.Module):
     def run_block(self, i: int, x: Array, cos: Array, sin: Array, mask: Optional[Array] = None) -> Array:
         return self._block_fn(self.blocks[i], x, cos, sin, mask)
 
-    def __call__(self, pixels: Array) -> ViTOutput:
+    def run_blocks(self, x: Array, cos: Array, sin: Array, start: int = 0, stop: Optional[int] = None,
+                   mask: Optional[Array] = None, hidden: Optional[list] = None) -> Array:
+        """Blocks ``start .. stop-1`` on ``x``; each block's output is appended to ``hidden`` when given.
+
+        The one block loop: the plain forward, the RICE model (blocks before and on the region
+        tokens) and feature extraction (per-block outputs) all run through it."""
+        stop = self.cfg.num_layers if stop is None else stop
+        for i in range(start, stop):
+            x = self.run_block(i, x, cos, sin, mask)
+            if hidden is not None:
+                hidden.append(x)
+        return x
+
+    def encode(self, pixels: Array, stop: Optional[int] = None, hidden: Optional[list] = None) -> Array:
+        """``pixels [B,H,W,C]`` -> tokens ``[B,1+T,D]`` after blocks ``0 .. stop-1`` (all by default);
+        the embeddings and each block's output are appended to ``hidden`` when given."""
         gh, gw = self.grid(pixels.shape[1], pixels.shape[2])
         x = self.embed(pixels)
+        if hidden is not None:
+            hidden.append(x)
         cos, sin = self.rope(gh, gw)
-        for i in range(self.cfg.num_layers):
-            x = self.run_block(i, x, cos, sin)
-        return ViTOutput(last_hidden_state=x, pooler_output=self.post_norm(x[:, 0]))
+        return self.run_blocks(x, cos, sin, stop=stop, hidden=hidden)
+
+    def __call__(self, pixels: Array, output_hidden_states: bool = False) -> ViTOutput:
+        hidden = [] if output_hidden_states else None
+        x = self.encode(pixels, hidden=hidden)
+        return ViTOutput(last_hidden_state=x, pooler_output=self.post_norm(x[:, 0]),
+                         hidden_states=tuple(hidden) if hidden is not None else None)
