@@ -160,7 +160,6 @@ def main(argv):
     print(json.dumps(r), flush=True)
     if F.out:
         storage.write_text_atomic(F.out, json.dumps(r, indent=1) + "\n")
-    return r
 
 
 if __name__ == "__main__":

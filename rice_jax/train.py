@@ -26,8 +26,6 @@ from flax import nnx
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
-from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from rice_jax import backbones, checkpoint, cli, distributed, errors, losses, optim, perf, sharding, storage
 from rice_jax import batch as batch_contract
@@ -284,6 +282,8 @@ class MetricWriter:
             return
         self.mirror = storage.Mirror(workdir, seed=("metrics.jsonl",), every_s=sync_every_s)
         self.jsonl = open(os.path.join(self.mirror.local, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter  # the loop's logging deps: not in the planner's .venv-plan
+
         self.tb = SummaryWriter(os.path.join(self.mirror.local, "tensorboard"))
 
     def write(self, step: int, scalars: dict):
@@ -469,6 +469,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     flops_per_step = None
     bar = None
     if is_main and c.progress_bar:
+        from tqdm import tqdm  # as tensorboardX above: the planner imports this module without it
+
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     history = []
     step = start
