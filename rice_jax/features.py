@@ -57,16 +57,17 @@ class RegionFeatures:
         @jax.jit
         def fwd(state, x, boxes, valid):
             model = nnx.merge(graphdef, state)
-            # The model's own forward; XLA drops the hidden states nobody reads.
-            res = model(x, boxes, valid, output_hidden_states=True) if rice is not None else \
-                model(x, output_hidden_states=True)
+            # The models' own forwards. Patch features come from the plain ViT (what users export
+            # and run; XLA drops the hidden states nobody reads); region tokens from the RICE model,
+            # whose blocks before the region blocks are the same computation (XLA shares it).
+            res = (model.backbone if rice is not None else model)(x, output_hidden_states=True)
             hidden = res.hidden_states
             vis = box_patch_visibility(boxes, valid, gh, gw)
             out = {"roi": {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs}, "pooled": res.pooler_output}
             if keep_tokens:
                 out["tokens"] = {str(i): hidden[i][:, 1:] for i in idxs}
-            if rice is not None:
-                out["roi"]["region_token"] = res.region_embed  # no head, no batch-standardising: post-LN tokens
+            if rice is not None:  # no head, no batch-standardising: the post-LN region tokens
+                out["roi"]["region_token"] = model(x, boxes, valid).region_embed
             return out
 
         self._fwd = fwd
