@@ -29,6 +29,11 @@ def performance() -> str:
                     f"{v['jax_images_per_s']:.1f} img/s | {v['torch_images_per_s']:.1f} img/s | {v['jax_over_torch']:.2f}× |")
         rows.append(f"| RICE forward vs plain ViT (N={v['rice']['num_regions']}, k={v['rice']['region_layers']}) | "
                     f"{100 * v['rice']['overhead']:+.1f}% | | |")
+    e = _load("teacher_extraction")
+    if e:
+        rows.append(f"| teacher ROI features, {e['teacher']}, batch {e['batch']} x {e['regions_per_image']} boxes "
+                    f"(`teacher_extraction.py`) | {e['jax_regions_per_s_per_device']:.0f} regions/s | "
+                    f"{e['torch_regions_per_s']:.0f} regions/s | {e['jax_over_torch']:.2f}× |")
     if t:
         g, r, pt = t["jax_global_only"], t["jax_rice"], t["torch_global_only"]
         rows.append(f"| train step, global-only objective, batch {t['batch']} (`train_step.py`) | {g['step_s']:.2f} s, "
@@ -45,6 +50,11 @@ def performance() -> str:
     if c:
         rows.append(f"Clustering: extraction {c['extract_regions_per_s']:.0f} regions/s ({c['extractor']}), "
                     f"assignment {c['assign_regions_per_s']:.0f} regions/s at K={c['K']}, D={c['D']}.")
+    if e:
+        proj = "; ".join(f"{name} {p['hours']:.1f} h" for name, p in e["projection"].items())
+        rows.append(f"Teacher features for the paper's {e['paper_regions'] / 1e9:.0f}B regions "
+                    f"({e['paper_images'] / 1e6:.0f}M images, {e['flops_per_image'] / 1e9:.1f} GFLOP each, "
+                    f"datasheet bf16 peak at an assumed {100 * e['mfu_assumed']:.0f}% MFU): {proj}.")
     return "\n".join(rows)
 
 

@@ -430,5 +430,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-
     sys.exit(cli.run(main))
