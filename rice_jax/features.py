@@ -152,7 +152,7 @@ class TransformersRegionFeatures:
         self._shift = np.zeros(3, np.float32) if shift is None else shift
 
     def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """``x [B,S,S,3]`` CLIP-normalised (as :func:`rice_jax.data.pipeline.resize_normalize`) -> ``[B,N,D]``."""
+        """``x [B,S,S,3]`` CLIP-normalised (as :func:`rice_jax.data.pipeline.image_input`) -> ``[B,N,D]``."""
         import torch
 
         x = np.asarray(x, np.float32) * self._scale + self._shift
