@@ -201,12 +201,58 @@ class MeshKMeans:
         self.centers = jax.make_array_from_callback(full.shape, self.row_sharding, lambda idx: full[idx])
 
     def init_random(self, feats) -> None:
-        """K distinct random rows of ``feats`` as the initial centres (deterministic from the seed)."""
-        if distributed.slice_offsets(len(feats))[1] < self.k:
-            raise errors.InputError(f"{len(feats)} feature rows for K = {self.k}: need at least K rows (lower K)")
+        """K distinct random rows of ``feats`` (global indices, deterministic from the seed) as the
+        initial centres. Each process reads only the chosen rows it holds and they travel to their
+        centre shards device to device (:meth:`place_rows`): no host or device ever holds the
+        ``[P, K, D]`` (or even ``[K, D]``) array a host-side gather would build."""
         offset, total = distributed.slice_offsets(len(feats))
-        rng = np.random.default_rng(self.seed)
-        self.set_centers(_rows_at(feats, np.sort(rng.choice(total, self.k, replace=False)), offset))
+        if total < self.k:
+            raise errors.InputError(f"{total} feature rows for K = {self.k}: need at least K rows (lower K)")
+        chosen = np.sort(np.random.default_rng(self.seed).choice(total, self.k, replace=False))
+        mine = np.nonzero((chosen >= offset) & (chosen < offset + len(feats)))[0]
+        rows = np.asarray(feats[chosen[mine] - offset], np.float32).reshape(-1, self.dim)
+        if self.metric == "cosine":
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        self.centers = self.place_rows(rows, mine)
+
+    def place_rows(self, rows: np.ndarray, dest: np.ndarray) -> jax.Array:
+        """This process's ``rows [n, D]`` at centre indices ``dest [n]`` (each index given by exactly one
+        process; the rest stay 0) as the ``[K_pad, D]`` centre matrix sharded along K.
+
+        The host splits its rows over its own devices and buckets each device's rows by the device
+        whose centre shard they go to; one ``all_to_all`` delivers the buckets and every device
+        scatters what it received into its shard. Per device that is about ``K/W`` rows in flight;
+        per host, its own rows."""
+        w = self.mesh.size
+        per_shard = self.k_pad // w
+        flat = NamedSharding(self.mesh, P(ALL_AXES))
+        local = sorted(int(ix[0].start or 0) for ix in flat.addressable_devices_indices_map((w,)).values())
+        dest = np.asarray(dest, np.int64)
+        src_dev = np.asarray(local, np.int64)[np.arange(len(dest)) % len(local)]
+        dst_dev = dest // per_shard
+        counts = np.zeros((w, w), np.int64)
+        np.add.at(counts, (src_dev, dst_dev), 1)
+        cap = max(1, distributed.max_over_processes(int(counts.max(initial=0))))
+        send_rows = {d: np.zeros((1, w, cap, self.dim), np.float32) for d in local}
+        send_idx = {d: np.full((1, w, cap), per_shard, np.int32) for d in local}   # per_shard = nothing
+        slot = np.zeros((w, w), np.int64)
+        for i in range(len(dest)):
+            a, b = src_dev[i], dst_dev[i]
+            send_rows[a][0, b, slot[a, b]] = rows[i]
+            send_idx[a][0, b, slot[a, b]] = dest[i] % per_shard
+            slot[a, b] += 1
+        x = jax.make_array_from_callback((w, w, cap, self.dim), flat, lambda ix: send_rows[ix[0].start or 0])
+        idx = jax.make_array_from_callback((w, w, cap), flat, lambda ix: send_idx[ix[0].start or 0])
+
+        def deliver(r, j):  # r [1, W, cap, D] -> the W buckets addressed to this device
+            r = jax.lax.all_to_all(r, ALL_AXES, split_axis=1, concat_axis=0, tiled=True)
+            j = jax.lax.all_to_all(j, ALL_AXES, split_axis=1, concat_axis=0, tiled=True)
+            shard = jnp.zeros((per_shard, r.shape[-1]), r.dtype)
+            return shard.at[j.reshape(-1)].set(r.reshape(-1, r.shape[-1]), mode="drop")
+
+        fn = jax.jit(jax.shard_map(deliver, mesh=self.mesh, in_specs=(P(ALL_AXES), P(ALL_AXES)),
+                                   out_specs=P(ALL_AXES, None), check_vma=False))
+        return fn(x, idx)
 
     def init_kmeans_plusplus(self, feats, sample: int = 65536) -> None:
         """k-means++ on a random sample (for small K; it is O(K · sample))."""
