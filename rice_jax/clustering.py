@@ -27,6 +27,7 @@ import datetime
 import hashlib
 import json
 import os
+import resource
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -404,9 +405,17 @@ def main(argv=None):
     distributed.join(a)
     if a.extractor != "oracle" and a.k < 1:
         ap.error("--k K is required (the number of clusters)")
+    _run_and_report_memory(a)
+
+
+def _run_and_report_memory(a) -> None:
+    """Run, then print this process's peak resident memory: the figure that shows no process of a
+    multi-process job holds more than its share (``ru_maxrss`` is in KiB on Linux)."""
     run(a.data, a.k, extractor=a.extractor, out=a.out, features_dir=a.features_dir, feature_dtype=a.feature_dtype,
         seed=a.seed, chunk=a.chunk, passes=a.passes,
         backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"[clustering] process {jax.process_index()}: peak RSS {peak:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Region clustering: quality on synthetic data, determinism, chunking, labels in batches, errors."""
+import re
 import shutil
 
 import numpy as np
@@ -193,3 +194,7 @@ def test_clustering_command_on_two_processes_equals_one(syn, tmp_path):
     np.testing.assert_allclose(np.load(two / clustering.CENTERS_FILE), np.load(one / clustering.CENTERS_FILE),
                                rtol=1e-5, atol=1e-6)
     assert records.read_manifest(two)["clustering"]["processes"] == 2
+    # No process holds everything: process 0 (which also writes centres and the manifest) peaks
+    # within 1.5x of process 1.
+    peak = [float(re.search(r"peak RSS (\d+) MiB", o).group(1)) for o, _ in outs]
+    assert peak[0] <= 1.5 * peak[1], peak
