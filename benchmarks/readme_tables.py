@@ -146,6 +146,27 @@ def kmeans() -> str:
     return "\n".join(rows)
 
 
+def clustering_scale() -> str:
+    r = _load("clustering_scale")
+    if not r:
+        return "(run `python -m benchmarks.clustering_scale`)"
+    p = r["paper"]
+    rows = [f"Per process and per device at the paper's scale ({p['regions'] / 1e9:.0f}B regions of "
+            f"{p['images'] / 1e6:.0f}M images, D = {p['dim']}, K = {p['k']:,}), from what the code stores "
+            "(`benchmarks/clustering_scale.py`):", "",
+            "| setup | fp16 features on local disk / process | ids + labels in RAM / process | label files written "
+            "/ process | centres + sums / device | init rows moved / device |", "|---|---|---|---|---|---|"]
+    for name, m in r["layout"].items():
+        rows.append(f"| {name} | {m['features_disk_per_process_gib']:.0f} GiB | "
+                    f"{m['ids_and_labels_ram_per_process_gib']:.1f} GiB | {m['label_files_per_process_gib']:.2f} GiB | "
+                    f"{m['centres_and_sums_per_device_gib'] * 1024:.0f} MiB | "
+                    f"{m['init_rows_per_device_gib'] * 1024:.0f} MiB |")
+    meas = "; ".join(f"{n} images: {a:.0f} / {b:.0f} MiB" for n, (a, b) in r["measured_peak_rss_mib"].items())
+    rows += ["", f"Measured peak RSS of process 0 / process 1 of a 2-process x 4-device run here: {meas} "
+                 "(the interpreter, JAX and the compiled programs dominate; nothing grows with the data)."]
+    return "\n".join(rows)
+
+
 def mining() -> str:
     r = _load("mining")
     if not r:
@@ -272,7 +293,7 @@ def gpu() -> str:
     return "\n".join(out)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "mining", "kmeans", "performance", "ablation", "layers")
+SECTIONS = ("gpu", "step_profile", "plan", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -290,6 +311,7 @@ def page_of(name: str) -> Path:
 
 def main():
     build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "mining": mining, "kmeans": kmeans,
+             "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:
         page = page_of(name)

@@ -147,10 +147,11 @@ class FeatureShards:
         return (len(self), self.dim)
 
     def ids(self) -> np.ndarray:
-        """``[N, 4]`` int64: position of the shard in :attr:`shard_names`, record in the shard, region, category."""
-        out = [np.concatenate([np.full((len(a), 1), j), a.astype(np.int64)], 1) for j, a in
+        """``[N, 4]`` int32 (16 bytes a region): position of the shard in :attr:`shard_names`, record in
+        the shard, region, category."""
+        out = [np.concatenate([np.full((len(a), 1), j, np.int32), a.astype(np.int32)], 1) for j, a in
                enumerate(np.load(_paths(self.dir, s)["ids"]) for s in self.shard_names)]
-        return np.concatenate(out) if out else np.zeros((0, 4), np.int64)
+        return np.concatenate(out) if out else np.zeros((0, 4), np.int32)
 
     def counts(self, j: int) -> np.ndarray:
         return np.load(_paths(self.dir, self.shard_names[j])["counts"])
