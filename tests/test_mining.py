@@ -324,7 +324,7 @@ def test_mine_folder_to_dataset_that_clusters_and_trains(tmp_path):
     clustering.run(out, 6, chunk=64, log=lambda s: None)
     c = get_config("tiny")
     c.data.dir, c.batch_size, c.stages = str(out), 8, ((2, 32),)
-    c.optim.warmup_steps, c.checkpoint_every, c.progress_bar, c.loss.num_classes = 1, 2, False, 8
+    c.optim.warmup_steps, c.checkpoint_every, c.progress_bar, c.loss.num_obj_classes = 1, 2, False, 8
     summary = train.train(c, str(tmp_path / "run"))
     assert summary["end_step"] == 2 and all(np.isfinite(h["loss"]) for h in summary["history"])
 
