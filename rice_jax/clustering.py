@@ -183,7 +183,8 @@ def resolve_backend(backend: str, k: int) -> str:
 
 
 def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int = 5, backend: str = "sklearn",
-               state_dir: str | os.PathLike | None = None, levels: int = 1, log: Callable[[str], None] = print):
+               state_dir: str | os.PathLike | None = None, levels: int = 1, log: Callable[[str], None] = print,
+               precision: str = "float32"):
     """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D].
 
     ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
@@ -193,7 +194,7 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
             feats, passes=passes)
     if backend == "jax":
         km = MeshKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed,
-                        checkpoint_dir=str(state_dir) if state_dir else None, log=log)
+                        checkpoint_dir=str(state_dir) if state_dir else None, log=log, precision=precision)
         return km.fit(feats, passes=passes, init="kmeans++" if k < JAX_BACKEND_MIN_K else "random")
     if backend == "faiss":
         import faiss  # optional extra
@@ -310,7 +311,7 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
 def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
         features_dir: str | os.PathLike | None = None, feature_dtype: str = "float16", seed: int = 0,
         chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1, levels: int = 1,
-        image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
+        image_size: int | None = None, score_precision: str = "float32", log: Callable[[str], None] = print) -> dict:
     """Features -> k-means -> labels for ``data_dir`` as one job of any number of processes.
 
     Process p owns the p-th block of shards (:func:`records.owned_shards`): it alone extracts their
@@ -346,7 +347,8 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     log(f"[clustering] {n_total} object regions, D={feats.dim}, extractor={ext.name}; k-means K={k} "
         f"({backend}, {nproc} process(es), {len(owned)} of {len(src.paths)} shards here)")
     fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
-                        state_dir=out / "kmeans_state", levels=levels, log=log if pid == 0 else (lambda s: None))
+                        state_dir=out / "kmeans_state", levels=levels, log=log if pid == 0 else (lambda s: None),
+                        precision=score_precision)
     if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
         values, inertia = fitted.assign(feats)
         centers = fitted.centers_numpy()
@@ -363,7 +365,7 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
         centers = fitted
         values, inertia = assign(feats, centers, chunk)
     run = labels_store.run_id(manifest, extractor=ext.name, k=k, seed=seed, passes=passes, backend=backend,
-                              levels=levels, image_size=settings["image_size"])
+                              levels=levels, image_size=settings["image_size"], score_precision=score_precision)
     _write_owned_labels(data_dir, feats, ids, values, run, log)
     report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia, "run": run,
               "centers": str(out / CENTERS_FILE), "processes": nproc, "num_regions": n_total,
@@ -394,6 +396,9 @@ def main(argv=None):
                     help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
                          "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--score-precision", default="float32", choices=("float32", "bfloat16"),
+                    help="jax k-means scoring: bfloat16 = bf16 inputs with fp32 accumulation (the accelerators' "
+                         "matmul rate; agreement with float32 in docs/data.md)")
 
     distributed.add_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
@@ -413,7 +418,7 @@ def _run_and_report_memory(a) -> None:
     multi-process job holds more than its share (``ru_maxrss`` is in KiB on Linux)."""
     run(a.data, a.k, extractor=a.extractor, out=a.out, features_dir=a.features_dir, feature_dtype=a.feature_dtype,
         seed=a.seed, chunk=a.chunk, passes=a.passes,
-        backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels)
+        backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels, score_precision=a.score_precision)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"[clustering] process {jax.process_index()}: peak RSS {peak:.0f} MiB", flush=True)
 
