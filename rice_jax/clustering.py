@@ -23,8 +23,11 @@ extracts and labels them (:func:`records.owned_shards`), so nobody holds or writ
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import resource
@@ -114,8 +117,11 @@ class ViTExtractor:
     (jitted, batch-sharded over every device); any other Hugging Face vision encoder
     (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
 
-    def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16):
+    def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16,
+                 decode_threads: int | None = None):
         self.name = name
+        # Decoding and resizing (PIL releases the GIL) run on a thread pool, ahead of the device.
+        self.decode_threads = decode_threads or min(16, os.cpu_count() or 1)
         n_dev = jax.local_device_count()
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
         if isinstance(vit, TransformersRegionFeatures):
@@ -138,15 +144,24 @@ class ViTExtractor:
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
 
-        for i, rec, obj in _iter_object_records(src):
-            inp = pipeline.record_input(rec, self.image_size)
-            if inp is None:  # unreadable image: its regions stay unlabelled (-1)
-                continue
-            img, nb = inp
-            batch.append((img, [(i, int(r)) for r in obj], nb[obj]))
-            if len(batch) == self.batch_size:
-                yield flush(batch)
-                batch = []
+        decode = lambda item: (item, pipeline.record_input(item[1], self.image_size))
+        ahead = collections.deque()   # decoded in order, up to two batches ahead of the device
+        items = _iter_object_records(src)
+        with concurrent.futures.ThreadPoolExecutor(self.decode_threads) as pool:
+            for item in itertools.islice(items, 2 * self.batch_size):
+                ahead.append(pool.submit(decode, item))
+            while ahead:
+                (i, rec, obj), inp = ahead.popleft().result()
+                nxt = next(items, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(decode, nxt))
+                if inp is None:  # unreadable image: its regions stay unlabelled (-1)
+                    continue
+                img, nb = inp
+                batch.append((img, [(i, int(r)) for r in obj], nb[obj]))
+                if len(batch) == self.batch_size:
+                    yield flush(batch)
+                    batch = []
         if batch:
             yield flush(batch)
 
