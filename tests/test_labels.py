@@ -145,3 +145,28 @@ def test_extraction_resumes_after_kill_9(tmp_path):
     assert f"{len(marks)} of 6 shards already extracted" in r.stdout
     assert all(m.stat().st_mtime_ns == t for m, t in first.items())
     np.testing.assert_array_equal(labels_store.read_all(run)[1], labels_store.read_all(ref)[1])
+
+
+def test_labelling_interrupted_between_shards_resumes(tmp_path):
+    """What a kill during labelling leaves (atomic files: some shards labelled, a stray temp file, no
+    manifest entry yet): the rerun keeps the finished shards' files and ends with the same labels."""
+    data = tmp_path / "data"
+    synthetic.build(str(data), 60, seed=9, num_shards=3)
+    kw = dict(chunk=64, features_dir=tmp_path / "f", log=lambda s: None)
+    clustering.run(data, 6, **kw)
+    want = labels_store.read_all(data)
+    m = records.read_manifest(data)
+    ldir = data / labels_store.LABELS_DIR
+    for suffix in (".labels.npy", ".labels.json"):
+        (ldir / f"{m['shards'][2]}{suffix}").unlink()
+    (ldir / f"{m['shards'][2]}.labels.npy.tmp123").write_bytes(b"partial")
+    del m["clustering"]
+    records.write_manifest(data, m)
+    kept = {p: p.stat().st_mtime_ns for p in ldir.glob(f"{m['shards'][0]}.labels.*")}
+    with pytest.raises(labels_store.StaleLabels, match="without a clustering run"):
+        pipeline.make_dataset(data, CFG, process_index=0, process_count=1)
+    clustering.run(data, 6, **kw)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    got = labels_store.read_all(data)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
