@@ -32,7 +32,7 @@ def sphere_inertia(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> fl
     return float(sum(np.sum(2.0 - 2.0 * (x[s:s + chunk] @ c.T).max(1)) for s in range(0, len(x), chunk)))
 
 
-def run_jax(x, k, passes, seed, devices=None):
+def run_jax(x, k, passes, seed, devices=None, precision="float32", return_model=False):
     import jax
 
     from rice_jax import sharding
@@ -40,14 +40,37 @@ def run_jax(x, k, passes, seed, devices=None):
 
     devs = jax.devices()[:devices] if devices else jax.devices()
     km = MeshKMeans(k, x.shape[1], metric="cosine", batch_size=8192, seed=seed, log=lambda s: None,
-                    mesh=sharding.make_mesh(len(devs), 1, devices=devs))
+                    mesh=sharding.make_mesh(len(devs), 1, devices=devs), precision=precision)
     km.init_random(x)
     km.lloyd_pass(x[:8192 * 2])             # compile outside the timing
     km.init_random(x)
     km.passes_done = 0
     t = time.perf_counter()
     km.fit(x, passes=passes, init="given")
-    return (time.perf_counter() - t) / passes, km.centers_numpy()
+    sec = (time.perf_counter() - t) / passes
+    return (sec, km.centers_numpy(), km) if return_model else (sec, km.centers_numpy())
+
+
+def precision(n: int, d: int, k: int, passes: int, seeds: int, smoke: bool) -> dict:
+    """bf16 scoring (bf16 inputs, fp32 accumulation) against fp32 HIGHEST, same features and init,
+    one device: time per pass, final inertia ratio, and how many rows the bf16 scoring assigns to
+    the same centre as fp32 scoring does given the same (fp32-trained) centres."""
+    out = []
+    for seed in range(seeds):
+        x = features(n, d, hidden=max(k // 2, 2), seed=seed)
+        s32, c32, km32 = run_jax(x, k, passes, seed, devices=1, return_model=True)
+        s16, c16, km16 = run_jax(x, k, passes, seed, devices=1, precision="bfloat16", return_model=True)
+        lab32, _ = km32.assign(x)
+        km16.set_centers(c32)
+        lab16, _ = km16.assign(x)
+        out.append({"seed": seed, "seconds_per_pass_fp32": s32, "seconds_per_pass_bf16": s16,
+                    "speedup": s32 / s16, "inertia_ratio_bf16_over_fp32": sphere_inertia(x, c16) / sphere_inertia(x, c32),
+                    "assignment_agreement": float(np.mean(lab16 == lab32))})
+        print(f"[kmeans precision] {out[-1]}", flush=True)
+    import jax
+
+    return report("kmeans_precision" if not smoke else "kmeans_precision_smoke", {
+        "N": n, "D": d, "K": k, "passes": passes, "backend": jax.default_backend(), "runs": out}, write=not smoke)
 
 
 def run_faiss(x, k, passes, seed):
@@ -102,7 +125,10 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--k", type=int, default=10_000)
     ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--precision", action="store_true", help="bf16 vs fp32 scoring: speed, inertia, agreement")
     a = ap.parse_args(argv)
+    if a.precision:
+        return precision(*((20_000, 32, 100, 2, 1) if a.smoke else (200_000, 256, 4096, 3, 3)), smoke=a.smoke)
     if a.sweep:
         return sweep(*((20_000, 32, 100, 2, 2) if a.smoke else (300_000, 128, 6000, 5, a.seeds)), smoke=a.smoke)
     import jax

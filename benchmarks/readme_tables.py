@@ -29,6 +29,11 @@ def performance() -> str:
                     f"{v['jax_images_per_s']:.1f} img/s | {v['torch_images_per_s']:.1f} img/s | {v['jax_over_torch']:.2f}× |")
         rows.append(f"| RICE forward vs plain ViT (N={v['rice']['num_regions']}, k={v['rice']['region_layers']}) | "
                     f"{100 * v['rice']['overhead']:+.1f}% | | |")
+    e = _load("teacher_extraction")
+    if e:
+        rows.append(f"| teacher ROI features, {e['teacher']}, batch {e['batch']} x {e['regions_per_image']} boxes "
+                    f"(`teacher_extraction.py`) | {e['jax_regions_per_s_per_device']:.0f} regions/s | "
+                    f"{e['torch_regions_per_s']:.0f} regions/s | {e['jax_over_torch']:.2f}× |")
     if t:
         g, r, pt = t["jax_global_only"], t["jax_rice"], t["torch_global_only"]
         rows.append(f"| train step, global-only objective, batch {t['batch']} (`train_step.py`) | {g['step_s']:.2f} s, "
@@ -45,6 +50,11 @@ def performance() -> str:
     if c:
         rows.append(f"Clustering: extraction {c['extract_regions_per_s']:.0f} regions/s ({c['extractor']}), "
                     f"assignment {c['assign_regions_per_s']:.0f} regions/s at K={c['K']}, D={c['D']}.")
+    if e:
+        proj = "; ".join(f"{name} {p['hours']:.1f} h" for name, p in e["projection"].items())
+        rows.append(f"Teacher features for the paper's {e['paper_regions'] / 1e9:.0f}B regions "
+                    f"({e['paper_images'] / 1e6:.0f}M images, {e['flops_per_image'] / 1e9:.1f} GFLOP each, "
+                    f"datasheet bf16 peak at an assumed {100 * e['mfu_assumed']:.0f}% MFU): {proj}.")
     return "\n".join(rows)
 
 
@@ -133,6 +143,27 @@ def kmeans() -> str:
                  f"{p['flops_per_pass_2B_x_1M_x_1024']:.2g} FLOPs: {p['this_machine_hours_per_pass']:,.0f} h on this "
                  f"machine at the rate measured here ({r['jax_flop_rate'] / 1e9:.0f} GFLOP/s), "
                  f"{p['v5p_256_chips_minutes_per_pass_at_50pct']:.1f} min on 256 TPU v5p chips ({p['assumption']})."]
+    return "\n".join(rows)
+
+
+def clustering_scale() -> str:
+    r = _load("clustering_scale")
+    if not r:
+        return "(run `python -m benchmarks.clustering_scale`)"
+    p = r["paper"]
+    rows = [f"Per process and per device at the paper's scale ({p['regions'] / 1e9:.0f}B regions of "
+            f"{p['images'] / 1e6:.0f}M images, D = {p['dim']}, K = {p['k']:,}), from what the code stores "
+            "(`benchmarks/clustering_scale.py`):", "",
+            "| setup | fp16 features on local disk / process | ids + labels in RAM / process | label files written "
+            "/ process | centres + sums / device | init rows moved / device |", "|---|---|---|---|---|---|"]
+    for name, m in r["layout"].items():
+        rows.append(f"| {name} | {m['features_disk_per_process_gib']:.0f} GiB | "
+                    f"{m['ids_and_labels_ram_per_process_gib']:.1f} GiB | {m['label_files_per_process_gib']:.2f} GiB | "
+                    f"{m['centres_and_sums_per_device_gib'] * 1024:.0f} MiB | "
+                    f"{m['init_rows_per_device_gib'] * 1024:.0f} MiB |")
+    meas = "; ".join(f"{n} images: {a:.0f} / {b:.0f} MiB" for n, (a, b) in r["measured_peak_rss_mib"].items())
+    rows += ["", f"Measured peak RSS of process 0 / process 1 of a 2-process x 4-device run here: {meas} "
+                 "(the interpreter, JAX and the compiled programs dominate; nothing grows with the data)."]
     return "\n".join(rows)
 
 
@@ -262,7 +293,7 @@ def gpu() -> str:
     return "\n".join(out)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "mining", "kmeans", "performance", "ablation", "layers")
+SECTIONS = ("gpu", "step_profile", "plan", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -280,6 +311,7 @@ def page_of(name: str) -> Path:
 
 def main():
     build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "mining": mining, "kmeans": kmeans,
+             "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:
         page = page_of(name)

@@ -3,7 +3,9 @@
 Training (``init_from``), clustering (``--extractor``), evaluation and export all
 take the same spec string:
 
-- ``hf:DIR``   a Hugging Face ``MLCDVisionModel`` folder (local or any epath scheme);
+- ``hf:DIR``   a Hugging Face ``MLCDVisionModel`` folder (local or any epath scheme); a CLIP or
+  SigLIP folder (``config.json``'s ``model_type``) gives that teacher tower in JAX
+  (:mod:`rice_jax.models.teachers`, for clustering: it is no RICE backbone to train or export);
 - ``ckpt:DIR`` a rice_jax training workdir or checkpoint folder: only the backbone
   subtree is read (Orbax partial restore), never the centres or optimiser state;
 - ``hub:ID``   a hub model id, downloaded first — the only network access in the

@@ -3,27 +3,35 @@
     python -m rice_jax.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR] [--out DIR]
     python -m rice_jax.clustering --data DIR --extractor oracle      # ground-truth categories (upper bound)
 
-1. Features of every *object* region are computed in chunks by a pluggable
-   extractor and streamed to a float32 memmap (``region_features.npy``), so
-   memory is bounded by the chunk size, never by the number of regions.
-2. Spherical k-means on L2-normalised features, streamed from the memmap:
-   ``--backend jax`` (default from K = 4096) runs Lloyd passes on the device
-   mesh with the centres sharded along K (:mod:`rice_jax.kmeans`; resumable
-   between passes); ``sklearn`` is ``MiniBatchKMeans`` (``partial_fit``, several
-   passes); ``faiss`` uses faiss-cpu when installed.
-3. Assignment (chunked, cosine argmax) is written as a sidecar joined by
-   (global record index, region index): ``cluster_labels.npz`` with
-   ``offsets [num_images+1]`` and ``labels [num_regions]`` (−1 for text
-   regions). The Grain pipeline reads it from the data dir — no re-import.
-   The manifest gets K, the extractor, the date, inertia and, when ground-truth
-   categories exist, NMI/ARI. ``centers.npy`` holds the normalised centres.
+A job of any number of processes (``--coordinator-address ... --num-processes P --process-id I``
+or ``--distributed`` on a pod); process p owns the p-th contiguous block of record shards and alone reads,
+extracts and labels them (:func:`records.owned_shards`), so nobody holds or writes more than a share:
+
+1. Features of every *object* region of an owned shard, by a pluggable extractor (handcrafted, our
+   ViT, a JAX CLIP/SigLIP teacher, any PyTorch encoder), unit-normalised and written per shard in
+   fp16 to ``--features-dir`` (local scratch, never the data dir; :mod:`rice_jax.feature_store`).
+   Finished shards are kept on a rerun.
+2. Spherical k-means streamed from those files: ``--backend jax`` (default from K = 4096) runs Lloyd
+   passes on the device mesh with the centres sharded along K (:mod:`rice_jax.kmeans`; resumable
+   between passes); ``sklearn`` is ``MiniBatchKMeans``; ``faiss`` uses faiss-cpu when installed.
+3. Assignment (cosine argmax), written by each process for its own shards as label files beside
+   the records (:mod:`rice_jax.data.labels`: atomic, fingerprinted with the run, read lazily by the
+   input pipeline, refused when stale). Process 0 then records the run in the manifest (K, the
+   extractor, the date, inertia, clusters used and, when ground-truth categories exist, NMI/ARI)
+   and writes ``centers.npy`` (the normalised centres) to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import datetime
+import hashlib
+import itertools
 import json
 import os
+import resource
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,12 +39,12 @@ import jax
 import numpy as np
 from PIL import Image
 
-from rice_jax import backbones, cli, distributed, errors
+from rice_jax import backbones, cli, distributed, errors, feature_store
+from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records
 from rice_jax.features import RegionFeatures, TransformersRegionFeatures
 from rice_jax.kmeans import HierarchicalKMeans, MeshKMeans
 
-FEATURES_FILE = "region_features.npy"
 CENTERS_FILE = "centers.npy"
 TOPK_FILE = "cluster_topk.npz"   # (record, region) ids, [R, topk] nearest clusters and their scores
 
@@ -109,8 +117,11 @@ class ViTExtractor:
     (jitted, batch-sharded over every device); any other Hugging Face vision encoder
     (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
 
-    def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16):
+    def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16,
+                 decode_threads: int | None = None):
         self.name = name
+        # Decoding and resizing (PIL releases the GIL) run on a thread pool, ahead of the device.
+        self.decode_threads = decode_threads or min(16, os.cpu_count() or 1)
         n_dev = jax.local_device_count()
         self.batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
         if isinstance(vit, TransformersRegionFeatures):
@@ -133,15 +144,24 @@ class ViTExtractor:
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
 
-        for i, rec, obj in _iter_object_records(src):
-            inp = pipeline.record_input(rec, self.image_size)
-            if inp is None:  # unreadable image: its regions stay unlabelled (-1)
-                continue
-            img, nb = inp
-            batch.append((img, [(i, int(r)) for r in obj], nb[obj]))
-            if len(batch) == self.batch_size:
-                yield flush(batch)
-                batch = []
+        decode = lambda item: (item, pipeline.record_input(item[1], self.image_size))
+        ahead = collections.deque()   # decoded in order, up to two batches ahead of the device
+        items = _iter_object_records(src)
+        with concurrent.futures.ThreadPoolExecutor(self.decode_threads) as pool:
+            for item in itertools.islice(items, 2 * self.batch_size):
+                ahead.append(pool.submit(decode, item))
+            while ahead:
+                (i, rec, obj), inp = ahead.popleft().result()
+                nxt = next(items, None)
+                if nxt is not None:
+                    ahead.append(pool.submit(decode, nxt))
+                if inp is None:  # unreadable image: its regions stay unlabelled (-1)
+                    continue
+                img, nb = inp
+                batch.append((img, [(i, int(r)) for r in obj], nb[obj]))
+                if len(batch) == self.batch_size:
+                    yield flush(batch)
+                    batch = []
         if batch:
             yield flush(batch)
 
@@ -163,33 +183,6 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class _RecordRange:
-    """Records ``[start, stop)`` of a source, indexed from 0 (one process's share of a dataset)."""
-
-    def __init__(self, src, start: int, stop: int):
-        self.src, self.start, self.stop = src, start, stop
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, i):
-        return self.src[self.start + i]
-
-
-def extract_to_memmap(src, extractor, out: Path, chunk: int, name: str = FEATURES_FILE) -> tuple[np.ndarray, np.memmap]:
-    """Stream features into ``out/name``; returns (ids [R,2], memmap [R,D])."""
-    n_obj = sum(int((src[i].kind == records.KIND_OBJECT).sum()) for i in range(len(src)))
-    feats = np.lib.format.open_memmap(out / name, mode="w+", dtype=np.float32, shape=(n_obj, extractor.dim))
-    ids = np.zeros((n_obj, 2), np.int64)
-    n = 0
-    for chunk_ids, chunk_feats in extractor(src, chunk):
-        feats[n:n + len(chunk_ids)] = _normalize(chunk_feats.astype(np.float32))
-        ids[n:n + len(chunk_ids)] = chunk_ids
-        n += len(chunk_ids)
-    feats.flush()
-    return ids[:n], feats[:n]
-
-
 # At and above this K the default backend is the mesh k-means (rice_jax.kmeans); below it
 # scikit-learn's MiniBatchKMeans is quicker to start and plenty.
 JAX_BACKEND_MIN_K = 4096
@@ -205,7 +198,8 @@ def resolve_backend(backend: str, k: int) -> str:
 
 
 def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int = 5, backend: str = "sklearn",
-               state_dir: str | os.PathLike | None = None, levels: int = 1, log: Callable[[str], None] = print):
+               state_dir: str | os.PathLike | None = None, levels: int = 1, log: Callable[[str], None] = print,
+               precision: str = "float32"):
     """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D].
 
     ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
@@ -215,7 +209,7 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
             feats, passes=passes)
     if backend == "jax":
         km = MeshKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed,
-                        checkpoint_dir=str(state_dir) if state_dir else None, log=log)
+                        checkpoint_dir=str(state_dir) if state_dir else None, log=log, precision=precision)
         return km.fit(feats, passes=passes, init="kmeans++" if k < JAX_BACKEND_MIN_K else "random")
     if backend == "faiss":
         import faiss  # optional extra
@@ -247,29 +241,49 @@ def assign(feats: np.ndarray, centers: np.ndarray, chunk: int) -> tuple[np.ndarr
     return labels, inertia
 
 
-def _write_labels(data_dir: Path, src, ids: np.ndarray, labels: np.ndarray) -> None:
-    """The sidecar ``cluster_labels.npz``: labels joined by (record index, region index); -1 elsewhere."""
-    counts = [src[i].num_regions for i in range(len(src))]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    flat = np.full(offsets[-1], -1, np.int32)
-    flat[offsets[ids[:, 0]] + ids[:, 1]] = labels
-    np.savez(data_dir / pipeline.CLUSTER_LABELS_FILE, offsets=offsets, labels=flat)
+def default_features_dir(data_dir) -> Path:
+    """Local scratch for a dataset's features (never the data directory, often a bucket mount): one
+    folder per dataset path, so a rerun finds what an interrupted one extracted."""
+    key = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "rice_jax_features" / f"{Path(data_dir).name}-{key}"
 
 
-def _record_report(data_dir: Path, src, ids: np.ndarray, labels: np.ndarray, k: int, report: dict, log) -> dict:
-    """Agreement with ground truth (when known) into the report; K and the report into the manifest."""
-    report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  labels_file=pipeline.CLUSTER_LABELS_FILE, clusters_used=int(len(np.unique(labels))),
-                  num_regions=int(len(ids)))
-    cats = np.array([src[i].category[r] for i, r in ids])
-    if (cats >= 0).any():
+def _write_owned_labels(data_dir: Path, feats: feature_store.FeatureShards, ids: np.ndarray, values: np.ndarray,
+                        run: str, log) -> int:
+    """Label files of this process's shards (``ids`` as :meth:`FeatureShards.ids`); finished ones are kept."""
+    written = 0
+    for j, shard in enumerate(feats.shard_names):
+        if labels_store.shard_done(data_dir, shard, run):
+            continue
+        m = ids[:, 0] == j
+        labels_store.write_shard(data_dir, shard, feats.counts(j), ids[m, 1:3], values[m], run)
+        written += 1
+    if written:
+        log(f"[clustering] wrote the labels of {written} shard(s)")
+    return written
+
+
+def _agreement(cats: np.ndarray, values: np.ndarray, k: int) -> dict:
+    """Cluster use and, where regions carry ground-truth categories, NMI/ARI: summed over processes
+    without gathering the labels (only the rare categorised regions travel)."""
+    used = distributed.sum_over_processes(np.bincount(values[values >= 0], minlength=k).astype(np.int64))
+    out = {"clusters_used": int((used > 0).sum())}
+    m = cats >= 0
+    pairs = distributed.gather_rows(np.stack([cats[m], values[m]], 1).astype(np.int64))
+    if len(pairs):
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-        m = cats >= 0
-        report["nmi"] = float(normalized_mutual_info_score(cats[m], labels[m]))
-        report["ari"] = float(adjusted_rand_score(cats[m], labels[m]))
+        out["nmi"] = float(normalized_mutual_info_score(pairs[:, 0], pairs[:, 1]))
+        out["ari"] = float(adjusted_rand_score(pairs[:, 0], pairs[:, 1]))
+    return out
+
+
+def _record_report(data_dir: Path, report: dict, log) -> dict:
+    """The run (with its id, which the label files carry) and K into the manifest: process 0, last."""
+    report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  labels_dir=labels_store.LABELS_DIR)
     manifest = records.read_manifest(data_dir)
-    manifest["num_clusters"] = k
+    manifest["num_clusters"] = report["k"]
     manifest["clustering"] = report
     records.write_manifest(data_dir, manifest)
     log("[clustering] " + json.dumps({k_: v for k_, v in report.items() if k_ not in ("centers",)}))
@@ -283,41 +297,61 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
     whose records carry categories (the synthetic generator, COCO imports).
     """
     data_dir = Path(data_dir)
+    manifest = records.read_manifest(data_dir)
     src = records.RecordSource(data_dir)
-    ids, labels = [], []
-    for i in range(len(src)):
-        rec = src[i]
-        for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
-            ids.append((i, int(r)))
-            labels.append(int(rec.category[r]))
-    if not ids:
+    per_shard, k = [], 0
+    for s, path in enumerate(src.paths):
+        start, stop = src.shard_range(s)
+        counts, ids, values = np.zeros(stop - start, np.int32), [], []
+        for i in range(start, stop):
+            rec = src[i]
+            counts[i - start] = rec.num_regions
+            for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
+                ids.append((i - start, int(r)))
+                values.append(int(rec.category[r]))
+        per_shard.append((Path(path).name, counts, np.asarray(ids, np.int64).reshape(-1, 2),
+                          np.asarray(values, np.int32)))
+        k = max(k, max(values, default=-1) + 1)
+    if not k:
         raise errors.InputError(f"{data_dir}: no object region has a ground-truth category; the oracle needs them")
-    ids, labels = np.asarray(ids, np.int64), np.asarray(labels, np.int32)
-    k = int(labels.max()) + 1
-    _write_labels(data_dir, src, ids, labels)
-    return _record_report(data_dir, src, ids, labels, k, {"k": k, "extractor": "oracle"}, log)
+    run = labels_store.run_id(manifest, extractor="oracle")
+    for shard, counts, ids, values in per_shard:
+        labels_store.write_shard(data_dir, shard, counts, ids, values, run)
+    n = int(sum(len(v) for *_, v in per_shard))
+    used = len(np.unique(np.concatenate([v for *_, v in per_shard])))
+    return _record_report(data_dir, {"k": k, "extractor": "oracle", "run": run, "num_regions": n,
+                                     "clusters_used": used, "nmi": 1.0, "ari": 1.0}, log)
 
 
 def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
-        seed: int = 0, chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1, levels: int = 1,
-        image_size: int | None = None, log: Callable[[str], None] = print) -> dict:
+        features_dir: str | os.PathLike | None = None, feature_dtype: str = "float16", seed: int = 0,
+        chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1, levels: int = 1,
+        image_size: int | None = None, score_precision: str = "float32", log: Callable[[str], None] = print) -> dict:
+    """Features -> k-means -> labels for ``data_dir`` as one job of any number of processes.
+
+    Process p owns the p-th block of shards (:func:`records.owned_shards`): it alone extracts their
+    features (into ``features_dir``, its local scratch), feeds them to the mesh k-means, and
+    writes their label files. Process 0 writes the centres and, after every label file exists,
+    the manifest entry naming the run. Every stage resumes: finished feature and label shards
+    are kept, the jax k-means restarts from its last pass."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise errors.MissingInput(f"--data {data_dir}: no such directory")
     if extractor == "oracle":
         return oracle_labels(data_dir, log)
+    manifest = records.read_manifest(data_dir)
     src = records.RecordSource(data_dir)
     out = Path(out) if out else data_dir
     out.mkdir(parents=True, exist_ok=True)
-    # Several processes: each extracts the features of its contiguous share of the records; the
-    # mesh k-means then runs over all of them, and process 0 writes labels, centres and report.
     pid, nproc = jax.process_index(), jax.process_count()
-    lo, hi = pid * len(src) // nproc, (pid + 1) * len(src) // nproc
+    owned = records.owned_shards(len(src.paths), pid, nproc)
     ext = make_extractor(extractor, image_size)
-    ids, feats = extract_to_memmap(_RecordRange(src, lo, hi) if nproc > 1 else src, ext, out, chunk,
-                                   FEATURES_FILE if nproc == 1 else f"region_features.process{pid}.npy")
-    ids[:, 0] += lo
-    n_total = int(np.sum(distributed.gather_rows(np.asarray([len(ids)], np.int64))))
+    fdir = Path(features_dir) if features_dir else default_features_dir(data_dir)
+    settings = {"image_size": getattr(ext, "image_size", None)}
+    feats = feature_store.extract_shards(src, owned, ext, fdir, chunk=chunk, dtype=feature_dtype, settings=settings,
+                                         log=log)
+    ids = feats.ids()
+    n_total = int(np.sum(distributed.gather_rows(np.asarray([len(feats)], np.int64))))
     if k < 1 or k > n_total:
         raise errors.InputError(f"--k {k} must be between 1 and the number of object regions ({n_total}); lower K")
     backend = resolve_backend(backend, k)
@@ -325,31 +359,37 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
         raise errors.InputError("--topk, --levels 2 and multi-process runs need --backend jax (they run on the mesh)")
     if levels not in (1, 2) or (levels == 2 and (topk > 1 or nproc > 1)):
         raise errors.InputError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical; one process, without --topk)")
-    log(f"[clustering] {n_total} object regions, D={feats.shape[1]}, extractor={ext.name}; k-means K={k} "
-        f"({backend}, {nproc} process(es))")
+    log(f"[clustering] {n_total} object regions, D={feats.dim}, extractor={ext.name}; k-means K={k} "
+        f"({backend}, {nproc} process(es), {len(owned)} of {len(src.paths)} shards here)")
     fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
-                        state_dir=out / "kmeans_state", levels=levels, log=log if pid == 0 else (lambda s: None))
+                        state_dir=out / "kmeans_state", levels=levels, log=log if pid == 0 else (lambda s: None),
+                        precision=score_precision)
     if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
-        labels, inertia = fitted.assign(feats)
+        values, inertia = fitted.assign(feats)
         centers = fitted.centers_numpy()
-        ids, labels = distributed.gather_rows(ids), distributed.gather_rows(labels)
         inertia = float(np.sum(distributed.gather_rows(np.asarray([inertia], np.float64))))
-        if topk > 1:
+        if topk > 1:  # gathered onto process 0: a diagnostic for small datasets, not a 2B-region output
             top, scores = fitted.assign_topk(feats, topk)
-            top, scores = distributed.gather_rows(top), distributed.gather_rows(scores)
+            starts = np.asarray([src.shard_range(s)[0] for s in owned] + [0], np.int64)  # no shard is skipped
+            global_ids = np.stack([starts[ids[:, 0]] + ids[:, 1], ids[:, 2]], 1)
+            global_ids, top, scores = (distributed.gather_rows(a) for a in (global_ids, top, scores))
             if pid == 0:
-                np.savez(out / TOPK_FILE, ids=ids, labels=top, scores=scores)
+                np.savez(out / TOPK_FILE, ids=global_ids, labels=top, scores=scores)
                 log(f"[clustering] top-{topk} assignment in {out / TOPK_FILE}")
     else:
         centers = fitted
-        labels, inertia = assign(feats, centers, chunk)
-    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia,
-              "centers": str(out / CENTERS_FILE), "processes": nproc}
+        values, inertia = assign(feats, centers, chunk)
+    run = labels_store.run_id(manifest, extractor=ext.name, k=k, seed=seed, passes=passes, backend=backend,
+                              levels=levels, image_size=settings["image_size"], score_precision=score_precision)
+    _write_owned_labels(data_dir, feats, ids, values, run, log)
+    report = {"k": k, "extractor": ext.name, "backend": backend, "seed": seed, "inertia": inertia, "run": run,
+              "centers": str(out / CENTERS_FILE), "processes": nproc, "num_regions": n_total,
+              "features_dir": str(fdir), **_agreement(ids[:, 3], values, k)}
+    distributed.barrier("clustering_labels_written")
     if pid != 0:
         return report
     np.save(out / CENTERS_FILE, centers)
-    _write_labels(data_dir, src, ids, labels)
-    return _record_report(data_dir, src, ids, labels, k, report, log)
+    return _record_report(data_dir, report, log)
 
 
 def main(argv=None):
@@ -359,7 +399,11 @@ def main(argv=None):
     ap.add_argument("--extractor", default="handcrafted",
                     help="handcrafted | hf:DIR | ckpt:DIR | hub:ID (our ViT) | transformers:DIR (CLIP, SigLIP, "
                          "DINOv2, MLCD... in PyTorch) | oracle (ground-truth categories as labels)")
-    ap.add_argument("--out", default=None, help="where features and centres go (default: the data dir)")
+    ap.add_argument("--out", default=None, help="where centres and the k-means state go (default: the data dir)")
+    ap.add_argument("--features-dir", default=None,
+                    help="this process's feature files, one set per owned shard (default: a folder per dataset under "
+                         "the system's temp dir; never the data dir)")
+    ap.add_argument("--feature-dtype", default="float16", choices=feature_store.DTYPES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--passes", type=int, default=5)
@@ -367,6 +411,9 @@ def main(argv=None):
                     help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
                          "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--score-precision", default="float32", choices=("float32", "bfloat16"),
+                    help="jax k-means scoring: bfloat16 = bf16 inputs with fp32 accumulation (the accelerators' "
+                         "matmul rate; agreement with float32 in docs/data.md)")
 
     distributed.add_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
@@ -378,10 +425,18 @@ def main(argv=None):
     distributed.join(a)
     if a.extractor != "oracle" and a.k < 1:
         ap.error("--k K is required (the number of clusters)")
-    run(a.data, a.k, extractor=a.extractor, out=a.out, seed=a.seed, chunk=a.chunk, passes=a.passes,
-        backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels)
+    _run_and_report_memory(a)
+
+
+def _run_and_report_memory(a) -> None:
+    """Run, then print this process's peak resident memory: the figure that shows no process of a
+    multi-process job holds more than its share (``ru_maxrss`` is in KiB on Linux)."""
+    run(a.data, a.k, extractor=a.extractor, out=a.out, features_dir=a.features_dir, feature_dtype=a.feature_dtype,
+        seed=a.seed, chunk=a.chunk, passes=a.passes,
+        backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels, score_precision=a.score_precision)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"[clustering] process {jax.process_index()}: peak RSS {peak:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
-
     cli.run(main)

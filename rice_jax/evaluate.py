@@ -291,5 +291,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-
     cli.run(main)

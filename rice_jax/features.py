@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -18,6 +19,7 @@ from rice_jax import errors, sharding, storage
 from rice_jax.data.pipeline import CLIP_MEAN, CLIP_STD
 from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 from rice_jax.models.rice import RICEConfig, RICEModel
+from rice_jax.models.vit import ViT
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:
@@ -33,11 +35,25 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return idx
 
 
+def _renormalisation(mean, std):
+    """``(scale, shift)`` taking CLIP-normalised pixels to ``(pixel - mean) / std``; None when the
+    statistics are CLIP's (or not given)."""
+    if mean is None or std is None:
+        return None, None
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if np.allclose(mean, CLIP_MEAN) and np.allclose(std, CLIP_STD):
+        return None, None
+    return (CLIP_STD / std).astype(np.float32), ((CLIP_MEAN - mean) / std).astype(np.float32)
+
+
 class RegionFeatures:
     """``features(x [B,H,W,3], boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
+
     ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` with ``region_layers``),
     ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``pooled``: ``[B, D]``
-    (post-LN class token). Any B: batches are padded to a multiple of the device count.
+    (the model's ``pooler_output``: MLCD/CLIP's post-LN class token, SigLIP's attention-pooled
+    head; the mean last token when a model has neither). Any B: batches are padded to a multiple
+    of the device count. ``vit``: our MLCD ViT or a :mod:`rice_jax.models.teachers` tower.
     """
 
     def __init__(self, vit, image_size: int, *, layers: Sequence[int] = (-1,), region_layers: int = 0,
@@ -45,6 +61,9 @@ class RegionFeatures:
         self.num_layers = num_layers = vit.cfg.num_layers
         self.layers = sorted({resolve_layer(l, num_layers) for l in layers})
         self.image_size = image_size
+        if region_layers and not isinstance(vit, ViT):
+            raise errors.InputError(f"region_layers={region_layers}: region tokens run on an MLCD/RICE backbone, "
+                                    f"not on a {type(vit).__name__}")
         rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
                          backbone=vit) if region_layers else None
         graphdef, state = nnx.split(rice if rice is not None else vit)
@@ -53,19 +72,26 @@ class RegionFeatures:
         self._state = jax.device_put(state, sharding.replicated(self.mesh))
         gh, gw = vit.grid(image_size, image_size)
         idxs = self.layers
+        n = vit.num_prefix_tokens            # class token (MLCD, CLIP) or none (SigLIP)
+        # Inputs arrive CLIP-normalised (the pipeline's one normalisation); a teacher trained with other
+        # statistics (SigLIP: 0.5/0.5) gets its own, as TransformersRegionFeatures does.
+        scale, shift = _renormalisation(getattr(vit.cfg, "pixel_mean", None), getattr(vit.cfg, "pixel_std", None))
 
         @jax.jit
         def fwd(state, x, boxes, valid):
             model = nnx.merge(graphdef, state)
+            if scale is not None:
+                x = x * scale + shift
             # The models' own forwards. Patch features come from the plain ViT (what users export
             # and run; XLA drops the hidden states nobody reads); region tokens from the RICE model,
             # whose blocks before the region blocks are the same computation (XLA shares it).
             res = (model.backbone if rice is not None else model)(x, output_hidden_states=True)
             hidden = res.hidden_states
             vis = box_patch_visibility(boxes, valid, gh, gw)
-            out = {"roi": {str(i): roi_mean_pool(hidden[i][:, 1:], vis) for i in idxs}, "pooled": res.pooler_output}
+            pooled = res.pooler_output if res.pooler_output is not None else jnp.mean(res.last_hidden_state[:, n:], 1)
+            out = {"roi": {str(i): roi_mean_pool(hidden[i][:, n:], vis) for i in idxs}, "pooled": pooled}
             if keep_tokens:
-                out["tokens"] = {str(i): hidden[i][:, 1:] for i in idxs}
+                out["tokens"] = {str(i): hidden[i][:, n:] for i in idxs}
             if rice is not None:  # no head, no batch-standardising: the post-LN region tokens
                 out["roi"]["region_token"] = model(x, boxes, valid).region_embed
             return out
@@ -122,11 +148,12 @@ class TransformersRegionFeatures:
             mean = np.asarray(p.get("image_mean", mean), np.float32)
             std = np.asarray(p.get("image_std", std), np.float32)
         # Our pipeline hands CLIP-normalised pixels; re-normalise to this encoder's statistics.
-        self._scale = (CLIP_STD / std).astype(np.float32)
-        self._shift = ((CLIP_MEAN - mean) / std).astype(np.float32)
+        scale, shift = _renormalisation(mean, std)
+        self._scale = np.ones(3, np.float32) if scale is None else scale
+        self._shift = np.zeros(3, np.float32) if shift is None else shift
 
     def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """``x [B,S,S,3]`` CLIP-normalised (as :func:`rice_jax.data.pipeline.resize_normalize`) -> ``[B,N,D]``."""
+        """``x [B,S,S,3]`` CLIP-normalised (as :func:`rice_jax.data.pipeline.image_input`) -> ``[B,N,D]``."""
         import torch
 
         x = np.asarray(x, np.float32) * self._scale + self._shift

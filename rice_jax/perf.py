@@ -29,6 +29,22 @@ def peak_flops(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float
     return 2 * n**3 / best
 
 
+def block_flops(tokens: int, hidden: int, intermediate: int) -> float:
+    """Matmul FLOPs of one transformer block's forward over ``tokens``: q/k/v/out projections and
+    the MLP, then q·k and p·v."""
+    return 2 * tokens * hidden * (4 * hidden + 2 * intermediate) + 4 * tokens * tokens * hidden
+
+
+def vision_forward_flops(cfg, image_hw: tuple[int, int], prefix_tokens: int = 1) -> float:
+    """Matmul FLOPs of one image through a plain vision tower (a :class:`~rice_jax.models.config.ViTConfig`
+    or a teacher's :class:`~rice_jax.models.teachers.TeacherConfig`) with ``prefix_tokens`` class
+    tokens (MLCD, CLIP: 1; SigLIP: 0): patch embedding + every block; extraction projections use it."""
+    p = cfg.patch_size
+    patches = (image_hw[0] // p) * (image_hw[1] // p)
+    return (2 * patches * p * p * cfg.num_channels * cfg.hidden_size
+            + cfg.num_layers * block_flops(patches + prefix_tokens, cfg.hidden_size, cfg.intermediate_size))
+
+
 def rice_train_flops(cfg, batch: int, image_hw: tuple[int, int], num_regions: int,
                      loss_terms: tuple[tuple[int, int], ...] = ()) -> float:
     """Model FLOPs of one RICE train step (forward + backward = 3x the forward's matmul FLOPs).
@@ -44,10 +60,7 @@ def rice_train_flops(cfg, batch: int, image_hw: tuple[int, int], num_regions: in
     d, f, p = v.hidden_size, v.intermediate_size, v.patch_size
     gh, gw = image_hw[0] // p, image_hw[1] // p
     t = 1 + gh * gw
-
-    def block(s: int) -> float:  # qkv + out projection + MLP, then q.k and p.v over s tokens
-        return 2 * s * d * (4 * d + 2 * f) + 4 * s * s * d
-
+    block = lambda s: block_flops(s, d, f)
     k = cfg.region_layers if num_regions else 0
     fwd = 2 * (t - 1) * p * p * v.num_channels * d + (v.num_layers - k) * block(t) + k * block(t + num_regions)
     e = cfg.embed_dim or d

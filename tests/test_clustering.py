@@ -1,10 +1,12 @@
 """Region clustering: quality on synthetic data, determinism, chunking, labels in batches, errors."""
+import re
 import shutil
 
 import numpy as np
 import pytest
 
-from rice_jax import clustering
+from rice_jax import clustering, feature_store
+from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic
 
 
@@ -31,9 +33,9 @@ def test_handcrafted_kmeans_recovers_categories(syn, tmp_path):
     assert m["num_clusters"] == 12 and m["clustering"]["extractor"] == "handcrafted"
     assert np.load(d / clustering.CENTERS_FILE).shape == (12, clustering.HandcraftedExtractor.dim)
     # Same seed: identical labels; labels reach the pipeline's batches.
-    first = np.load(d / pipeline.CLUSTER_LABELS_FILE)["labels"]
+    first = labels_store.read_all(d)[1]
     clustering.run(d, 12, chunk=128, log=lambda s: None)
-    np.testing.assert_array_equal(np.load(d / pipeline.CLUSTER_LABELS_FILE)["labels"], first)
+    np.testing.assert_array_equal(labels_store.read_all(d)[1], first)
     cfg = pipeline.PipelineConfig(image_size=32, num_regions=6, batch_size=8, text_fraction=0.0)
     b = next(iter(pipeline.make_dataset(d, cfg, process_index=0, process_count=1)))
     obj = b["region_valid"] & (b["region_kind"] == 0)
@@ -41,7 +43,7 @@ def test_handcrafted_kmeans_recovers_categories(syn, tmp_path):
     lab = b["labels"][obj][:, 0]
     assert ((lab >= 0) & (lab < 12)).all()
     # Each batch label is the sidecar label of that record's region (join by record + region index).
-    offsets = np.load(d / pipeline.CLUSTER_LABELS_FILE)["offsets"]
+    offsets = labels_store.read_all(d)[0]
     rows, slots = np.nonzero(obj)
     np.testing.assert_array_equal(lab, first[offsets[b["image_index"][rows]] + b["region_index"][rows, slots]])
 
@@ -72,11 +74,13 @@ def test_vit_extractor_from_local_hf_dir(syn, tmp_path):
 
     save_random_hf_model(tmp_path / "hf", patch_size=8, image_size=32)
     d = _copy(syn, tmp_path / "c")
-    rep = clustering.run(d, 8, extractor=f"hf:{tmp_path / 'hf'}", chunk=256, log=lambda s: None)
+    rep = clustering.run(d, 8, extractor=f"hf:{tmp_path / 'hf'}", chunk=256, features_dir=tmp_path / "f",
+                         log=lambda s: None)
     assert rep["extractor"].startswith("hf:") and rep["clusters_used"] >= 2
-    feats = np.load(d / clustering.FEATURES_FILE)
-    assert feats.shape[1] == 64
-    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
+    feats = np.asarray(feature_store.FeatureShards(tmp_path / "f", records.read_manifest(d)["shards"], "float16", 64))
+    assert feats.shape == (rep["num_regions"], 64)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=2e-3)      # unit rows, stored in fp16
+    assert {p.name for p in d.glob("*.npy")} == {clustering.CENTERS_FILE}          # no features in the data dir
 
 
 def _tiny_encoder(kind, path):
@@ -130,9 +134,11 @@ def test_transformers_encoder_roi_features_match_a_direct_computation(kind, tmp_
 def test_clustering_with_a_transformers_encoder(syn, tmp_path):
     _tiny_encoder("dinov2", tmp_path / "enc")
     d = _copy(syn, tmp_path / "c")
-    rep = clustering.run(d, 6, extractor=f"transformers:{tmp_path / 'enc'}", chunk=256, log=lambda s: None)
+    rep = clustering.run(d, 6, extractor=f"transformers:{tmp_path / 'enc'}", chunk=256, features_dir=tmp_path / "f",
+                         log=lambda s: None)
     assert rep["extractor"].startswith("transformers:") and rep["clusters_used"] >= 2
-    assert np.load(d / clustering.FEATURES_FILE).shape[1] == 32
+    assert feature_store.FeatureShards(tmp_path / "f", records.read_manifest(d)["shards"], "float16", 32).shape == \
+        (rep["num_regions"], 32)
 
 
 def test_jax_backend_end_to_end(syn, tmp_path):
@@ -142,8 +148,7 @@ def test_jax_backend_end_to_end(syn, tmp_path):
     rep = clustering.run(d, 12, backend="jax", chunk=256, passes=10, topk=3, log=lambda s: None)
     assert rep["backend"] == "jax" and rep["clusters_used"] >= 8
     assert (tmp_path / "c" / "kmeans_state").is_dir()           # resumable between passes
-    ids_labels = np.load(d / pipeline.CLUSTER_LABELS_FILE)
-    assert (ids_labels["labels"] >= 0).sum() == rep["num_regions"]
+    assert (labels_store.read_all(d)[1] >= 0).sum() == rep["num_regions"]
     assert rep["nmi"] > 0.3
     top = np.load(d / clustering.TOPK_FILE)
     assert top["labels"].shape == (rep["num_regions"], 3) and (np.diff(top["scores"], axis=1) <= 1e-6).all()
@@ -170,21 +175,26 @@ def test_clustering_command_on_two_processes_equals_one(syn, tmp_path):
     one, two = _copy(syn, tmp_path / "one"), _copy(syn, tmp_path / "two")
     base = [sys.executable, "-m", "rice_jax.clustering", "--k", "12", "--backend", "jax", "--passes", "6",
             "--chunk", "256"]
-    r = subprocess.run(base + ["--data", str(one)], env=_env(8), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(base + ["--data", str(one), "--features-dir", str(tmp_path / "f1")], env=_env(8), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    procs = [subprocess.Popen(base + ["--data", str(two), "--coordinator-address", f"127.0.0.1:{port}",
+    procs = [subprocess.Popen(base + ["--data", str(two), "--features-dir", str(tmp_path / f"f2_{i}"),
+                                      "--coordinator-address", f"127.0.0.1:{port}",
                                       "--num-processes", "2", "--process-id", str(i)], env=_env(4),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "2 process(es)" in outs[0][0]
-    a, b = np.load(one / pipeline.CLUSTER_LABELS_FILE), np.load(two / pipeline.CLUSTER_LABELS_FILE)
-    np.testing.assert_array_equal(a["offsets"], b["offsets"])
-    np.testing.assert_array_equal(a["labels"], b["labels"])
+    a, b = labels_store.read_all(one), labels_store.read_all(two)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_allclose(np.load(two / clustering.CENTERS_FILE), np.load(one / clustering.CENTERS_FILE),
                                rtol=1e-5, atol=1e-6)
     assert records.read_manifest(two)["clustering"]["processes"] == 2
+    # No process holds everything: process 0 (which also writes centres and the manifest) peaks
+    # within 1.5x of process 1.
+    peak = [float(re.search(r"peak RSS (\d+) MiB", o).group(1)) for o, _ in outs]
+    assert peak[0] <= 1.5 * peak[1], peak

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic, tokenizer
 from tests.helpers import synthetic_dataset
 
@@ -147,10 +148,15 @@ def test_cluster_sidecar_labels_reach_batches(syn_dir, tmp_path):
     d = tmp_path / "ds"
     shutil.copytree(syn_dir, d)
     src = records.RecordSource(d)
-    counts = [r.num_regions for r in src]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    labels = np.arange(offsets[-1], dtype=np.int32) % 7
-    np.savez(d / pipeline.CLUSTER_LABELS_FILE, offsets=offsets, labels=labels)
+    m = records.read_manifest(d)
+    run = labels_store.run_id(m, extractor="test")
+    for s, shard in enumerate(m["shards"]):
+        start, stop = src.shard_range(s)
+        counts = np.asarray([src[i].num_regions for i in range(start, stop)])
+        ids = np.asarray([(i, r) for i, c in enumerate(counts) for r in range(c)]).reshape(-1, 2)
+        labels_store.write_shard(d, shard, counts, ids, np.arange(len(ids)) % 7, run)
+    m["clustering"] = {"run": run}
+    records.write_manifest(d, m)
     cfg = pipeline.PipelineConfig(image_size=32, num_regions=8, batch_size=4, random_crop=False, text_fraction=0.0)
     b = next(iter(pipeline.make_dataset(d, cfg, process_index=0, process_count=1)))
     obj = b["region_valid"] & (b["region_kind"] == 0)

@@ -189,3 +189,24 @@ def test_hierarchical_two_levels_close_to_flat():
         c = coarse[i]
         lo, hi = h.offsets[c], h.offsets[c + 1]
         assert lo + np.argmax(centers[lo:hi] @ xn[i]) == labels[i]
+
+
+def test_rows_travel_to_their_centre_shards_device_to_device():
+    """place_rows puts each row at its centre index without any host building [K, D] (random layout)."""
+    from rice_jax.kmeans import MeshKMeans
+
+    km = MeshKMeans(1000, 16, seed=0, log=lambda s: None)
+    rng = np.random.default_rng(0)
+    dest = np.sort(rng.choice(km.k, 700, replace=False))
+    rows = rng.standard_normal((700, 16)).astype(np.float32)
+    want = np.zeros((km.k_pad, 16), np.float32)
+    want[dest] = rows
+    got = km.place_rows(rows, dest)
+    assert got.sharding.is_equivalent_to(km.row_sharding, 2)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    # init_random: the rows the seed picks, normalised.
+    feats = rng.standard_normal((5000, 16)).astype(np.float32)
+    km.init_random(feats)
+    chosen = np.sort(np.random.default_rng(0).choice(5000, 1000, replace=False))
+    ref = feats[chosen] / np.linalg.norm(feats[chosen], axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(km.centers)[:1000], ref, rtol=1e-6)

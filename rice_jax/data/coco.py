@@ -185,5 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-
     cli.run(main)

@@ -435,5 +435,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-
     cli.run(main)

@@ -23,14 +23,14 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from rice_jax import batch, errors, storage
+from rice_jax import batch, errors
+from rice_jax.data import labels as labels_store
 from rice_jax.data import records
 from rice_jax.data.tokenizer import for_dataset
 
 # The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-CLUSTER_LABELS_FILE = "cluster_labels.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,16 +119,6 @@ def stack_inputs(inputs, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return x, boxes, valid
 
 
-def load_cluster_labels(data_dir: str | os.PathLike) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """The clustering sidecar, joined by (global record index, region index): ``(offsets, labels)``."""
-    path = storage.path(data_dir) / CLUSTER_LABELS_FILE
-    if not path.exists():
-        return None
-    with path.open("rb") as f:
-        z = np.load(io.BytesIO(f.read()))
-    return z["offsets"], z["labels"]
-
-
 class RegionExampleTransform:
     """Raw record bytes + index -> one fixed-shape example (pure given the RNG)."""
 
@@ -207,10 +197,7 @@ class RegionExampleTransform:
 
         nb, kept = box_input(rec, (w, h), crop)
         size_px = np.minimum(nb[:, 2] - nb[:, 0], nb[:, 3] - nb[:, 1]) * s
-        cluster = rec.cluster
-        if self.cluster_labels is not None:
-            off, lab = self.cluster_labels
-            cluster = lab[off[index]:off[index + 1]]
+        cluster = rec.cluster if self.cluster_labels is None else self.cluster_labels.of(index, rec.num_regions)
         chosen = self.select_regions(rec, kept, size_px, cluster, rng)
         k = len(chosen)
         out["boxes"][:k] = nb[chosen]
@@ -248,7 +235,8 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
     src = records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
     if tokenizer is None:
         tokenizer = for_dataset(data_dir)
-    transform = RegionExampleTransform(cfg, tokenizer, load_cluster_labels(data_dir), where=src.where)
+    transform = RegionExampleTransform(cfg, tokenizer, labels_store.open_labels(data_dir, records.read_manifest(data_dir)),
+                                       where=src.where)
     ds = grain.MapDataset.source(_IndexedSource(src))
     if len(ds) < cfg.batch_size * process_count:
         raise errors.InputError(f"{data_dir}: {len(ds)} records, fewer than one global batch "

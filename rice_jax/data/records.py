@@ -17,10 +17,10 @@ Arrays are raw little-endian bytes; ``R`` is implied by ``len(kind)``. The
 manifest (``manifest.json``) holds counts, the schema version, the shard
 file names, the tokenizer and K, plus import/clustering summaries.
 
-Labels live beside the shards, not in them: clustering writes ``cluster_labels.npz``
-(keyed by global record index, so relabelling never rewrites a shard), and the input
-pipeline reads a record's ``cluster`` field only when that sidecar is absent — a dataset
-built with labels already inside its records.
+Labels live beside the shards, not in them: clustering writes one label file per shard
+(``cluster_labels/``, :mod:`rice_jax.data.labels`; relabelling never rewrites a shard), and the
+input pipeline reads a record's ``cluster`` field only when there are none — a dataset built
+with labels already inside its records.
 """
 from __future__ import annotations
 
@@ -286,6 +286,14 @@ def check_shard(path: str, expected: int) -> ShardStatus:
     return ShardStatus(path, expected, found, size)
 
 
+def owned_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
+    """The shards process ``process_index`` of ``process_count`` owns in a multi-process job: it alone
+    reads their records for a per-shard stage and writes that stage's files of them. Contiguous
+    blocks, so the processes' rows concatenated in process order are the one-process order (what
+    makes a P-process k-means, whose random choices use global row indices, equal a 1-process one)."""
+    return list(range(process_index * num_shards // process_count, (process_index + 1) * num_shards // process_count))
+
+
 def check_shards(data_dir: str | os.PathLike) -> list[ShardStatus]:
     """:func:`check_shard` for every shard in the manifest, in manifest order."""
     m = read_manifest(data_dir)
@@ -333,6 +341,10 @@ class RecordSource:
 
     def __len__(self) -> int:
         return len(self._src)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Source indices ``[start, stop)`` of kept shard ``shard`` (an index into :attr:`paths`)."""
+        return int(self._starts[shard]), int(self._starts[shard + 1])
 
     def dataset_index(self, index: int) -> int:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
@@ -430,5 +442,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-
     sys.exit(cli.run(main))

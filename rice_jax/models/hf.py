@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from rice_jax import errors, storage
+from rice_jax.models import teachers
 from rice_jax.models.config import ViTConfig
 from rice_jax.models.vit import ViT
 
@@ -172,8 +173,9 @@ def _strip_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return state
 
 
-def read_hf_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a local HF model directory as fp32 numpy (safetensors preferred)."""
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a local HF model directory under their stored names, as numpy (safetensors
+    preferred; a legacy ``pytorch_model.bin`` through torch)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
@@ -193,13 +195,18 @@ def read_hf_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise errors.MissingInput(
             f"{path}: no {SAFETENSORS}, {SAFETENSORS_INDEX} or {TORCH_STATE_DICT} found "
             "(expected a Hugging Face MLCDVisionModel directory)")
-    # Drop non-persistent buffers some exporters include.
-    state = {k: v for k, v in _strip_prefix(state).items() if not k.endswith("position_ids")}
     return state
 
 
+def read_hf_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The MLCD tensors of a local HF model directory, ``vision_model.`` prefix removed."""
+    # Drop non-persistent buffers some exporters include.
+    return {k: v for k, v in _strip_prefix(read_tensors(path)).items() if not k.endswith("position_ids")}
+
+
 def load_hf(path: str | os.PathLike, *, from_hub: bool = False, revision: str | None = None, **runtime) -> ViT:
-    """Build the JAX ViT from a local HF ``MLCDVisionModel`` directory.
+    """Build the JAX ViT from a local HF ``MLCDVisionModel`` directory (a CLIP or SigLIP folder gives
+    the JAX teacher of :mod:`rice_jax.models.teachers`, chosen by ``config.json``'s ``model_type``).
 
     ``from_hub=True`` treats ``path`` as a hub id (e.g.
     ``"DeepGlint-AI/rice-vit-large-patch14-560"``) and downloads it first; this is
@@ -216,7 +223,10 @@ def load_hf(path: str | os.PathLike, *, from_hub: bool = False, revision: str | 
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise errors.MissingInput(f"{cfg_file} not found (expected a Hugging Face MLCDVisionModel directory)")
-    cfg = ViTConfig.from_hf_dict(json.loads(cfg_file.read_text()), **runtime)
+    config = json.loads(cfg_file.read_text())
+    if config.get("model_type") in teachers.MODEL_TYPES:  # a CLIP / SigLIP teacher for clustering
+        return teachers.load_teacher(path, config, read_tensors(path), **runtime)
+    cfg = ViTConfig.from_hf_dict(config, **runtime)
     return vit_from_hf_state(cfg, read_hf_state(path), source=str(path))
 
 

@@ -287,6 +287,7 @@ class ViT(nnx.Module):
         self.pre_norm = LayerNorm(d, cfg.layer_norm_eps, **kw)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.post_norm = LayerNorm(d, cfg.layer_norm_eps, **kw)
+        self.num_prefix_tokens = 1        # the class token precedes the patch tokens
         if cfg.remat_policy == "none":
             self._block_fn = _run_block
         else:
