@@ -158,6 +158,20 @@ class _Linear(nnx.Module):
         return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
+class _MLP(nnx.Module):
+    """``fc2(act(fc1(norm(x))))``: the feed-forward half of a block and of SigLIP's pooling head."""
+
+    def __init__(self, cfg: TeacherConfig):
+        dt, d = jnp.dtype(cfg.dtype), cfg.hidden_size
+        self.norm = LayerNorm(d, cfg.layer_norm_eps, dtype=dt, param_dtype=jnp.float32)
+        self.fc1 = _Linear(d, cfg.intermediate_size, dt)
+        self.fc2 = _Linear(cfg.intermediate_size, d, dt)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(_ACTIVATIONS[self.act](self.fc1(self.norm(x))))
+
+
 class _Block(nnx.Module):
     """Pre-norm block (HF ``CLIPEncoderLayer`` / ``SiglipEncoderLayer``)."""
 
@@ -168,9 +182,7 @@ class _Block(nnx.Module):
         # HF's q_proj / k_proj / v_proj side by side: one [D, 3D] matmul instead of three.
         self.qkv_proj = _Linear(d, 3 * d, dt)
         self.out_proj = _Linear(d, d, dt)
-        self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps, dtype=dt, param_dtype=jnp.float32)
-        self.fc1 = _Linear(d, cfg.intermediate_size, dt)
-        self.fc2 = _Linear(cfg.intermediate_size, d, dt)
+        self.mlp = _MLP(cfg)
 
     def __call__(self, x: Array) -> Array:
         b, t, _ = x.shape
@@ -178,7 +190,7 @@ class _Block(nnx.Module):
         qkv = self.qkv_proj(self.layer_norm1(x)).reshape(b, t, 3, h, dh).transpose(2, 0, 3, 1, 4)
         o = attention(qkv[0], qkv[1], qkv[2], impl=self.cfg.attention_impl)
         x = x + self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, t, h * dh))
-        return x + self.fc2(_ACTIVATIONS[self.cfg.hidden_act](self.fc1(self.layer_norm2(x))))
+        return x + self.mlp(x)
 
 
 class _AttentionPoolingHead(nnx.Module):
@@ -189,9 +201,7 @@ class _AttentionPoolingHead(nnx.Module):
         self.cfg = cfg
         self.probe = _zeros(1, 1, d)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (_Linear(d, d, dt) for _ in range(4))
-        self.layernorm = LayerNorm(d, cfg.layer_norm_eps, dtype=dt, param_dtype=jnp.float32)
-        self.fc1 = _Linear(d, cfg.intermediate_size, dt)
-        self.fc2 = _Linear(cfg.intermediate_size, d, dt)
+        self.mlp = _MLP(cfg)
 
     def __call__(self, x: Array) -> Array:
         b, t, _ = x.shape
@@ -200,7 +210,7 @@ class _AttentionPoolingHead(nnx.Module):
         heads = lambda z: z.reshape(b, z.shape[1], h, dh).transpose(0, 2, 1, 3)
         o = attention(heads(self.q_proj(probe)), heads(self.k_proj(x)), heads(self.v_proj(x)), impl="einsum")
         y = self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, 1, h * dh))
-        y = y + self.fc2(_ACTIVATIONS[self.cfg.hidden_act](self.fc1(self.layernorm(y))))
+        y = y + self.mlp(y)
         return y[:, 0]
 
 
@@ -322,9 +332,9 @@ def from_hf_state(cfg: TeacherConfig, state: dict[str, np.ndarray], *, nested: b
             put_value(blk.qkv_proj.kernel, np.concatenate([qkv[0].T, qkv[2].T, qkv[4].T], 1), pre + "self_attn.qkv")
             put_value(blk.qkv_proj.bias, np.concatenate([qkv[1], qkv[3], qkv[5]]), pre + "self_attn.qkv")
         linear(blk.out_proj, pre + "self_attn.out_proj")
-        norm(blk.layer_norm2, pre + "layer_norm2")
-        linear(blk.fc1, pre + "mlp.fc1")
-        linear(blk.fc2, pre + "mlp.fc2")
+        norm(blk.mlp.norm, pre + "layer_norm2")
+        linear(blk.mlp.fc1, pre + "mlp.fc1")
+        linear(blk.mlp.fc2, pre + "mlp.fc2")
     norm(model.post_layernorm, "post_layernorm")
     if model.head is not None:
         d = cfg.hidden_size
@@ -338,9 +348,9 @@ def from_hf_state(cfg: TeacherConfig, state: dict[str, np.ndarray], *, nested: b
                 getattr(model.head, name).kernel[...] = jnp.asarray(w_in[j * d:(j + 1) * d].T)
                 getattr(model.head, name).bias[...] = jnp.asarray(b_in[j * d:(j + 1) * d])
         linear(model.head.out_proj, "head.attention.out_proj")
-        norm(model.head.layernorm, "head.layernorm")
-        linear(model.head.fc1, "head.mlp.fc1")
-        linear(model.head.fc2, "head.mlp.fc2")
+        norm(model.head.mlp.norm, "head.layernorm")
+        linear(model.head.mlp.fc1, "head.mlp.fc1")
+        linear(model.head.mlp.fc2, "head.mlp.fc2")
     unexpected = sorted(set(state) - used)
     if not cfg.use_head:
         unexpected = [k for k in unexpected if not k.startswith("head.")]  # a head the config turns off
