@@ -205,7 +205,8 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
     ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
     sharded on the mesh; ``state_dir`` makes its passes resumable)."""
     if backend == "jax" and levels == 2:
-        return HierarchicalKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed, log=log).fit(
+        return HierarchicalKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed, log=log,
+                                  checkpoint_dir=str(state_dir) if state_dir else None, precision=precision).fit(
             feats, passes=passes)
     if backend == "jax":
         km = MeshKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed,
@@ -357,12 +358,13 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     backend = resolve_backend(backend, k)
     if (topk > 1 or levels != 1 or nproc > 1) and backend != "jax":
         raise errors.InputError("--topk, --levels 2 and multi-process runs need --backend jax (they run on the mesh)")
-    if levels not in (1, 2) or (levels == 2 and (topk > 1 or nproc > 1)):
-        raise errors.InputError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical; one process, without --topk)")
+    if levels not in (1, 2) or (levels == 2 and topk > 1):
+        raise errors.InputError(f"--levels {levels}: use 1 (flat) or 2 (hierarchical, without --topk)")
     log(f"[clustering] {n_total} object regions, D={feats.dim}, extractor={ext.name}; k-means K={k} "
         f"({backend}, {nproc} process(es), {len(owned)} of {len(src.paths)} shards here)")
     fitted = fit_kmeans(feats, k, seed=seed, chunk=chunk, passes=passes, backend=backend,
-                        state_dir=out / "kmeans_state", levels=levels, log=log if pid == 0 else (lambda s: None),
+                        state_dir=out / ("kmeans_state" if levels == 1 else "kmeans_state_hierarchical"),
+                        levels=levels, log=log if pid == 0 else (lambda s: None),
                         precision=score_precision)
     if backend == "jax":  # centres stay sharded on the mesh; assignment runs there too
         values, inertia = fitted.assign(feats)

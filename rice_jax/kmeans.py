@@ -460,11 +460,18 @@ class HierarchicalKMeans:
     2000 instead of 1M — so a pass costs ~500x fewer FLOPs than a flat one; the price is that a
     row can only join fine centres of its own coarse cluster. Both levels run on the mesh
     (:class:`MeshKMeans`). Fine centres are numbered coarse cluster by coarse cluster.
+
+    Several processes: each passes its own rows, as to :class:`MeshKMeans`; cluster sizes are
+    summed over processes, so every process fits the same fine levels in the same order.
+    ``checkpoint_dir``: the coarse level and every fine one keep their passes there
+    (``coarse/``, ``fine_<c>/``); a rerun resumes each where it stopped, finished ones at once.
     """
 
     def __init__(self, k: int, dim: int, *, k1: Optional[int] = None, metric: str = "cosine", mesh=None,
-                 batch_size: int = 16384, seed: int = 0, log: Callable[[str], None] = print):
+                 batch_size: int = 16384, seed: int = 0, log: Callable[[str], None] = print,
+                 checkpoint_dir: Optional[str] = None, precision: str = "float32"):
         self.k, self.dim, self.metric, self.mesh, self.seed, self.log = k, dim, metric, mesh, seed, log
+        self.checkpoint_dir, self.precision = checkpoint_dir, precision
         self.k1 = int(k1 or max(1, round(math.sqrt(k))))
         if not 1 <= self.k1 <= k:
             raise errors.InputError(f"k1 {self.k1} must be in [1, K={k}]")
@@ -485,24 +492,34 @@ class HierarchicalKMeans:
                 n[i] += 1
         return n
 
+    def _state(self, name: str) -> Optional[str]:
+        return None if not self.checkpoint_dir else str(storage.path(self.checkpoint_dir) / self._run / name)
+
     def fit(self, feats, passes: int = 20, coarse_passes: Optional[int] = None) -> "HierarchicalKMeans":
+        # The fine levels depend on everything before them: their state lives under a name of the
+        # settings and data size, so a rerun with other settings never resumes a mismatched level.
+        total = distributed.slice_offsets(len(feats))[1]
+        self._run = (f"k{self.k}_k1{self.k1}_p{passes}_c{coarse_passes or passes}_s{self.seed}_{self.precision}"
+                     f"_n{total}")
         self.coarse = MeshKMeans(self.k1, self.dim, metric=self.metric, mesh=self.mesh, batch_size=self.batch_size,
-                                 seed=self.seed, log=self.log)
+                                 seed=self.seed, log=self.log, checkpoint_dir=self._state("coarse"),
+                                 precision=self.precision)
         self.coarse.fit(feats, passes=coarse_passes or passes)
         coarse_labels, _ = self.coarse.assign(feats)
-        sizes = np.bincount(coarse_labels, minlength=self.k1)
+        # Global sizes: every process must fit the same fine levels with the same settings.
+        sizes = distributed.sum_over_processes(np.bincount(coarse_labels, minlength=self.k1).astype(np.int64))
         counts = self._split(sizes)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.fine = []
         for c in range(self.k1):
-            rows = np.nonzero(coarse_labels == c)[0]
             if counts[c] == 0:
                 self.fine.append(None)
                 continue
+            rows = np.nonzero(coarse_labels == c)[0]
             km = MeshKMeans(int(counts[c]), self.dim, metric=self.metric, mesh=self.mesh,
-                            batch_size=min(self.batch_size, max(len(rows), 1)), seed=self.seed + 1 + c,
-                            log=lambda s: None)
-            km.fit(np.asarray(feats[rows], np.float32), passes=passes)
+                            batch_size=int(min(self.batch_size, sizes[c])), seed=self.seed + 1 + c,
+                            log=lambda s: None, checkpoint_dir=self._state(f"fine_{c}"), precision=self.precision)
+            km.fit(np.asarray(feats[rows], np.float32).reshape(-1, self.dim), passes=passes)
             self.fine.append(km)
         self.log(f"[kmeans] hierarchical: {self.k1} coarse x {int(self.offsets[-1])} fine centres")
         return self
@@ -513,10 +530,10 @@ class HierarchicalKMeans:
         labels = np.full(len(feats), -1, np.int32)
         inertia = 0.0
         for c, km in enumerate(self.fine):
-            rows = np.nonzero(coarse_labels == c)[0]
-            if km is None or not len(rows):
+            if km is None:    # no rows anywhere (every process agrees: the sizes are global)
                 continue
-            lab, part = km.assign(np.asarray(feats[rows], np.float32))
+            rows = np.nonzero(coarse_labels == c)[0]
+            lab, part = km.assign(np.asarray(feats[rows], np.float32).reshape(-1, self.dim))
             labels[rows] = lab + self.offsets[c]
             inertia += part
         return labels, inertia

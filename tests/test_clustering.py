@@ -163,9 +163,11 @@ def test_hierarchical_clustering_command(syn, tmp_path):
 
 
 @pytest.mark.slow
-def test_clustering_command_on_two_processes_equals_one(syn, tmp_path):
+@pytest.mark.parametrize("levels", ["1", "2"])
+def test_clustering_command_on_two_processes_equals_one(syn, tmp_path, levels):
     """`python -m rice_jax.clustering --backend jax` on 2 processes x 4 CPU devices (gloo), each
-    extracting its half of the records: the labels and centres of a 1-process, 8-device run."""
+    extracting and labelling its own shards, flat and hierarchical: the labels and centres of a 1-process,
+    8-device run."""
     import socket
     import subprocess
     import sys
@@ -174,7 +176,7 @@ def test_clustering_command_on_two_processes_equals_one(syn, tmp_path):
 
     one, two = _copy(syn, tmp_path / "one"), _copy(syn, tmp_path / "two")
     base = [sys.executable, "-m", "rice_jax.clustering", "--k", "12", "--backend", "jax", "--passes", "6",
-            "--chunk", "256"]
+            "--chunk", "256", "--levels", levels]
     r = subprocess.run(base + ["--data", str(one), "--features-dir", str(tmp_path / "f1")], env=_env(8), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = socket.socket()

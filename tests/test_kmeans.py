@@ -210,3 +210,22 @@ def test_rows_travel_to_their_centre_shards_device_to_device():
     chosen = np.sort(np.random.default_rng(0).choice(5000, 1000, replace=False))
     ref = feats[chosen] / np.linalg.norm(feats[chosen], axis=1, keepdims=True)
     np.testing.assert_allclose(np.asarray(km.centers)[:1000], ref, rtol=1e-6)
+
+
+def test_hierarchical_resumes_from_its_checkpoints(tmp_path):
+    """A run killed before its last fine level (that level's state gone) resumes to the same result."""
+    import shutil
+
+    from rice_jax.kmeans import HierarchicalKMeans
+
+    x, _ = _blobs(n=2000, d=8, k=20, seed=3)
+    kw = dict(metric="cosine", batch_size=256, seed=1, log=lambda s: None, checkpoint_dir=str(tmp_path))
+    first = HierarchicalKMeans(25, 8, **kw).fit(x, passes=3)
+    labels, _ = first.assign(x)
+    run_dir = next(tmp_path.iterdir())
+    fine = sorted(run_dir.glob("fine_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert (run_dir / "coarse").is_dir() and len(fine) == first.k1
+    shutil.rmtree(fine[-1])
+    again = HierarchicalKMeans(25, 8, **kw).fit(x, passes=3)
+    np.testing.assert_array_equal(again.centers_numpy(), first.centers_numpy())
+    np.testing.assert_array_equal(again.assign(x)[0], labels)
