@@ -318,10 +318,10 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
     run = labels_store.run_id(manifest, extractor="oracle")
     for shard, counts, ids, values in per_shard:
         labels_store.write_shard(data_dir, shard, counts, ids, values, run)
-    n = int(sum(len(v) for *_, v in per_shard))
-    used = len(np.unique(np.concatenate([v for *_, v in per_shard])))
-    return _record_report(data_dir, {"k": k, "extractor": "oracle", "run": run, "num_regions": n,
-                                     "clusters_used": used, "nmi": 1.0, "ari": 1.0}, log)
+    values = np.concatenate([v for *_, v in per_shard])
+    # The categories are the labels here: the agreement is measured, not asserted, as for k-means.
+    return _record_report(data_dir, {"k": k, "extractor": "oracle", "run": run, "num_regions": int(len(values)),
+                                     **_agreement(values, values, k)}, log)
 
 
 def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
