@@ -7,7 +7,7 @@ and, for the mesh k-means, per-device compiled memory at K = 1M (abstract shapes
 allocated) on 2 and 8 devices, plus the projection to the paper's 2B x 1M.
 
     python -m benchmarks.kmeans                 # 1M x 256, K = 10K, 5 passes (several minutes)
-    python -m benchmarks.kmeans --sweep         # final inertia vs faiss over seeds, 300K x 128, K = 6000
+    python -m benchmarks.kmeans --sweep         # vs faiss: D 128/256 x K 4K-16K x 3 seeds, 100K rows
     python -m benchmarks.kmeans --smoke
 """
 from __future__ import annotations
@@ -97,30 +97,68 @@ def run_sklearn(x, k, passes, seed):
     return (time.perf_counter() - t) / passes, km.cluster_centers_
 
 
-def sweep(n: int, d: int, k: int, passes: int, seeds: int, smoke: bool) -> dict:
-    """Final inertia of the mesh k-means / faiss-cpu's over seeds (features, init and splits all
-    change with the seed): one run's ratio is one draw of two trajectories that diverge at the
-    first empty-cluster split, so the comparison is the distribution."""
-    ratios = []
-    for seed in range(seeds):
-        x = features(n, d, hidden=max(k // 2, 2), seed=seed)
-        _, cj = run_jax(x, k, passes, seed, devices=1)
-        try:
-            _, cf = run_faiss(x, k, passes, seed)
-        except ImportError as e:
-            return {"skipped": f"not installed ({e.name})"}
-        ratios.append(sphere_inertia(x, cj) / sphere_inertia(x, cf))
-        print(f"[kmeans sweep] seed {seed}: inertia jax / faiss = {ratios[-1]:.6f}", flush=True)
+SWEEP_SIZES = tuple((d, k) for d in (128, 256) for k in (4096, 8192, 16384))
+
+
+def shape_matmul_rate(b: int, d: int, k: int) -> float:
+    """FLOP/s of the scoring's own matmul shape, ``[b, d] @ [d, k]``, jitted on one device."""
+    import jax
+    import jax.numpy as jnp
+
+    x, c = jnp.ones((b, d), jnp.float32), jnp.ones((k, d), jnp.float32)
+    f = jax.jit(lambda x, c: x @ c.T)
+    f(x, c).block_until_ready()
+    best = min(_seconds(lambda: f(x, c).block_until_ready()) for _ in range(3))
+    return 2.0 * b * d * k / best
+
+
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def sweep(n: int, sizes, passes: int, seeds: int, smoke: bool) -> dict:
+    """Mesh k-means (one device) against faiss-cpu over sizes and seeds, same features, init and
+    passes: time per pass and final inertia at every point (features, init and splits all change
+    with the seed). The scoring's FLOP rate (2·N·K·D per pass over the measured time, so the
+    update and the host loop count against it) is reported next to the same run's matmul rates:
+    the square 2048 peak and the scoring's own ``[8192, D] @ [D, K]`` shape."""
+    from rice_jax import perf
+
+    points = []
+    peak = perf.peak_flops(512 if smoke else 2048)
+    for d, k in sizes:
+        shape_rate = shape_matmul_rate(8192, d, k)
+        for seed in range(seeds):
+            x = features(n, d, hidden=max(k // 2, 2), seed=seed)
+            try:
+                tf, cf = run_faiss(x, k, passes, seed)
+            except ImportError as e:
+                return {"skipped": f"not installed ({e.name})"}
+            tj, cj = run_jax(x, k, passes, seed, devices=1)
+            p = {"D": d, "K": k, "seed": seed, "seconds_per_pass_jax": tj, "seconds_per_pass_faiss": tf,
+                 "time_ratio_jax_over_faiss": tj / tf,
+                 "inertia_ratio_jax_over_faiss": sphere_inertia(x, cj) / sphere_inertia(x, cf),
+                 "jax_scoring_flop_rate": 2.0 * n * k * d / tj, "shape_matmul_flop_rate": shape_rate}
+            points.append(p)
+            print(f"[kmeans sweep] D={d} K={k} seed {seed}: time jax / faiss {p['time_ratio_jax_over_faiss']:.3f}, "
+                  f"inertia {p['inertia_ratio_jax_over_faiss']:.5f}, scoring "
+                  f"{p['jax_scoring_flop_rate'] / 1e9:.0f} GFLOP/s (shape matmul {shape_rate / 1e9:.0f}, "
+                  f"peak {peak / 1e9:.0f})", flush=True)
+    worst = lambda key: float(max(p[key] for p in points))
     return report("kmeans_sweep" if not smoke else "kmeans_sweep_smoke", {
-        "N": n, "D": d, "K": k, "passes": passes, "seeds": seeds, "inertia_ratio_jax_over_faiss": ratios,
-        "mean": float(np.mean(ratios)), "max": float(np.max(ratios))}, write=not smoke)
+        "N": n, "passes": passes, "seeds": seeds, "points": points, "peak_flops": peak,
+        "max_time_ratio": worst("time_ratio_jax_over_faiss"),
+        "max_inertia_ratio": worst("inertia_ratio_jax_over_faiss")}, write=not smoke)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="inertia vs faiss over several seeds (smaller size)")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--sweep", action="store_true", help="time and inertia vs faiss over sizes and seeds")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sweep-n", type=int, default=100_000, help="rows per sweep point")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--k", type=int, default=10_000)
@@ -130,7 +168,9 @@ def main(argv=None):
     if a.precision:
         return precision(*((20_000, 32, 100, 2, 1) if a.smoke else (200_000, 256, 4096, 3, 3)), smoke=a.smoke)
     if a.sweep:
-        return sweep(*((20_000, 32, 100, 2, 2) if a.smoke else (300_000, 128, 6000, 5, a.seeds)), smoke=a.smoke)
+        if a.smoke:
+            return sweep(4_000, ((16, 64), (32, 128)), passes=2, seeds=2, smoke=True)
+        return sweep(a.sweep_n, SWEEP_SIZES, passes=a.passes, seeds=a.seeds, smoke=False)
     import jax
 
     from rice_jax import perf, sharding

@@ -55,6 +55,12 @@ def performance() -> str:
         rows.append(f"Teacher features for the paper's {e['paper_regions'] / 1e9:.0f}B regions "
                     f"({e['paper_images'] / 1e6:.0f}M images, {e['flops_per_image'] / 1e9:.1f} GFLOP each, "
                     f"datasheet bf16 peak at an assumed {100 * e['mfu_assumed']:.0f}% MFU): {proj}.")
+        g = e.get("mlp_gemm_flop_rate")
+        if g:
+            rows.append(f"The teacher's ratio is its GEMM's: the tower's MLP matmul ({g['shape'][0]} x {g['shape'][1]} "
+                        f"@ {g['shape'][1]} x {g['shape'][2]}, fp32) runs at {g['jax'] / 1e9:.0f} GFLOP/s in XLA:CPU "
+                        f"and {g['torch'] / 1e9:.0f} in PyTorch (oneDNN) on the same cores "
+                        f"({g['jax'] / g['torch']:.2f}×); matmuls are most of both forwards.")
     return "\n".join(rows)
 
 
@@ -101,6 +107,10 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
 
 
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
 def kmeans() -> str:
     r = _load("kmeans")
     if not r:
@@ -134,11 +144,30 @@ def kmeans() -> str:
                      f"{j['seconds_per_pass'] / f['seconds_per_pass']:.2f}×; inertia ratio "
                      f"{j['inertia'] / f['inertia']:.5f}."]
     sw = _load("kmeans_sweep")
-    if sw and "inertia_ratio_jax_over_faiss" in sw:
-        rows += ["", f"Final inertia, mesh k-means / faiss-cpu, over {sw['seeds']} seeds at N = {sw['N']:,}, "
-                     f"D = {sw['D']}, K = {sw['K']:,}, {sw['passes']} passes (`--sweep`): "
-                     + ", ".join(f"{v:.5f}" for v in sw["inertia_ratio_jax_over_faiss"])
-                     + f" (mean {sw['mean']:.5f}, max {sw['max']:.5f})."]
+    if sw and "points" in sw:
+        rows += ["", f"Mesh k-means (1 device) against faiss-cpu over sizes (`--sweep`): N = {sw['N']:,} rows, "
+                     f"{sw['passes']} passes, same features and initial centres, {sw['seeds']} seeds per size "
+                     "(features, init and splits change with the seed). Scoring rate = 2·N·K·D per pass over "
+                     "the measured pass time, next to the same run's matmul rate at the scoring's "
+                     f"`[8192, D] @ [D, K]` shape and the square-2048 peak ({sw['peak_flops'] / 1e9:.0f} GFLOP/s).",
+                 "", "| D | K | time / faiss (per seed) | inertia / faiss (per seed) | scoring GFLOP/s | faiss GFLOP/s "
+                 "| shape matmul GFLOP/s |", "|---|---|---|---|---|---|---|"]
+        by = {}
+        for pt in sw["points"]:
+            by.setdefault((pt["D"], pt["K"]), []).append(pt)
+        for (d, k), pts in by.items():
+            rows.append(f"| {d} | {k:,} | " + ", ".join(f"{p['time_ratio_jax_over_faiss']:.2f}" for p in pts)
+                        + " | " + ", ".join(f"{p['inertia_ratio_jax_over_faiss']:.4f}" for p in pts)
+                        + f" | {_mean([p['jax_scoring_flop_rate'] for p in pts]) / 1e9:.0f}"
+                        + f" | {_mean([2 * sw['N'] * k * d / p['seconds_per_pass_faiss'] for p in pts]) / 1e9:.0f}"
+                        + f" | {pts[0]['shape_matmul_flop_rate'] / 1e9:.0f} |")
+        frates = [2 * sw['N'] * p['K'] * p['D'] / p['seconds_per_pass_faiss'] / 1e9 for p in sw["points"]]
+        rows += ["", f"Worst point: time {sw['max_time_ratio']:.2f}× faiss-cpu's, inertia "
+                     f"{sw['max_inertia_ratio']:.4f}× its. faiss-cpu's pass ran at {min(frates):.0f}–"
+                     f"{max(frates):.0f} GFLOP/s here, below the same shapes' `jnp` matmul rate, so the time "
+                     "ratio measures this machine's faiss wheel as much as the k-means; the inertia ratio is "
+                     "the algorithms' (the same Lloyd passes; the difference is where empty clusters are "
+                     "re-seeded: greedy by squared error here, random by size in faiss)."]
     rows += ["", f"One Lloyd pass over the paper's 2B regions × 1M centres × D = 1024 is "
                  f"{p['flops_per_pass_2B_x_1M_x_1024']:.2g} FLOPs: {p['this_machine_hours_per_pass']:,.0f} h on this "
                  f"machine at the rate measured here ({r['jax_flop_rate'] / 1e9:.0f} GFLOP/s), "

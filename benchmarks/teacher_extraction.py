@@ -23,6 +23,23 @@ PAPER_IMAGES, PAPER_REGIONS = 400_000_000, 2_000_000_000
 TARGETS = (("v5p", 64, "v5p-128 (64 chips)"), ("h100", 64, "64 H100"))
 
 
+def gemm_rates(torch, rows: int, d: int, hidden: int) -> dict:
+    """fp32 FLOP/s of the tower's MLP matmul, ``[rows, d] @ [d, hidden]`` (the bulk of its FLOPs), in
+    ``jnp`` (XLA:CPU) and ``torch`` on the same cores: how much of the forward's ratio is the GEMM's."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.common import timeit
+
+    xj, wj = jnp.ones((rows, d), jnp.float32), jnp.ones((d, hidden), jnp.float32)
+    f = jax.jit(lambda a, w: a @ w)
+    xt, wt = torch.ones(rows, d), torch.ones(d, hidden)
+    flops = 2.0 * rows * d * hidden
+    return {"shape": [rows, d, hidden],
+            "jax": flops / timeit(lambda: f(xj, wj).block_until_ready(), repeats=5)["min_s"],
+            "torch": flops / timeit(lambda: xt @ wt, repeats=5)["min_s"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -60,6 +77,7 @@ def main(argv=None):
         t_torch = timeit(lambda: theirs(x, boxes, valid), warmup=1, repeats=3)
         cfg = teacher.cfg
     regions = b * n
+    gemm = gemm_rates(torch, b * ((size // arch["patch_size"]) ** 2 + 1), arch["hidden_size"], arch["intermediate_size"])
     jax_rate = regions / t_jax["median_s"] / jax.local_device_count()
     torch_rate = regions / t_torch["median_s"]
     flops_image = perf.vision_forward_flops(cfg, (size, size))
@@ -71,7 +89,7 @@ def main(argv=None):
         "teacher": f"CLIP ViT-B/16 @ {size} (random weights)" if not a.smoke else "tiny CLIP",
         "batch": b, "regions_per_image": n, "devices": jax.local_device_count(),
         "jax_regions_per_s_per_device": jax_rate, "torch_regions_per_s": torch_rate,
-        "jax_over_torch": jax_rate / torch_rate, "max_abs_diff": diff,
+        "jax_over_torch": jax_rate / torch_rate, "max_abs_diff": diff, "mlp_gemm_flop_rate": gemm,
         "flops_per_image": flops_image, "paper_images": PAPER_IMAGES, "paper_regions": PAPER_REGIONS,
         "mfu_assumed": a.mfu, "projection": projection}, write=not a.smoke)
 

@@ -46,7 +46,7 @@ from rice_jax.features import RegionFeatures, TransformersRegionFeatures
 from rice_jax.kmeans import HierarchicalKMeans, MeshKMeans
 
 CENTERS_FILE = "centers.npy"
-TOPK_FILE = "cluster_topk.npz"   # (record, region) ids, [R, topk] nearest clusters and their scores
+TOPK_DIR = "cluster_topk"   # <shard>.npz per record shard: (record in shard, region) ids, [n, T] clusters, scores
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -264,6 +264,21 @@ def _write_owned_labels(data_dir: Path, feats: feature_store.FeatureShards, ids:
     return written
 
 
+def _write_owned_topk(topk_dir: Path, feats: feature_store.FeatureShards, ids: np.ndarray, top: np.ndarray,
+                      scores: np.ndarray, log) -> None:
+    """Each region's T nearest clusters, one file per shard this process owns (``TOPK_DIR/<shard>.npz``:
+    ``ids [n, 2]`` record in the shard and region, ``labels [n, T]``, ``scores [n, T]``, nearest first),
+    written atomically by the owner: nothing is gathered, whatever the dataset's size."""
+    topk_dir.mkdir(parents=True, exist_ok=True)
+    for j, shard in enumerate(feats.shard_names):
+        m = ids[:, 0] == j
+        path = topk_dir / f"{shard}.npz"
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, ids=ids[m, 1:3], labels=top[m], scores=scores[m])
+        os.replace(tmp, path)
+    log(f"[clustering] top-{top.shape[1]} assignment of {len(feats.shard_names)} shard(s) in {topk_dir}")
+
+
 def _agreement(cats: np.ndarray, values: np.ndarray, k: int) -> dict:
     """Cluster use and, where regions carry ground-truth categories, NMI/ARI: summed over processes
     without gathering the labels (only the rare categorised regions travel)."""
@@ -301,18 +316,14 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
     manifest = records.read_manifest(data_dir)
     src = records.RecordSource(data_dir)
     per_shard, k = [], 0
-    for s, path in enumerate(src.paths):
-        start, stop = src.shard_range(s)
-        counts, ids, values = np.zeros(stop - start, np.int32), [], []
-        for i in range(start, stop):
-            rec = src[i]
-            counts[i - start] = rec.num_regions
-            for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
-                ids.append((i - start, int(r)))
-                values.append(int(rec.category[r]))
-        per_shard.append((Path(path).name, counts, np.asarray(ids, np.int64).reshape(-1, 2),
-                          np.asarray(values, np.int32)))
-        k = max(k, max(values, default=-1) + 1)
+    for s in range(len(src.paths)):
+        tally = records.ShardTally(src, s)
+        for i in range(len(tally)):
+            tally[i]
+        obj = tally.objects()
+        obj = obj[obj[:, 2] >= 0]
+        per_shard.append((tally.name, tally.counts(), obj[:, :2], obj[:, 2].astype(np.int32)))
+        k = max(k, int(obj[:, 2].max(initial=-1)) + 1)
     if not k:
         raise errors.InputError(f"{data_dir}: no object region has a ground-truth category; the oracle needs them")
     run = labels_store.run_id(manifest, extractor="oracle")
@@ -370,14 +381,9 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
         values, inertia = fitted.assign(feats)
         centers = fitted.centers_numpy()
         inertia = float(np.sum(distributed.gather_rows(np.asarray([inertia], np.float64))))
-        if topk > 1:  # gathered onto process 0: a diagnostic for small datasets, not a 2B-region output
+        if topk > 1:
             top, scores = fitted.assign_topk(feats, topk)
-            starts = np.asarray([src.shard_range(s)[0] for s in owned] + [0], np.int64)  # no shard is skipped
-            global_ids = np.stack([starts[ids[:, 0]] + ids[:, 1], ids[:, 2]], 1)
-            global_ids, top, scores = (distributed.gather_rows(a) for a in (global_ids, top, scores))
-            if pid == 0:
-                np.savez(out / TOPK_FILE, ids=global_ids, labels=top, scores=scores)
-                log(f"[clustering] top-{topk} assignment in {out / TOPK_FILE}")
+            _write_owned_topk(out / TOPK_DIR, feats, ids, top, scores, log)
     else:
         centers = fitted
         values, inertia = assign(feats, centers, chunk)
@@ -422,7 +428,7 @@ def main(argv=None):
                     help="2 = hierarchical k-means (about sqrt(K) coarse clusters, then fine ones inside each): for "
                          "K >= 1M when a flat pass is too slow (jax backend)")
     ap.add_argument("--topk", type=int, default=1,
-                    help=f"also write each region's T nearest clusters to {TOPK_FILE} (multi-label use; jax backend)")
+                    help=f"also write each region's T nearest clusters, per shard under {TOPK_DIR}/ (multi-label use; jax backend)")
     a = ap.parse_args(argv)
     distributed.join(a)
     if a.extractor != "oracle" and a.k < 1:

@@ -58,19 +58,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class _ShardView:
-    """Records ``[start, stop)`` of a source, indexed from 0: one shard, as an extractor reads a source."""
-
-    def __init__(self, src, start: int, stop: int):
-        self.src, self.start, self.stop = src, start, stop
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def __getitem__(self, i):
-        return self.src[self.start + i]
-
-
 def _mark_matches(path: Path, want: dict) -> bool:
     try:
         have = json.loads(path.read_text())
@@ -101,20 +88,15 @@ def extract_shards(src: records.RecordSource, shards: Sequence[int], extractor, 
         if _mark_matches(p["mark"], want):
             done += 1
             continue
-        view = _ShardView(src, start, stop)
-        counts = np.zeros(stop - start, np.int32)
-        category = {}
-        for i in range(len(view)):
-            rec = view[i]
-            counts[i] = rec.num_regions
-            for r in np.nonzero(rec.kind == records.KIND_OBJECT)[0]:
-                category[(i, int(r))] = int(rec.category[r])
+        view = records.ShardTally(src, s)   # counts and categories noted as the extractor reads
         ids, feats = [], []
         for chunk_ids, chunk_feats in extractor(view, chunk):
             ids.append(np.asarray(chunk_ids, np.int64).reshape(-1, 2))
             feats.append(_encode(_unit(chunk_feats), dtype))
         ids = np.concatenate(ids) if ids else np.zeros((0, 2), np.int64)
         feats = np.concatenate(feats) if feats else _encode(np.zeros((0, extractor.dim), np.float32), dtype)
+        counts, objects = view.counts(), view.objects()
+        category = dict(zip(map(tuple, objects[:, :2].tolist()), objects[:, 2].tolist()))
         cats = np.array([category[(int(i), int(r))] for i, r in ids], np.int64).reshape(-1, 1)
         _save(p["feats"], feats)
         _save(p["ids"], np.concatenate([ids, cats], 1).astype(np.int32))

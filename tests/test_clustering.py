@@ -150,8 +150,18 @@ def test_jax_backend_end_to_end(syn, tmp_path):
     assert (tmp_path / "c" / "kmeans_state").is_dir()           # resumable between passes
     assert (labels_store.read_all(d)[1] >= 0).sum() == rep["num_regions"]
     assert rep["nmi"] > 0.3
-    top = np.load(d / clustering.TOPK_FILE)
-    assert top["labels"].shape == (rep["num_regions"], 3) and (np.diff(top["scores"], axis=1) <= 1e-6).all()
+    # Top-k per shard, beside the labels: the nearest of every region is its label.
+    offsets, flat = labels_store.read_all(d)
+    shards = records.read_manifest(d)["shards"]
+    starts = np.concatenate([[0], np.cumsum(records.read_manifest(d)["shard_counts"])])
+    n = 0
+    for s, shard in enumerate(shards):
+        top = np.load(d / clustering.TOPK_DIR / f"{shard}.npz")
+        assert top["labels"].shape[1] == 3 and (np.diff(top["scores"], axis=1) <= 1e-6).all()
+        rec = starts[s] + top["ids"][:, 0]
+        np.testing.assert_array_equal(top["labels"][:, 0], flat[offsets[rec] + top["ids"][:, 1]])
+        n += len(top["ids"])
+    assert n == rep["num_regions"]
 
 
 def test_hierarchical_clustering_command(syn, tmp_path):

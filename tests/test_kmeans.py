@@ -48,6 +48,22 @@ def test_eight_devices_equal_one_device():
     np.testing.assert_array_equal(out[0][1][0], out[1][1][0])
 
 
+def test_greedy_donors_are_the_largest_halving_weights():
+    """Donor choice against brute force: every cluster's weights w, w/2, w/4, ... listed and
+    sorted, the n largest taken (ties to the smaller index); weight-0 clusters never give."""
+    from rice_jax.kmeans import greedy_donors
+
+    r = np.random.default_rng(0)
+    for n_clusters, n in [(50, 7), (200, 300), (5, 40), (30, 1), (400, 64)]:
+        w = r.exponential(size=n_clusters) * (r.random(n_clusters) < 0.7)
+        w[:3] = w[3]                                      # ties
+        w[-1] = 1e6 * w.max()                             # one dominant cluster gives many times
+        cands = sorted((-v / 2.0 ** j, i) for i, v in enumerate(w) if v > 0 for j in range(n))
+        np.testing.assert_array_equal(greedy_donors(w, n), [i for _, i in cands[:n]])
+    assert len(greedy_donors(np.zeros(10), 3)) == 0
+    np.testing.assert_array_equal(greedy_donors(np.array([0.0, 1.0, 0.0]), 3), [1, 1, 1])
+
+
 def test_spherical_recovers_planted_clusters_and_splits_into_empty_ones():
     from sklearn.metrics import normalized_mutual_info_score
 

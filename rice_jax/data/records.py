@@ -294,6 +294,41 @@ def owned_shards(num_shards: int, process_index: int, process_count: int) -> lis
     return list(range(process_index * num_shards // process_count, (process_index + 1) * num_shards // process_count))
 
 
+class ShardTally:
+    """The records of one shard, indexed from 0, noting each record's region count and its object
+    regions' categories as it is read. A per-shard stage that reads every record anyway (feature
+    extraction, the oracle labels) gets what the shard's label file needs from that one read,
+    instead of a second decode pass over the shard."""
+
+    def __init__(self, src: "RecordSource", shard: int):
+        self.src, self.name = src, Path(src.paths[shard]).name
+        self.start, self.stop = src.shard_range(shard)
+        self._counts = np.full(self.stop - self.start, -1, np.int64)
+        self._objects: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # record -> (object regions, categories)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> "RegionRecord":
+        rec = self.src[self.start + i]
+        self._counts[i] = rec.num_regions
+        obj = np.nonzero(rec.kind == KIND_OBJECT)[0]
+        self._objects[i] = (obj, np.asarray(rec.category, np.int64)[obj])
+        return rec
+
+    def counts(self) -> np.ndarray:
+        """Regions per record; records the stage never read are read now (normally none)."""
+        for i in np.nonzero(self._counts < 0)[0]:
+            self[int(i)]
+        return self._counts.astype(np.int32)
+
+    def objects(self) -> np.ndarray:
+        """``[n, 3]`` (record, region, category) of every object region, in record order."""
+        self.counts()
+        parts = [np.stack([np.full(len(o), i), o, c], 1) for i, (o, c) in sorted(self._objects.items())]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 3), np.int64)
+
+
 def check_shards(data_dir: str | os.PathLike) -> list[ShardStatus]:
     """:func:`check_shard` for every shard in the manifest, in manifest order."""
     m = read_manifest(data_dir)
