@@ -44,9 +44,16 @@ def performance() -> str:
                     f"jnp.dot {t['peak_flops']['jax_dot'] / 1e9:.0f} GFLOP/s (2048², fp32); MFU is against "
                     f"{t['peak_flops']['peak'] / 1e9:.0f} GFLOP/s, the peak the train loop uses.")
     i, c = _load("input_pipeline"), _load("clustering")
-    if i:
-        rows.append(f"Input pipeline ({i['image_size']} px, N={i['num_regions']}): "
-                    + ", ".join(f"{k.replace('_', ' ')}: {v_:.0f} img/s" for k, v_ in i["images_per_s"].items()) + ".")
+    if i and "runs" in i:
+        rows += ["", f"Input pipeline on real-photo JPEG records (`input_pipeline.py`, `rice_jax.data.photos`; "
+                     f"N = {i['num_regions']}, batch {i['batch']}, {i['cores']} cores). Floor = cores × the bare "
+                     "one-core decode + crop + resize rate measured in the same run; ratio = pipeline / floor.", "",
+                 "| source JPEG | output | bare, img/s/core | default | 1 worker | 2 workers |", "|---|---|---|---|---|---|"]
+        for r in i["runs"]:
+            cell = lambda k: f"{r['pipeline'][k]:.0f} img/s ({r['ratio_to_cores_x_bare'][k]:.2f}×)"
+            rows.append(f"| {r['source']}, {r['jpeg_kib']:.0f} KiB | {r['image_size']} px | {r['bare_one_core']:.0f} | "
+                        f"{cell('default')} | {cell('workers_1')} | {cell('workers_2')} |")
+        rows.append("")
     if c:
         rows.append(f"Clustering: extraction {c['extract_regions_per_s']:.0f} regions/s ({c['extractor']}), "
                     f"assignment {c['assign_regions_per_s']:.0f} regions/s at K={c['K']}, D={c['D']}.")

@@ -250,8 +250,12 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
     # every process_count-th example, so P processes together produce exactly the examples of
     # a one-process run; the slice is lazy, so nobody decodes another process's images.
     ds = ds[process_index::process_count]
-    ds = ds.batch(cfg.batch_size, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.prefetch_threads, prefetch_buffer_size=2 * cfg.batch_size))
+    # Examples are read (decoded, cropped, their regions chosen) by a pool of threads one example
+    # each, and batched after: a batch is assembled from examples that were made in parallel, not
+    # built by one thread one image at a time. The read-ahead holds two batches.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.prefetch_threads,
+                                                 prefetch_buffer_size=2 * cfg.batch_size))
+    it_ds = it_ds.batch(cfg.batch_size, drop_remainder=True)
     if cfg.worker_count > 0:
         from absl import flags
 
