@@ -10,7 +10,7 @@ Per batch of ``B`` images, ``N`` region slots, ``M`` label columns:
 =================  ===============  =========  ==================================================
 key                shape            dtype      meaning
 =================  ===============  =========  ==================================================
-``image``          ``[B,S,S,3]``    float32    pixels, CLIP-normalised
+``image``          ``[B,S,S,3]``    uint8      RGB pixels (normalised in the step: :func:`model_pixels`)
 ``boxes``          ``[B,N,4]``      float32    xyxy, normalised to the model input
 ``region_valid``   ``[B,N]``        bool       slot holds a region (padding otherwise)
 ``region_kind``    ``[B,N]``        int32      :data:`KIND_OBJECT` or :data:`KIND_TEXT`
@@ -35,10 +35,30 @@ TRAIN_KEYS = ("image", "boxes", "region_valid", "region_kind", "labels", "image_
 INFO_KEYS = ("category", "region_index", "image_index", "image_id")
 
 
+# The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use; a teacher trained
+# with other statistics, e.g. SigLIP's 0.5/0.5, passes its own to model_pixels).
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def model_pixels(image, mean=CLIP_MEAN, std=CLIP_STD):
+    """uint8 RGB pixels ``[..., 3]`` -> the float32 model input ``(pixel / 255 - mean) / std``.
+
+    Runs inside the jitted step (and the feature extractors), so what crosses from host to device is
+    the pipeline's uint8 image: 1 byte per channel instead of 4. A float input is taken as already
+    normalised and passed through (callers that build model inputs themselves)."""
+    import jax.numpy as jnp
+
+    if jnp.issubdtype(image.dtype, jnp.floating):
+        return image
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    return (image.astype(jnp.float32) * (1.0 / 255.0) - mean) / std
+
+
 def train_shapes(batch: int, image_size: int, num_regions: int, max_labels: int) -> dict:
     """``{key: (shape, numpy dtype)}`` of the :data:`TRAIN_KEYS` for a batch of ``batch`` images."""
     b, s, n, m = batch, image_size, num_regions, max_labels
-    return {"image": ((b, s, s, 3), np.float32), "boxes": ((b, n, 4), np.float32),
+    return {"image": ((b, s, s, 3), np.uint8), "boxes": ((b, n, 4), np.float32),
             "region_valid": ((b, n), np.bool_), "region_kind": ((b, n), np.int32),
             "labels": ((b, n, m), np.int32), "image_ok": ((b,), np.bool_)}
 
@@ -69,7 +89,7 @@ def random_batch(batch: int, image_size: int, num_regions: int, max_labels: int,
     text): timing the train step without the input pipeline (benchmarks)."""
     r = np.random.default_rng(seed)
     lo = r.uniform(0, 0.6, (batch, num_regions, 2))
-    out = {"image": r.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
+    out = {"image": r.integers(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8),
            "boxes": np.concatenate([lo, lo + 0.3], -1).clip(0, 1).astype(np.float32),
            "region_valid": np.ones((batch, num_regions), bool),
            "region_kind": np.where(r.random((batch, num_regions)) < 0.3, KIND_TEXT, KIND_OBJECT).astype(np.int32),

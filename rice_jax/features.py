@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from rice_jax import errors, sharding, storage
-from rice_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+from rice_jax.batch import CLIP_MEAN, CLIP_STD, model_pixels
 from rice_jax.models.region import box_patch_visibility, roi_mean_pool
 from rice_jax.models.rice import RICEConfig, RICEModel
 from rice_jax.models.vit import ViT
@@ -35,19 +35,16 @@ def resolve_layer(layer: int, num_layers: int) -> int:
     return idx
 
 
-def _renormalisation(mean, std):
-    """``(scale, shift)`` taking CLIP-normalised pixels to ``(pixel - mean) / std``; None when the
-    statistics are CLIP's (or not given)."""
-    if mean is None or std is None:
-        return None, None
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    if np.allclose(mean, CLIP_MEAN) and np.allclose(std, CLIP_STD):
-        return None, None
-    return (CLIP_STD / std).astype(np.float32), ((CLIP_MEAN - mean) / std).astype(np.float32)
+def _require_pixels(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise errors.InputError(f"feature extraction takes uint8 RGB pixels (rice_jax.data.pipeline.image_input), "
+                                f"got {x.dtype}: pass the image before normalising")
+    return x
 
 
 class RegionFeatures:
-    """``features(x [B,H,W,3], boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
+    """``features(x [B,H,W,3] uint8 pixels, boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
 
     ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` with ``region_layers``),
     ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``pooled``: ``[B, D]``
@@ -73,15 +70,16 @@ class RegionFeatures:
         gh, gw = vit.grid(image_size, image_size)
         idxs = self.layers
         n = vit.num_prefix_tokens            # class token (MLCD, CLIP) or none (SigLIP)
-        # Inputs arrive CLIP-normalised (the pipeline's one normalisation); a teacher trained with other
-        # statistics (SigLIP: 0.5/0.5) gets its own, as TransformersRegionFeatures does.
-        scale, shift = _renormalisation(getattr(vit.cfg, "pixel_mean", None), getattr(vit.cfg, "pixel_std", None))
+        # uint8 pixels are normalised on the device with the model's own statistics: CLIP's for MLCD
+        # and CLIP, a teacher's from its config otherwise (SigLIP: 0.5/0.5).
+        mean = getattr(vit.cfg, "pixel_mean", None)
+        std = getattr(vit.cfg, "pixel_std", None)
+        mean, std = (CLIP_MEAN, CLIP_STD) if mean is None or std is None else (mean, std)
 
         @jax.jit
         def fwd(state, x, boxes, valid):
             model = nnx.merge(graphdef, state)
-            if scale is not None:
-                x = x * scale + shift
+            x = model_pixels(x, mean, std)
             # The models' own forwards. Patch features come from the plain ViT (what users export
             # and run; XLA drops the hidden states nobody reads); region tokens from the RICE model,
             # whose blocks before the region blocks are the same computation (XLA shares it).
@@ -99,12 +97,13 @@ class RegionFeatures:
         self._fwd = fwd
 
     def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> dict:
+        _require_pixels(x)
         b = x.shape[0]
         pad = -b % self.mesh.size
         if pad:
             x, boxes, valid = (np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in (x, boxes, valid))
         put = lambda a: jax.device_put(a, sharding.batch_sharding(self.mesh, a.ndim))
-        out = self._fwd(self._state, put(np.asarray(x, np.float32)), put(np.asarray(boxes, np.float32)),
+        out = self._fwd(self._state, put(np.asarray(x, np.uint8)), put(np.asarray(boxes, np.float32)),
                         put(np.asarray(valid, bool)))
         return jax.tree.map(lambda a: np.asarray(a)[:b], out)
 
@@ -147,16 +146,13 @@ class TransformersRegionFeatures:
             p = json.load(open(pre))
             mean = np.asarray(p.get("image_mean", mean), np.float32)
             std = np.asarray(p.get("image_std", std), np.float32)
-        # Our pipeline hands CLIP-normalised pixels; re-normalise to this encoder's statistics.
-        scale, shift = _renormalisation(mean, std)
-        self._scale = np.ones(3, np.float32) if scale is None else scale
-        self._shift = np.zeros(3, np.float32) if shift is None else shift
+        self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
     def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """``x [B,S,S,3]`` CLIP-normalised (as :func:`rice_jax.data.pipeline.image_input`) -> ``[B,N,D]``."""
+        """``x [B,S,S,3]`` uint8 pixels (as :func:`rice_jax.data.pipeline.image_input`) -> ``[B,N,D]``."""
         import torch
 
-        x = np.asarray(x, np.float32) * self._scale + self._shift
+        x = (_require_pixels(x).astype(np.float32) / 255.0 - self._mean) / self._std
         with torch.no_grad():
             pix = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
             hidden = self.model(pixel_values=pix).last_hidden_state.float().cpu().numpy()

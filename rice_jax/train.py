@@ -184,6 +184,7 @@ def make_train_step(c, setup: Setup):
 
     def forward(model_params, image, boxes, region_valid):
         model = nnx.merge(graphdef, model_params)
+        image = batch_contract.model_pixels(image)   # uint8 crossed to the device; normalised here
         if region_losses:
             out = model(image, boxes, region_valid)
             return out.region_embed, out.global_embed

@@ -117,13 +117,15 @@ def test_transformers_encoder_roi_features_match_a_direct_computation(kind, tmp_
     vision = model.vision_model if kind == "clip_full" else model
     ext = TransformersRegionFeatures(str(tmp_path / kind))
     r = np.random.default_rng(0)
-    x = r.standard_normal((3, 32, 32, 3)).astype(np.float32)
+    x = r.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     lo = r.uniform(0, 0.6, (3, 4, 2))
     boxes = np.concatenate([lo, lo + r.uniform(0.05, 0.4, (3, 4, 2))], -1).clip(0, 1).astype(np.float32)
     valid = np.ones((3, 4), bool)
     got = ext(x, boxes, valid)
     with torch.no_grad():   # CLIP statistics on both sides (no preprocessor_config.json saved)
-        hidden = vision(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).last_hidden_state.numpy()
+        pix = (x / np.float32(255) - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+        hidden = vision(pixel_values=torch.from_numpy(pix.transpose(0, 3, 1, 2).astype(np.float32).copy())
+                        ).last_hidden_state.numpy()
     patches = hidden[:, -16:]
     for b in range(3):
         for n in range(4):

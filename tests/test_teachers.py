@@ -90,21 +90,23 @@ def test_bicubic_matrix_is_torchs():
 
 def test_roi_features_equal_the_pytorch_reference_path(tmp_path):
     """Clustering's two teacher paths agree: the JAX tower through RegionFeatures and the PyTorch model
-    through TransformersRegionFeatures (CLIP: last hidden state minus the class token; pixels arrive
-    CLIP-normalised and SigLIP-style statistics in preprocessor_config.json are honoured by both)."""
+    through TransformersRegionFeatures (CLIP: last hidden state minus the class token; both take uint8
+    pixels, and SigLIP-style statistics in preprocessor_config.json are honoured by both)."""
     import json
 
     _save("clip", tmp_path, seed=5)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5],
                                                                    "image_std": [0.5, 0.5, 0.5]}))
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((3, 32, 32, 3)).astype(np.float32)
+    x = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     p0 = rng.uniform(0, 0.5, (3, 4, 2))
     boxes = np.concatenate([p0, p0 + rng.uniform(0.2, 0.5, (3, 4, 2))], -1).clip(0, 1).astype(np.float32)
     valid = np.ones((3, 4), bool)
     ours = RegionFeatures(backbones.load(f"hf:{tmp_path}"), 32)(x, boxes, valid)["roi"]["2"]
     ref = TransformersRegionFeatures(str(tmp_path), device="cpu")(x, boxes, valid)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    with pytest.raises(errors.InputError, match="takes uint8 RGB pixels"):
+        RegionFeatures(backbones.load(f"hf:{tmp_path}"), 32)(x.astype(np.float32), boxes, valid)
 
 
 def test_bad_teacher_folders_are_one_line_errors(tmp_path):

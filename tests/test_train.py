@@ -189,7 +189,9 @@ def test_nan_batch_does_not_update(data_dir):
     state, setup = train.init_state(c, mesh, train.build_model_config(c), 12, 128)
     step_fn, batch_sh = train.make_train_step(c, setup)
     b = 16
-    batch = {"image": np.full((b, 32, 32, 3), np.nan, np.float32), "boxes": np.tile([0.1, 0.1, 0.6, 0.6], (b, 6, 1)).astype(np.float32),
+    # A non-finite loss (poisoned object centres: images are uint8 and cannot hold a NaN).
+    state = dict(state, params=dict(state["params"], centers_obj=state["params"]["centers_obj"] * np.nan))
+    batch = {"image": np.full((b, 32, 32, 3), 128, np.uint8), "boxes": np.tile([0.1, 0.1, 0.6, 0.6], (b, 6, 1)).astype(np.float32),
              "region_valid": np.ones((b, 6), bool), "region_kind": np.zeros((b, 6), np.int32),
              "labels": np.full((b, 6, 4), -1, np.int32), "image_ok": np.ones(b, bool)}
     batch["labels"][..., 0] = 3
@@ -199,6 +201,29 @@ def test_nan_batch_does_not_update(data_dir):
     assert int(new["skipped_updates"]) == 1 and int(new["step"]) == 1
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(new["params"])):
         np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_uint8_images_give_the_float_paths_loss_and_gradients(data_dir):
+    """Images cross to the device as uint8 (1 byte per channel, 4x fewer than float32) and are
+    normalised inside the step: loss, per-loss metrics and gradient norm equal the float32 path
+    (the same pixels normalised on the host, as the pipeline did before) within fp32 rounding."""
+    from rice_jax import batch as batch_contract
+
+    c = small_config(data_dir)
+    c.loss.sample_rate = 1.0
+    mesh = make_mesh(8, 1)
+    state, setup = train.init_state(c, mesh, train.build_model_config(c), 12, 128)
+    step_fn, batch_sh = train.make_train_step(c, setup)
+    b, n = 16, c.data.num_regions
+    local = batch_contract.random_batch(b, 32, n, c.data.max_labels, 12, seed=3)
+    assert local["image"].dtype == np.uint8 and local["image"].nbytes == b * 32 * 32 * 3
+    host = dict(local, image=((local["image"] / np.float32(255) - batch_contract.CLIP_MEAN)
+                              / batch_contract.CLIP_STD).astype(np.float32))
+    twin = jax.tree.map(jnp.copy, state)                 # the step donates its state
+    _, m8 = step_fn(state, train.to_global_batch(local, batch_sh))
+    _, m32 = step_fn(twin, train.to_global_batch(host, batch_sh))
+    for k in ("loss", "loss_object", "loss_ocr", "grad_norm"):
+        assert float(m8[k]) == pytest.approx(float(m32[k]), rel=1e-5, abs=1e-6), k
 
 
 @pytest.mark.parametrize("axis_type", ["auto", "explicit"])
@@ -220,7 +245,7 @@ def test_gradient_accumulation_matches_the_full_batch(data_dir, axis_type):
         r = np.random.default_rng(0)
         b, n = 32, c.data.num_regions
         lo = r.uniform(0, 0.5, (b, n, 2))
-        batch = {"image": r.standard_normal((b, 32, 32, 3)).astype(np.float32),
+        batch = {"image": r.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
                  "boxes": np.concatenate([lo, lo + 0.4], -1).astype(np.float32),
                  "region_valid": np.ones((b, n), bool),
                  "region_kind": np.tile((np.arange(n) % 3 == 0).astype(np.int32), (b, 1)),

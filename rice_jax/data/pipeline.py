@@ -28,9 +28,7 @@ from rice_jax.data import labels as labels_store
 from rice_jax.data import records
 from rice_jax.data.tokenizer import for_dataset
 
-# The one image normalisation of the code base: CLIP mean/std (what MLCD/RICE use).
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN, CLIP_STD = batch.CLIP_MEAN, batch.CLIP_STD   # the statistics the step normalises with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +72,11 @@ def decode_image(rec: records.RegionRecord) -> Optional[Image.Image]:
 
 
 def image_input(img: Image.Image, size: int, crop=None) -> np.ndarray:
-    """An RGB image (or its ``crop`` box, xyxy pixels) -> ``[size, size, 3]`` float32: bicubic resize,
-    CLIP-normalised. The one conversion of pixels into model input (training, evaluation, extraction)."""
-    arr = np.asarray(img.resize((size, size), Image.BICUBIC, box=crop), np.float32) / 255.0
-    return ((arr - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+    """An RGB image (or its ``crop`` box, xyxy pixels) -> ``[size, size, 3]`` uint8, bicubic-resized:
+    the one conversion of pixels into model input (training, evaluation, extraction). PIL resizes
+    8-bit images in 8 bits, so this is exactly what the float path saw before normalising; the
+    normalisation runs on the device (:func:`rice_jax.batch.model_pixels`)."""
+    return np.asarray(img.resize((size, size), Image.BICUBIC, box=crop), np.uint8)
 
 
 def box_input(rec: records.RegionRecord, decoded_size: tuple[int, int], crop) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +110,7 @@ def stack_inputs(inputs, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.nd
     ``x [B,S,S,3]``, ``boxes [B,N,4]``, ``valid [B,N]`` with N = max(1, max R_i)."""
     size = inputs[0][0].shape[0]
     n = max(1, max(len(b) for _, b in inputs))
-    x = np.zeros((batch_size, size, size, 3), np.float32)
+    x = np.zeros((batch_size, size, size, 3), np.uint8)
     boxes = np.zeros((batch_size, n, 4), np.float32)
     valid = np.zeros((batch_size, n), bool)
     for j, (img, b) in enumerate(inputs):
@@ -145,7 +144,7 @@ class RegionExampleTransform:
 
     # -- the three steps of an example ----------------------------------------------------
     def decode_and_crop(self, rec: records.RegionRecord, rng: np.random.Generator):
-        """``(image [S,S,3] normalised, crop xyxy, (w, h))``, or None for an undecodable image."""
+        """``(image [S,S,3] uint8, crop xyxy, (w, h))``, or None for an undecodable image."""
         img = decode_image(rec)
         if img is None:
             return None
