@@ -13,6 +13,8 @@ output size (224, 336 px) and source size:
 - ``pipeline``: :func:`rice_jax.data.pipeline.make_dataset` at its defaults, then with 1 and 2
   Grain worker processes: images/s of whole batches (regions chosen, labels encoded).
 - ``ratio``: pipeline images/s over cores x bare one-core images/s.
+- ``draft``: the bare loop with full JPEG decoding (``jpeg_draft=False``) and the pixel difference
+  of the two decodes after the resize, per image (of 255 levels).
 """
 from __future__ import annotations
 
@@ -27,18 +29,31 @@ import numpy as np
 from benchmarks.common import report
 
 
-def bare_rate(data_dir, image_size: int, seconds: float) -> float:
+def bare_rate(data_dir, image_size: int, seconds: float, jpeg_draft: bool = True) -> float:
     """Images/s of the decode + crop + resize loop in this thread."""
     from rice_jax.data import pipeline, records
 
     src = records.RecordSource(data_dir)
-    tr = pipeline.RegionExampleTransform(pipeline.PipelineConfig(image_size=image_size))
+    tr = pipeline.RegionExampleTransform(pipeline.PipelineConfig(image_size=image_size, jpeg_draft=jpeg_draft))
     rng = np.random.default_rng(0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or n < 8:
         tr.decode_and_crop(src[n % len(src)], rng)
         n += 1
     return n / (time.perf_counter() - t0)
+
+
+def draft_difference(data_dir, image_size: int, n: int) -> dict:
+    """Pixels of the same random crops decoded with and without JPEG DCT scaling, after the resize:
+    mean / p95 / max of the per-image mean absolute difference (of 255 levels)."""
+    from rice_jax.data import pipeline, records
+
+    src = records.RecordSource(data_dir)
+    on, off = (pipeline.RegionExampleTransform(pipeline.PipelineConfig(image_size=image_size, jpeg_draft=d))
+               for d in (True, False))
+    d = [float(np.abs(on.decode_and_crop(src[i], np.random.default_rng(i))[0].astype(np.int16)
+                      - off.decode_and_crop(src[i], np.random.default_rng(i))[0]).mean()) for i in range(min(n, len(src)))]
+    return {"mean": float(np.mean(d)), "p95": float(np.percentile(d, 95)), "max": float(np.max(d))}
 
 
 def pipeline_rate(data_dir, image_size: int, batch: int, steps: int, **overrides) -> float:
@@ -79,9 +94,12 @@ def main(argv=None):
                          "workers_2": pipeline_rate(d, size, batch, steps, worker_count=2)}
                 after = bare_rate(d, size, secs)
                 bare = statistics.median([before, after])
+                full_decode = bare_rate(d, size, secs, jpeg_draft=False)
                 run = {"source": f"{src_size[0]}x{src_size[1]}", "jpeg_kib": mean_kb, "image_size": size,
                        "bare_one_core": bare, "bare_before_after": [before, after], "pipeline": rates,
-                       "ratio_to_cores_x_bare": {k: v / (cores * bare) for k, v in rates.items()}}
+                       "ratio_to_cores_x_bare": {k: v / (cores * bare) for k, v in rates.items()},
+                       "bare_full_decode": full_decode, "draft_speedup": bare / full_decode,
+                       "draft_pixel_difference": draft_difference(d, size, 64 if not a.smoke else 4)}
                 runs.append(run)
                 print(f"[input_pipeline] {run['source']} -> {size}px: bare {bare:.0f} img/s/core, "
                       + ", ".join(f"{k} {v:.0f} ({v / (cores * bare):.2f}x)" for k, v in rates.items()), flush=True)

@@ -48,11 +48,14 @@ def performance() -> str:
         rows += ["", f"Input pipeline on real-photo JPEG records (`input_pipeline.py`, `rice_jax.data.photos`; "
                      f"N = {i['num_regions']}, batch {i['batch']}, {i['cores']} cores). Floor = cores × the bare "
                      "one-core decode + crop + resize rate measured in the same run; ratio = pipeline / floor.", "",
-                 "| source JPEG | output | bare, img/s/core | default | 1 worker | 2 workers |", "|---|---|---|---|---|---|"]
+                 "| source JPEG | output | bare, img/s/core | default | 1 worker | 2 workers | JPEG draft: speed-up, "
+                 "pixel diff mean / p95 |", "|---|---|---|---|---|---|---|"]
         for r in i["runs"]:
             cell = lambda k: f"{r['pipeline'][k]:.0f} img/s ({r['ratio_to_cores_x_bare'][k]:.2f}×)"
             rows.append(f"| {r['source']}, {r['jpeg_kib']:.0f} KiB | {r['image_size']} px | {r['bare_one_core']:.0f} | "
-                        f"{cell('default')} | {cell('workers_1')} | {cell('workers_2')} |")
+                        f"{cell('default')} | {cell('workers_1')} | {cell('workers_2')} | "
+                        + (f"{r['draft_speedup']:.2f}×, {r['draft_pixel_difference']['mean']:.2f} / "
+                           f"{r['draft_pixel_difference']['p95']:.2f} |" if "draft_speedup" in r else "— |"))
         rows.append("")
     if c:
         rows.append(f"Clustering: extraction {c['extract_regions_per_s']:.0f} regions/s ({c['extractor']}), "

@@ -60,7 +60,7 @@ def main(argv=None):
         arch.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64)
     size, b, n = arch["image_size"], a.batch, a.regions
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
+    x = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
     p0 = rng.uniform(0, 0.6, (b, n, 2))
     boxes = np.concatenate([p0, np.minimum(p0 + rng.uniform(0.1, 0.4, (b, n, 2)), 1)], -1).astype(np.float32)
     valid = np.ones((b, n), bool)

@@ -47,6 +47,9 @@ from rice_jax import batch as batch_contract, cli, errors, perf, sharding, stora
 MIB = 2**20
 
 
+MEGACORE_KINDS = ("v4", "v5p")
+
+
 def target_devices(topology: str):
     """``cpu:N`` -> N local CPU devices; ``v5p:4x4x4`` etc. -> the devices of that TPU topology
     description (libtpu compiles for it; no TPU is needed)."""
@@ -57,13 +60,22 @@ def target_devices(topology: str):
             raise errors.InputError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
                              f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return jax.devices("cpu")[:n]
+    if kind not in perf.CHIPS or kind == "h100" or kind == "h200" or not shape:
+        tpus = sorted(k for k in perf.CHIPS if not k.startswith("h"))
+        raise errors.InputError(f"--topology {topology!r}: use cpu:N or a TPU generation and its chip grid, "
+                                f"e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:8x8 (known: {', '.join(tpus)})")
     try:
         from jax.experimental import topologies  # needs libtpu: imported only for a TPU target
 
-        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+        # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore", the
+        # default on those pods); a plain description lists one device per core, which JAX's mesh
+        # construction refuses for TPUs after v3.
+        extra = {"chip_config_name": "megacore"} if kind in MEGACORE_KINDS else {}
+        return topologies.get_topology_desc(topology_name=topology, platform="tpu", **extra).devices
     except Exception as e:  # noqa: BLE001 - missing libtpu or an unknown topology name
-        raise RuntimeError(f"--topology {topology}: cannot describe this TPU topology here ({_first(e)}); "
-                           "run through launch/plan.sh (its .venv-plan has libtpu), or use cpu:N") from e
+        raise errors.InputError(f"--topology {topology}: cannot describe this TPU topology here ({_first(e)}); "
+                                "check the chip grid, run through launch/plan.sh (its .venv-plan has libtpu), "
+                                "or use cpu:N") from e
 
 
 def _first(e: BaseException) -> str:

@@ -194,3 +194,31 @@ def test_photo_records_are_distinct_jpegs_of_the_requested_sizes(tmp_path):
         assert r.num_regions == 5 and (r.boxes[:, 2:] <= [r.width, r.height]).all()
         assert (r.boxes[:, 2:] > r.boxes[:, :2]).all()
     assert len(photos.bundled_photos()) >= 2
+
+
+def test_jpeg_draft_decoding_keeps_the_crop_and_its_pixels(tmp_path):
+    """Reduced-size JPEG decoding (DCT scaling) when the crop keeps >= S px: the same crop (drawn on
+    the full size, then scaled), boxes in the decoded frame, and pixels within a fraction of a level
+    of a full decode after the resize; a crop that needs full resolution is decoded in full."""
+    from rice_jax.data import photos
+
+    photos.build(str(tmp_path / "p"), 6, ((1024, 768),), regions=4, num_shards=1, seed=2)
+    src = records.RecordSource(tmp_path / "p")
+    base = dict(image_size=64, crop_scale=(0.5, 1.0))
+    on = pipeline.RegionExampleTransform(pipeline.PipelineConfig(**base))
+    off = pipeline.RegionExampleTransform(pipeline.PipelineConfig(**base, jpeg_draft=False))
+    diffs = []
+    for i in range(len(src)):
+        rec = src[i]
+        img_on, crop_on, size_on = on.decode_and_crop(rec, np.random.default_rng(i))
+        img_off, crop_off, size_off = off.decode_and_crop(rec, np.random.default_rng(i))
+        assert size_off == (1024, 768) and size_on[0] <= 1024 // 2           # 64 px crops of 1024 px photos
+        np.testing.assert_allclose(np.asarray(crop_on) * 1024 / size_on[0], crop_off, rtol=1e-6)
+        b_on, kept_on = pipeline.box_input(rec, size_on, crop_on)
+        b_off, kept_off = pipeline.box_input(rec, size_off, crop_off)
+        np.testing.assert_allclose(b_on, b_off, atol=1e-5)
+        np.testing.assert_allclose(kept_on, kept_off, atol=1e-5)
+        diffs.append(np.abs(img_on.astype(int) - img_off).mean())
+    assert np.mean(diffs) < 2.0, diffs          # 1/8-scale decodes here: ~1.1 of 255 levels (0.2-0.4 at 224-336 px)
+    big = pipeline.RegionExampleTransform(pipeline.PipelineConfig(image_size=768, random_crop=False))
+    assert big.decode_and_crop(src[0], np.random.default_rng(0))[2] == (1024, 768)

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from rice_jax import batch as batch_contract, perf, plan, train
+from rice_jax import batch as batch_contract, errors, perf, plan, train
 from rice_jax.configs.rice import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,9 @@ def test_plan_rejects_what_it_cannot_plan():
         plan.plan(_tiny(batch=12), "cpu:8", num_obj_classes=100, num_ocr_classes=64)
     with pytest.raises(ValueError, match="only 8 CPU devices"):
         plan.target_devices("cpu:64")
+    for wrong in ("v9:2x2", "h100:8", "v5p", "tpu:4x4"):
+        with pytest.raises(errors.InputError, match="use cpu:N or a TPU generation and its chip grid"):
+            plan.target_devices(wrong)
 
 
 def test_libtpu_stays_out_of_the_main_environment():
@@ -90,3 +93,6 @@ def test_plan_compiles_for_tpu_topologies_in_its_environment(tmp_path):
     # 200M centres x 64 dims x 4 bytes x (value + 2 Adam moments) = 154 GB over 4 chips of 16 GiB.
     nofit, text = run("--topology", "v5e:2x2", "--num_obj_classes", "200000000")
     assert nofit["fits"] is False and "DOES NOT FIT" in text
+    # v4 (megacore: one JAX device per chip, two TensorCores each): 2x2x2 = 8 chips.
+    v4, text = run("--topology", "v4:2x2x2", "--num_obj_classes", "4096")
+    assert v4["devices"] == 8 and "v4" in v4["device_kind"].lower() and "FITS" in text

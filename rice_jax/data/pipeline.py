@@ -52,6 +52,7 @@ class PipelineConfig:
     worker_count: int = 0            # 0 = in-process threads; >0 = Grain worker processes
     prefetch_threads: int = 4
     skip_damaged_shards: bool = False  # leave damaged shards out (counted) instead of stopping
+    jpeg_draft: bool = True          # decode JPEGs at 1/2-1/8 scale when the crop keeps >= S px (decode_image)
 
     def __post_init__(self):
         if self.num_regions < 1:
@@ -63,11 +64,28 @@ class PipelineConfig:
 PER_STAGE_FIELDS = ("image_size", "batch_size", "seed")
 
 
-def decode_image(rec: records.RegionRecord) -> Optional[Image.Image]:
-    """The record's image as RGB, or None when it does not decode (the caller counts or skips it)."""
+def decode_image(rec: records.RegionRecord, at_least=None) -> Optional[Image.Image]:
+    """The record's image as RGB, or None when it does not decode (the caller counts or skips it).
+
+    ``at_least (w, h)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (DCT scaling, PIL's
+    ``draft``) while the result stays at least that large; callers pass the size the part they
+    will resize must keep. Measured on the photo records (``rice_jax.data.photos``), random crops
+    to 224/336 px: 1.1-2.2x faster decoding, 0.2-0.4 mean absolute difference (of 255) after the
+    resize against a full decode, p95 under 1.3 (docs/performance.md)."""
     try:
-        return Image.open(io.BytesIO(rec.image)).convert("RGB")
+        img = Image.open(io.BytesIO(rec.image))
+        if at_least is not None and img.format == "JPEG":
+            img.draft("RGB", (max(1, int(np.ceil(at_least[0]))), max(1, int(np.ceil(at_least[1])))))
+        return img.convert("RGB")
     except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
+        return None
+
+
+def _header_size(rec: records.RegionRecord) -> Optional[tuple[int, int]]:
+    """(w, h) from the image header (no decode), or None when it is unreadable."""
+    try:
+        return Image.open(io.BytesIO(rec.image)).size
+    except Exception:  # noqa: BLE001 - counted by the caller, like an undecodable image
         return None
 
 
@@ -98,7 +116,7 @@ def record_input(rec: records.RegionRecord, size: int) -> Optional[tuple[np.ndar
     """A record as the model sees it without augmentation: the whole image (:func:`image_input`) and
     all its boxes (:func:`box_input`); None for an undecodable image. What evaluation and feature
     extraction feed; training's examples are the same conversion of a random crop."""
-    img = decode_image(rec)
+    img = decode_image(rec, at_least=(size, size))
     if img is None:
         return None
     w, h = img.size
@@ -145,12 +163,21 @@ class RegionExampleTransform:
     # -- the three steps of an example ----------------------------------------------------
     def decode_and_crop(self, rec: records.RegionRecord, rng: np.random.Generator):
         """``(image [S,S,3] uint8, crop xyxy, (w, h))``, or None for an undecodable image."""
-        img = decode_image(rec)
+        full = _header_size(rec)
+        if full is None:
+            return None
+        s = self.cfg.image_size
+        crop = self._crop(*full, rng)          # drawn on the full size: the same crop, draft or not
+        cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+        # Decode no smaller than keeps the crop at >= S px a side (JPEG DCT scaling when allowed).
+        at_least = (full[0] * s / cw, full[1] * s / ch) if self.cfg.jpeg_draft else None
+        img = decode_image(rec, at_least)
         if img is None:
             return None
         w, h = img.size
-        crop = self._crop(w, h, rng)
-        return image_input(img, self.cfg.image_size, crop), crop, (w, h)
+        sx, sy = w / full[0], h / full[1]
+        crop = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
+        return image_input(img, s, crop), crop, (w, h)
 
     def select_regions(self, rec: records.RegionRecord, kept: np.ndarray, size_px: np.ndarray,
                        cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
