@@ -60,8 +60,8 @@ def target_devices(topology: str):
             raise errors.InputError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
                              f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return jax.devices("cpu")[:n]
-    if kind not in perf.CHIPS or kind == "h100" or kind == "h200" or not shape:
-        tpus = sorted(k for k in perf.CHIPS if not k.startswith("h"))
+    tpus = sorted(k for k in perf.CHIPS if not k.startswith("h"))   # the GPUs there are h100, h200
+    if kind not in tpus or not shape:
         raise errors.InputError(f"--topology {topology!r}: use cpu:N or a TPU generation and its chip grid, "
                                 f"e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:8x8 (known: {', '.join(tpus)})")
     try:

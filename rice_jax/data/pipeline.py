@@ -72,20 +72,26 @@ def decode_image(rec: records.RegionRecord, at_least=None) -> Optional[Image.Ima
     will resize must keep. Measured on the photo records (``rice_jax.data.photos``), random crops
     to 224/336 px: 1.1-2.2x faster decoding, 0.2-0.4 mean absolute difference (of 255) after the
     resize against a full decode, p95 under 1.3 (docs/performance.md)."""
+    return _decode(_open(rec), at_least)
+
+
+def _open(rec: records.RegionRecord) -> Optional[Image.Image]:
+    """The record's image with only its header read (size, format), or None when that is unreadable."""
     try:
-        img = Image.open(io.BytesIO(rec.image))
-        if at_least is not None and img.format == "JPEG":
-            img.draft("RGB", (max(1, int(np.ceil(at_least[0]))), max(1, int(np.ceil(at_least[1])))))
-        return img.convert("RGB")
+        return Image.open(io.BytesIO(rec.image))
     except Exception:  # noqa: BLE001 - a corrupt image must not kill a 400M-image run
         return None
 
 
-def _header_size(rec: records.RegionRecord) -> Optional[tuple[int, int]]:
-    """(w, h) from the image header (no decode), or None when it is unreadable."""
+def _decode(img: Optional[Image.Image], at_least=None) -> Optional[Image.Image]:
+    """Decode an opened image to RGB (:func:`decode_image`'s ``at_least``); None when it does not decode."""
+    if img is None:
+        return None
     try:
-        return Image.open(io.BytesIO(rec.image)).size
-    except Exception:  # noqa: BLE001 - counted by the caller, like an undecodable image
+        if at_least is not None and img.format == "JPEG":
+            img.draft("RGB", (max(1, int(np.ceil(at_least[0]))), max(1, int(np.ceil(at_least[1])))))
+        return img.convert("RGB")
+    except Exception:  # noqa: BLE001 - counted or skipped by the caller
         return None
 
 
@@ -163,15 +169,16 @@ class RegionExampleTransform:
     # -- the three steps of an example ----------------------------------------------------
     def decode_and_crop(self, rec: records.RegionRecord, rng: np.random.Generator):
         """``(image [S,S,3] uint8, crop xyxy, (w, h))``, or None for an undecodable image."""
-        full = _header_size(rec)
-        if full is None:
+        img = _open(rec)                       # header only: the crop is drawn before decoding
+        if img is None:
             return None
+        full = img.size
         s = self.cfg.image_size
         crop = self._crop(*full, rng)          # drawn on the full size: the same crop, draft or not
         cw, ch = crop[2] - crop[0], crop[3] - crop[1]
         # Decode no smaller than keeps the crop at >= S px a side (JPEG DCT scaling when allowed).
         at_least = (full[0] * s / cw, full[1] * s / ch) if self.cfg.jpeg_draft else None
-        img = decode_image(rec, at_least)
+        img = _decode(img, at_least)
         if img is None:
             return None
         w, h = img.size
