@@ -86,17 +86,19 @@ def mfu(flops_per_step: float, step_time_s: float, peak_per_device: float) -> fl
 
 
 # Datasheet figures of accelerators a plan targets (``rice_jax.plan``), where nothing can be
-# measured because the chip is not here: bf16 dense peak per chip (FLOP/s) and HBM per chip
-# (bytes). Sources: Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e Trillium,
-# Ironwood tpu7x) and NVIDIA's H100 / H200 SXM datasheets (dense, no sparsity).
+# measured because the chip is not here: bf16 dense peak per chip (FLOP/s), HBM per chip (bytes)
+# and the chips one host drives in a multi-host slice or node (the input pipeline's unit of demand,
+# ``rice_jax.data.bench``). Sources: Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e
+# Trillium, Ironwood tpu7x; multi-host slices use 4-chip hosts) and NVIDIA's H100 / H200 SXM
+# datasheets (dense, no sparsity; 8 GPUs per HGX node).
 CHIPS = {
-    "v4": {"bf16_flops": 275e12, "hbm_bytes": 32 * 2**30},
-    "v5e": {"bf16_flops": 197e12, "hbm_bytes": 16 * 2**30},
-    "v5p": {"bf16_flops": 459e12, "hbm_bytes": 95 * 2**30},
-    "v6e": {"bf16_flops": 918e12, "hbm_bytes": 32 * 2**30},
-    "tpu7x": {"bf16_flops": 2307e12, "hbm_bytes": 192 * 2**30},
-    "h100": {"bf16_flops": 989e12, "hbm_bytes": 80 * 2**30},
-    "h200": {"bf16_flops": 989e12, "hbm_bytes": 141 * 2**30},
+    "v4": {"bf16_flops": 275e12, "hbm_bytes": 32 * 2**30, "chips_per_host": 4},
+    "v5e": {"bf16_flops": 197e12, "hbm_bytes": 16 * 2**30, "chips_per_host": 4},
+    "v5p": {"bf16_flops": 459e12, "hbm_bytes": 95 * 2**30, "chips_per_host": 4},
+    "v6e": {"bf16_flops": 918e12, "hbm_bytes": 32 * 2**30, "chips_per_host": 4},
+    "tpu7x": {"bf16_flops": 2307e12, "hbm_bytes": 192 * 2**30, "chips_per_host": 4},
+    "h100": {"bf16_flops": 989e12, "hbm_bytes": 80 * 2**30, "chips_per_host": 8},
+    "h200": {"bf16_flops": 989e12, "hbm_bytes": 141 * 2**30, "chips_per_host": 8},
 }
 
 

@@ -48,6 +48,9 @@ MIB = 2**20
 
 
 MEGACORE_KINDS = ("v4", "v5p")
+# Remat policies by the activations they keep, most first — so by the recompute they cost, least
+# first. ``everything_saveable`` keeps what ``none`` keeps; the fit search skips it.
+REMAT_BY_MEMORY = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
 def target_devices(topology: str):
@@ -82,8 +85,59 @@ def _first(e: BaseException) -> str:
     return errors.first_line(e, 300)
 
 
-def plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int, mfu: float = 0.4, stage: int = -1) -> dict:
-    """Compile the train step of config ``c`` for ``topology``; per-device memory, FLOPs, projection."""
+def plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int, mfu: float = 0.4, stage: int = -1,
+         search: bool = True, log=lambda msg: None) -> dict:
+    """Compile the train step of config ``c`` for ``topology``; per-device memory, FLOPs, projection.
+    A step that does not fit gets ``fits_with``: what would (:func:`smallest_fit`, unless ``search`` is off)."""
+    r = compile_plan(c, topology, num_obj_classes=num_obj_classes, num_ocr_classes=num_ocr_classes, mfu=mfu,
+                     stage=stage)
+    if r["fits"] is False and search:
+        r["fits_with"] = smallest_fit(c, topology, num_obj_classes=num_obj_classes, num_ocr_classes=num_ocr_classes,
+                                      mfu=mfu, stage=stage, log=log)
+    return r
+
+
+def smallest_fit(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int, mfu: float = 0.4,
+                 stage: int = -1, log=lambda msg: None) -> list[dict]:
+    """The cheapest ways to make a step that does not fit, fit — found by compiling them.
+
+    For each remat policy from the config's own towards more recompute (:data:`REMAT_BY_MEMORY`), the
+    smallest ``grad_accum_steps`` (doubling from the config's, while the microbatch still spreads over
+    the devices) whose step fits. A policy with more recompute is tried only for fewer microbatches
+    than the best found so far, so every entry is a real trade: fewer microbatches for more recompute.
+    Each entry: ``remat_policy``, ``grad_accum_steps``, its per-device total bytes and projected step."""
+    devices = len(list(target_devices(topology)))
+    accum0 = int(c.get("grad_accum_steps", 1) or 1)
+    current = c.model.remat_policy if c.model.remat_policy in REMAT_BY_MEMORY else "none"
+    found: list[dict] = []
+    best = None
+    for policy in REMAT_BY_MEMORY[REMAT_BY_MEMORY.index(current):]:
+        accum = accum0
+        while c.batch_size % (accum * devices) == 0 and (best is None or accum < best):
+            if (policy, accum) != (current, accum0):
+                trial = c.copy_and_resolve_references()
+                with trial.unlocked():
+                    trial.model.remat_policy, trial.grad_accum_steps = policy, accum
+                r = compile_plan(trial, topology, num_obj_classes=num_obj_classes, num_ocr_classes=num_ocr_classes,
+                                 mfu=mfu, stage=stage)
+                total = r.get("per_device", {}).get("total_bytes")
+                log(f"  tried remat {policy}, grad_accum_steps {accum}: "
+                    + (f"{total / 2**30:.2f} GiB per device" if total is not None else "out of memory in the compiler")
+                    + (" - fits" if r["fits"] else ""))
+                if r["fits"]:
+                    found.append({"remat_policy": policy, "grad_accum_steps": accum, "total_bytes": total,
+                                  "step_time_s": r.get("step_time_s")})
+                    best = accum
+                    break
+            accum *= 2
+        if best == accum0:
+            break       # nothing needs fewer microbatches than the config already has
+    return found
+
+
+def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int, mfu: float = 0.4,
+                 stage: int = -1) -> dict:
+    """One compile of config ``c``'s train step for ``topology`` (:func:`plan` without the fit search)."""
     devices = list(target_devices(topology))
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices, axis_type=c.mesh.axis_type)
     if c.batch_size % mesh.size:
@@ -146,7 +200,7 @@ def format_report(r: dict) -> str:
             f"V = {r['num_ocr_classes']:,}, rho = {r['sample_rate']}, N = {r['num_regions']}, {r['dtype']}, remat "
             f"{r['remat_policy']} on {r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']})")
     if "per_device" not in r:
-        return f"{head}\n  DOES NOT FIT: {r.get('error', '')}"
+        return "\n".join([head, f"  DOES NOT FIT: {r.get('error', '')}"] + _fit_lines(r))
     p = r["per_device"]
     lines = [head, f"  per device: arguments {p['argument_bytes'] / MIB:,.0f} MiB, temporaries "
                    f"{p['temp_bytes'] / MIB:,.0f} MiB, outputs {p['output_bytes'] / MIB:,.0f} MiB "
@@ -159,7 +213,22 @@ def format_report(r: dict) -> str:
                      f"{r['step_time_s']:.3g} s/step, {r['images_per_s']:,.0f} images/s")
     if r["fits"] is not None:
         lines.append("  FITS" if r["fits"] else "  DOES NOT FIT")
-    return "\n".join(lines)
+    return "\n".join(lines + _fit_lines(r))
+
+
+def _fit_lines(r: dict) -> list[str]:
+    """What the fit search found, as the flags to pass."""
+    if r.get("fits") is not False or "fits_with" not in r:
+        return []
+    if not r["fits_with"]:
+        return ["  nothing tried fits (every remat policy, microbatches down to one row per device): "
+                "shard the parameters (--config.mesh.fsdp), lower the batch or the image size, or use more chips"]
+    out = ["  would fit with (found by compiling each):"]
+    for f in r["fits_with"]:
+        step = f" ~{f['step_time_s']:.3g} s/step before recompute" if f.get("step_time_s") else ""
+        out.append(f"    --config.grad_accum_steps={f['grad_accum_steps']} --config.model.remat_policy={f['remat_policy']}"
+                   f"  ({f['total_bytes'] / 2**30:.2f} GiB per device{step})")
+    return out
 
 
 def main(argv):
@@ -167,7 +236,8 @@ def main(argv):
     F = flags.FLAGS
     c = cli.absl_config("config")
     r = plan(c, F.topology, num_obj_classes=F.num_obj_classes,
-             num_ocr_classes=F.num_ocr_classes or c.loss.num_ocr_classes or 49408, mfu=F.mfu, stage=F.stage)
+             num_ocr_classes=F.num_ocr_classes or c.loss.num_ocr_classes or 49408, mfu=F.mfu, stage=F.stage,
+             search=F.fit_search, log=lambda msg: print(msg, flush=True))
     print(format_report(r), flush=True)
     print(json.dumps(r), flush=True)
     if F.out:
@@ -183,6 +253,8 @@ if __name__ == "__main__":
                                                "49408 — a CLIP-sized BPE vocabulary — when that is 0 too)")
     flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the projected step time")
     flags.DEFINE_integer("stage", -1, "which stage's image size to compile (default: the last)")
+    flags.DEFINE_bool("fit_search", True, "when the step does not fit, compile remat policies and microbatch "
+                                          "counts to find the smallest change that does")
     flags.DEFINE_string("out", "", "also write the result as JSON here")
     flags.mark_flags_as_required(["config"])
     cli.run_absl(main)

@@ -337,14 +337,19 @@ def _open_data(c, is_main: bool) -> list:
 
 
 def make_stage_iter(c, tokenizer):
-    """``stage_iter(i)``: a fresh Grain iterator of this process's batches for stage ``i``."""
+    """``stage_iter(i, workers=None)``: a fresh Grain iterator of this process's batches for stage ``i``,
+    read by ``workers`` Grain worker processes — by default ``stage_iter.workers``, what
+    ``data.workers`` resolves to on this host. A resumed stage passes its checkpoint's count instead:
+    the iterator's saved state is per worker."""
     per_process_batch = c.batch_size // jax.process_count()
+    data = {k: v for k, v in c.data.items() if k != "dir"}
 
-    def stage_iter(stage_idx: int):
-        pcfg = pipeline.PipelineConfig(**{k: v for k, v in c.data.items() if k != "dir"},
-                                       image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
-                                       seed=c.seed * 1000 + stage_idx)
+    def stage_iter(stage_idx: int, workers=None):
+        pcfg = pipeline.PipelineConfig(**dict(data, image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
+                                              seed=c.seed * 1000 + stage_idx,
+                                              workers=stage_iter.workers if workers is None else workers))
         return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
+    stage_iter.workers = pipeline.resolve_workers(c.data.workers)
     return stage_iter
 
 
@@ -386,17 +391,23 @@ def model_flops(c, num_obj_classes: int, num_ocr_classes: int, batch_size: int, 
 
 
 def restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log):
-    """``(start step, state, data iterator)``: the newest intact checkpoint (iterator included when it
-    was written in the same stage), else a fresh start with ``init_from`` applied."""
+    """``(start step, state, data iterator, its worker processes)``: the newest intact checkpoint
+    (iterator included when it was written in the same stage, read by as many workers as wrote it),
+    else a fresh start with ``init_from`` applied."""
     def restore(step: int):
         stage = stage_at(c, step)
-        it = stage_iter(stage)
-        same_stage = ckpt.restore_meta(step).get("stage") == stage
-        return ckpt.restore(step, setup.abstract_state, it if same_stage else None), it
+        meta = ckpt.restore_meta(step)
+        same_stage = meta.get("stage") == stage
+        workers = int(meta.get("data_workers", stage_iter.workers)) if same_stage else stage_iter.workers
+        if workers != stage_iter.workers:
+            log(f"[train] reading with {workers} data worker(s) as the checkpoint was written (data.workers "
+                f"gives {stage_iter.workers} here): Grain's saved iterator state is per worker")
+        it = stage_iter(stage, workers)
+        return ckpt.restore(step, setup.abstract_state, it if same_stage else None), it, workers
 
     start, restored = ckpt.restore_newest_intact(restore, strict=c.strict_restore, log=log)
     if start is None:
-        return 0, apply_init_from(c.init_from, state, model_cfg), stage_iter(0)
+        return 0, apply_init_from(c.init_from, state, model_cfg), stage_iter(0), stage_iter.workers
     log(f"[train] resumed from step {start} (stage {stage_at(c, start)})")
     return (start, *restored)
 
@@ -460,7 +471,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     tokenizer = tokenizer_for_dataset(c.data.dir, manifest)
     stage_iter = make_stage_iter(c, tokenizer)
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-    start, state, data_iter = restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log)
+    start, state, data_iter, data_workers = restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log)
     stage = stage_at(c, start)
     preemption = Preemption(ckpt)
 
@@ -477,15 +488,17 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     step = start
     last = time.perf_counter()
     steps_this_run = 0
+    data_wait = 0.0                  # seconds spent in next(data_iter) since the last log line
     skipped_shard_records = float(sum(s.expected for s in damaged_shards))
     compiled = None  # one ahead-of-time compile per stage (image size)
     while step < total_steps:
         if stage_at(c, step) != stage:
             stage, data_iter, compiled = stage_at(c, step), stage_iter(stage_at(c, step)), None
+            data_workers = stage_iter.workers
         t0 = time.perf_counter()
         local = next(data_iter)
         batch = to_global_batch(local, batch_sh)
-        t1 = time.perf_counter()
+        data_wait += time.perf_counter() - t0
         if compiled is None:
             compiled = compile_step(train_step, state, batch)
             flops_per_step = model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, c.batch_size,
@@ -497,7 +510,10 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
             dt = (now - last) / max(steps_this_run, 1)
-            m.update(images_per_s=c.batch_size / dt, step_time_s=dt, data_wait_fraction=(t1 - t0) / max(dt, 1e-9),
+            # The share of the interval the loop spent waiting for batches (every step's wait, not the
+            # last one's): 0 when the input pipeline keeps ahead of the step.
+            m.update(images_per_s=c.batch_size / dt, step_time_s=dt,
+                     data_wait_fraction=data_wait / max(now - last, 1e-9),
                      mfu=perf.mfu(flops_per_step, dt, peak),
                      skipped_updates_total=float(state["skipped_updates"]), stage=stage)
             if damaged_shards:
@@ -506,11 +522,11 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
             history.append({"step": step, **m})
             if bar is not None:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", img_s=f"{m['images_per_s']:.0f}")
-            last, steps_this_run = now, 0
+            last, steps_this_run, data_wait = now, 0, 0.0
         if bar is not None:
             bar.update(1)
         preempt = preemption.reached(step)
-        meta = dict(meta_base, stage=stage, step=step)
+        meta = dict(meta_base, stage=stage, step=step, data_workers=data_workers)
         if ckpt.save(step, state, data_iter, meta, force=(step == total_steps or preempt)):
             writer.sync()
         if preempt:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rice_jax import errors
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic, tokenizer
 from tests.helpers import synthetic_dataset
@@ -142,6 +143,48 @@ def test_batches_padding_determinism_and_resume(syn_dir):
     assert not set(p0) & set(p1)
 
 
+def test_worker_processes_read_the_same_examples_and_resume(syn_dir):
+    """Grain worker processes: each builds worker batches of its slice, this process joins them; the
+    batches hold exactly the examples (same pixels, same regions) of in-process reading, and a saved
+    state resumes them."""
+    base = dict(image_size=32, num_regions=5, max_labels=3, batch_size=8, seed=2)
+    by_index = lambda b: {int(i): j for j, i in enumerate(b["image_index"])}
+    inproc = iter(pipeline.make_dataset(syn_dir, pipeline.PipelineConfig(**base, workers=0), process_index=0, process_count=1))
+    it = iter(pipeline.make_dataset(syn_dir, pipeline.PipelineConfig(**base, workers=2), process_index=0, process_count=1))
+    for _ in range(3):
+        want, got = next(inproc), next(it)
+        assert got["image"].shape == (8, 32, 32, 3) and got["image"].dtype == np.uint8
+        w, g = by_index(want), by_index(got)
+        assert w.keys() == g.keys() and len(g) == 8           # the same 8 examples, none lost or doubled
+        for i in w:
+            for k in want:
+                np.testing.assert_array_equal(got[k][g[i]], want[k][w[i]])
+    state = it.get_state()
+    nxt = [next(it) for _ in range(2)]
+    resumed = iter(pipeline.make_dataset(syn_dir, pipeline.PipelineConfig(**base, workers=2), process_index=0, process_count=1))
+    resumed.set_state(state)
+    for want in nxt:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_worker_count_follows_the_cores_and_worker_batches_split_the_batch():
+    assert pipeline.auto_workers(1) == pipeline.auto_workers(2) == pipeline.auto_workers(3) == 0
+    assert pipeline.auto_workers(4) == 3 and pipeline.auto_workers(16) == 15
+    assert pipeline.auto_workers(208) == pipeline.MAX_AUTO_WORKERS
+    assert pipeline.resolve_workers("auto") == pipeline.auto_workers(pipeline.usable_cores())
+    assert pipeline.resolve_workers("8") == pipeline.resolve_workers(8) == 8   # --config.data.workers=8 is text
+    for wrong in ("many", -1, "2.5"):
+        with pytest.raises(errors.InputError, match="data.workers must be 'auto' or a number"):
+            pipeline.PipelineConfig(workers=wrong)
+    # Worker batches divide the batch and together hold about one batch, not one batch per worker.
+    # (per-process batch, workers) -> examples per worker batch: the largest divisor <= ceil(B / W).
+    for (batch, workers), per in {(4096, 63): 64, (256, 207): 2, (32, 3): 8, (32, 2): 16, (7, 3): 1,
+                                  (8, 1): 8, (8, 0): 8}.items():
+        assert pipeline.worker_batch(batch, workers) == per
+
+
 def test_cluster_sidecar_labels_reach_batches(syn_dir, tmp_path):
     import shutil
 
@@ -193,7 +236,11 @@ def test_photo_records_are_distinct_jpegs_of_the_requested_sizes(tmp_path):
         assert img.format == "JPEG" and img.size == (r.width, r.height) and img.size in ((64, 48), (96, 72))
         assert r.num_regions == 5 and (r.boxes[:, 2:] <= [r.width, r.height]).all()
         assert (r.boxes[:, 2:] > r.boxes[:, :2]).all()
-    assert len(photos.bundled_photos()) >= 2
+        # Labelled by the photo the crop came from: one class per record, trainable without clustering.
+        assert (r.cluster == r.cluster[0]).all() and (r.category == r.cluster).all()
+        assert 0 <= r.cluster[0] < m["source"]["photos"]
+    assert m["source"]["photos"] == len(photos.bundled_photos()) >= 2
+    assert len({int(r.cluster[0]) for r in recs}) > 1
 
 
 def test_jpeg_draft_decoding_keeps_the_crop_and_its_pixels(tmp_path):
@@ -222,3 +269,49 @@ def test_jpeg_draft_decoding_keeps_the_crop_and_its_pixels(tmp_path):
     assert np.mean(diffs) < 2.0, diffs          # 1/8-scale decodes here: ~1.1 of 255 levels (0.2-0.4 at 224-336 px)
     big = pipeline.RegionExampleTransform(pipeline.PipelineConfig(image_size=768, random_crop=False))
     assert big.decode_and_crop(src[0], np.random.default_rng(0))[2] == (1024, 768)
+
+
+def test_preflight_puts_this_hosts_input_rate_beside_the_chips_demand(syn_dir, tmp_path):
+    """``python -m rice_jax.data.bench``: supply measured on the records, demand from the planner's
+    projection per host, and a verdict that follows their ratio."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rice_jax import perf, plan
+    from rice_jax.configs.rice import get_config
+    from rice_jax.data import bench
+
+    assert bench.topology_hosts("v5p:8x8x8") == ("v5p", 512, 128)
+    assert bench.topology_hosts("v6e:16x16") == ("v6e", 256, 64)
+    assert bench.topology_hosts("h100:64") == ("h100", 64, 8)
+    assert bench.topology_hosts("v5e:2x2", chips_per_host=8) == ("v5e", 4, 1)
+    for wrong in ("v9:2x2", "v5p", "v5p:4xfour", "tpu:4"):
+        with pytest.raises(errors.InputError, match="use a chip and its grid or count"):
+            bench.topology_hosts(wrong)
+    fast = {"images_per_s": 3000.0, "cores": 100, "workers": 63}
+    assert bench.verdict(fast, 1490.0)[0] == "input keeps up (2.0x headroom)"
+    head, change = bench.verdict({"images_per_s": 600.0, "cores": 100, "workers": 3}, 1500.0)
+    assert head == "input-bound by 2.5x" and "--config.data.workers=8" in change     # 200 img/s per worker
+    head, change = bench.verdict({"images_per_s": 600.0, "cores": 2, "workers": 0}, 1500.0)
+    assert head == "input-bound by 2.5x" and "only 2 usable cores" in change
+
+    out = tmp_path / "bench.json"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "rice_jax.data.bench", "--data", str(syn_dir), "--config",
+                        "rice_jax/configs/rice.py:tiny", "--config.batch_size=16", "--topology", "v5e:2x2",
+                        "--num_obj_classes=4096", "--seconds=1", "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(out.read_text())
+    c = get_config("tiny")
+    c.batch_size = 16
+    want = plan.project(c, 4096, c.loss.num_ocr_classes or 49408, 64, 4, perf.CHIPS["v5e"]["bf16_flops"], 0.4)
+    assert got["hosts"] == 1 and got["demand_per_host"] == pytest.approx(want["images_per_s"])
+    s = got["supply"]
+    assert s["images_per_s"] > 0 and s["images"] >= 3 * 16 and s["per_host_batch"] == 16 and s["image_size"] == 64
+    assert s["workers"] == pipeline.resolve_workers("auto") and s["undecodable"] == 0
+    assert got["ratio"] == pytest.approx(s["images_per_s"] / got["demand_per_host"])
+    assert got["verdict"].startswith("input keeps up" if got["ratio"] >= 1 else "input-bound by")
+    assert got["verdict"] in r.stdout

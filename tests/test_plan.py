@@ -57,6 +57,37 @@ def test_plan_arithmetic_on_cpu_devices(monkeypatch):
     assert "DOES NOT FIT" not in plan.format_report(r)
 
 
+def test_a_step_that_does_not_fit_gets_the_smallest_change_that_does(monkeypatch):
+    """The fit search on the CPU devices, with an HBM size just above what two microbatches need: the
+    config's own step (one microbatch) does not fit, the search proposes two, and every proposal it
+    makes compiled within the HBM, each trading fewer microbatches for more recompute."""
+    c = _tiny(batch=16, image=32)
+    two = plan.compile_plan(_with(c, "none", 2), "cpu:8", num_obj_classes=1000, num_ocr_classes=256)
+    hbm = two["per_device"]["total_bytes"] + 1
+    monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": hbm})
+    monkeypatch.setattr(plan, "REMAT_BY_MEMORY", ("none", "nothing_saveable"))   # fewer compiles in the suite
+    lines = []
+    r = plan.plan(c, "cpu:8", num_obj_classes=1000, num_ocr_classes=256, log=lines.append)
+    assert r["fits"] is False and r["per_device"]["total_bytes"] > two["per_device"]["total_bytes"]
+    first = r["fits_with"][0]
+    assert (first["remat_policy"], first["grad_accum_steps"]) == ("none", 2)          # the config's remat, 2 microbatches
+    assert first["total_bytes"] == two["per_device"]["total_bytes"]
+    assert all(f["total_bytes"] <= hbm for f in r["fits_with"])
+    accums = [f["grad_accum_steps"] for f in r["fits_with"]]
+    assert accums == sorted(set(accums), reverse=True)                                  # each trade needs fewer
+    text = plan.format_report(r)
+    assert "DOES NOT FIT" in text and "--config.grad_accum_steps=2 --config.model.remat_policy=none" in text
+    assert len(lines) == 2 and all(l.startswith("  tried remat") for l in lines)
+    # Nothing fits: said plainly, with what else to change.
+    assert "nothing tried fits" in plan.format_report(dict(r, fits_with=[]))
+
+
+def _with(c, remat_policy, grad_accum_steps):
+    c = c.copy_and_resolve_references()
+    c.model.remat_policy, c.grad_accum_steps = remat_policy, grad_accum_steps
+    return c
+
+
 def test_plan_rejects_what_it_cannot_plan():
     with pytest.raises(ValueError, match="not a multiple of the 8 devices"):
         plan.plan(_tiny(batch=12), "cpu:8", num_obj_classes=100, num_ocr_classes=64)

@@ -56,8 +56,13 @@ def _parse(arg):
 
 
 def _section(dataclass_type, exclude=(), **extra) -> ml_collections.ConfigDict:
-    """A config section holding a dataclass's fields with their defaults (plus ``extra`` keys)."""
-    fields = {f.name: f.default for f in dataclasses.fields(dataclass_type) if f.name not in exclude}
+    """A config section holding a dataclass's fields with their defaults (plus ``extra`` keys).
+
+    A field that takes either of two types (``workers: int | str = "auto"``) gets an untyped entry:
+    a ConfigDict entry otherwise keeps its default's type, so ``c.data.workers = 8`` would be refused
+    (on the command line, ``--config.data.workers=8`` then arrives as the int 8)."""
+    fields = {f.name: (ml_collections.FieldReference(f.default, field_type=object) if "|" in str(f.type) else f.default)
+              for f in dataclasses.fields(dataclass_type) if f.name not in exclude}
     return ml_collections.ConfigDict({**extra, **fields})
 
 

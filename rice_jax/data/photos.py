@@ -53,12 +53,16 @@ def photo_records(num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 480
                   regions: int = 10, quality: int = 90, seed: int = 0) -> Iterator[records.RegionRecord]:
     """``num_images`` records: a random crop (40-100 % of the side, any position) of a random bundled
     photo, resized to one of ``sizes`` (cycled: equal shares), JPEG at ``quality``, with ``regions``
-    random object boxes (at least 1/8 of the short side)."""
+    random object boxes (at least 1/8 of the short side). Each box's cluster and category are the
+    index of the photo its crop came from (a weak label, but a real one), so the records train as
+    they are — ``--config.loss.num_obj_classes`` = the number of bundled photos — for runs that
+    measure throughput on JPEGs (``data_wait_fraction``) without a clustering step first."""
     photos = bundled_photos()
     rng = np.random.default_rng(seed)
     for i in range(num_images):
         w, h = sizes[i % len(sizes)]
-        src = photos[int(rng.integers(len(photos)))]
+        which = int(rng.integers(len(photos)))
+        src = photos[which]
         sw, sh = src.size
         scale = rng.uniform(0.4, 1.0)
         cw, ch = max(16, int(sw * scale)), max(16, int(sw * scale * h / w))
@@ -72,7 +76,8 @@ def photo_records(num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 480
         size = rng.uniform(short / 8, short / 2, (regions, 2))
         boxes = np.concatenate([lo, np.minimum(lo + size, [w, h])], 1)
         yield records.RegionRecord.new(buf.getvalue(), "jpeg", h, w, f"photo-{i:06d}", boxes,
-                                       np.full(regions, records.KIND_OBJECT))
+                                       np.full(regions, records.KIND_OBJECT), cluster=np.full(regions, which),
+                                       category=np.full(regions, which))
 
 
 def build(out: str, num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 480), (1024, 768)), *,
@@ -81,7 +86,8 @@ def build(out: str, num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 4
     return records.write_records(photo_records(num_images, sizes, regions=regions, seed=seed), out,
                                  num_shards=num_shards,
                                  manifest_extra={"source": {"generator": "rice_jax.data.photos",
-                                                            "sizes": [list(s) for s in sizes], "seed": seed}})
+                                                            "sizes": [list(s) for s in sizes], "seed": seed,
+                                                            "photos": len(bundled_photos())}})
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -49,8 +49,10 @@ class PipelineConfig:
     seed: int = 0
     shuffle: bool = True
     num_epochs: Optional[int] = None  # None = repeat forever
-    worker_count: int = 0            # 0 = in-process threads; >0 = Grain worker processes
-    prefetch_threads: int = 4
+    workers: int | str = "auto"      # Grain worker processes: "auto" (auto_workers), 0 = read in this process
+    threads: int = 2                 # reader threads per reading process; raise for high-latency storage
+    #                                  (a bucket mount: each blocked read holds a thread). More threads than
+    #                                  ~2 per core cost throughput on local disk (8 threads on 2 cores: -9 %).
     skip_damaged_shards: bool = False  # leave damaged shards out (counted) instead of stopping
     jpeg_draft: bool = True          # decode JPEGs at 1/2-1/8 scale when the crop keeps >= S px (decode_image)
 
@@ -59,6 +61,71 @@ class PipelineConfig:
             raise errors.InputError(f"num_regions must be >= 1, got {self.num_regions}")
         if self.fill not in ("pad", "resample"):
             raise errors.InputError(f"fill must be 'pad' or 'resample', got {self.fill!r}")
+        resolve_workers(self.workers)   # a wrong value fails here, in one line
+        if self.threads < 1:
+            raise errors.InputError(f"data.threads must be >= 1, got {self.threads}")
+
+
+# Why processes on big hosts and threads on small ones (benchmarks/input_pipeline.py,
+# docs/performance.md). One example holds Python's lock for a few percent of its time (2 threads of
+# one process: 1.88-1.97x one thread): by Amdahl's law, T threads give 1 / (s + (1 - s) / T) cores at
+# serial share s, which at s = 0.05 is 3.5 of 4 and only ~17 of 100. Worker processes have no shared
+# lock, but each image is copied once more (into shared memory and out) and the trainer's process
+# joins worker batches: on 2 cores threads beat 1-2 workers by 7-15 %. Threads lose more than that
+# from about four cores on (0.87 of 4 cores at s = 0.05), so from four cores the reading moves into
+# worker processes, one per core but the trainer's.
+MIN_CORES_FOR_WORKERS = 4
+# More workers than this would decode ~10K img/s per host (>= 150 img/s per core at 336 px from
+# 1024 x 768 JPEGs): 6x a v5p host's demand for l14 at 40 % MFU (~1,490 img/s) and 3x an 8-GPU node's;
+# each worker also holds its own copy of the pipeline (~250 MiB RSS measured).
+MAX_AUTO_WORKERS = 64
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a job's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:      # macOS
+        return os.cpu_count() or 1
+
+
+def auto_workers(cores: Optional[int] = None) -> int:
+    """``data.workers="auto"``: one worker process per usable core but one (left to the training
+    process), at most :data:`MAX_AUTO_WORKERS`; 0 (threads in the training process) below
+    :data:`MIN_CORES_FOR_WORKERS` cores."""
+    cores = usable_cores() if cores is None else cores
+    return 0 if cores < MIN_CORES_FOR_WORKERS else min(cores - 1, MAX_AUTO_WORKERS)
+
+
+def resolve_workers(workers) -> int:
+    """``data.workers`` as a number of Grain worker processes ("auto", an int, or an int as text:
+    ``--config.data.workers=8`` arrives as a string because the config's default is "auto")."""
+    if isinstance(workers, str) and workers.strip().lower() == "auto":
+        return auto_workers()
+    try:
+        n = int(workers)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise errors.InputError(f"data.workers must be 'auto' or a number of worker processes "
+                                f"(0 = read in the training process), got {workers!r}")
+    return n
+
+
+def worker_batch(batch_size: int, workers: int) -> int:
+    """Examples per worker batch: the largest divisor of ``batch_size`` that is at most
+    ``ceil(batch_size / workers)``, so ``workers`` workers together hold about one batch in flight
+    (each builds its own; the training process concatenates them) instead of one batch each —
+    at 4,096 images of 336 px per host that is 1.4 GB per worker otherwise."""
+    if workers <= 1:
+        return batch_size
+    cap = -(-batch_size // workers)
+    return max(d for d in range(1, cap + 1) if batch_size % d == 0)
+
+
+def _concat(parts):
+    """Worker batches -> one batch (the leading axis joined), key by key."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 PER_STAGE_FIELDS = ("image_size", "batch_size", "seed")
@@ -90,7 +157,11 @@ def _decode(img: Optional[Image.Image], at_least=None) -> Optional[Image.Image]:
     try:
         if at_least is not None and img.format == "JPEG":
             img.draft("RGB", (max(1, int(np.ceil(at_least[0]))), max(1, int(np.ceil(at_least[1])))))
-        return img.convert("RGB")
+        img.load()
+        # convert() is not free even for an RGB image: skipping it made decode + crop + resize of the
+        # 640 x 480 photo records 1.41x faster with identical pixels (measured). Other modes (grey,
+        # CMYK, palette, RGBA) are converted.
+        return img if img.mode == "RGB" else img.convert("RGB")
     except Exception:  # noqa: BLE001 - counted or skipped by the caller
         return None
 
@@ -285,14 +356,19 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
     ds = ds[process_index::process_count]
     # Examples are read (decoded, cropped, their regions chosen) by a pool of threads one example
     # each, and batched after: a batch is assembled from examples that were made in parallel, not
-    # built by one thread one image at a time. The read-ahead holds two batches.
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.prefetch_threads,
-                                                 prefetch_buffer_size=2 * cfg.batch_size))
-    it_ds = it_ds.batch(cfg.batch_size, drop_remainder=True)
-    if cfg.worker_count > 0:
+    # built by one thread one image at a time. With worker processes (data.workers) every worker
+    # runs this on its own slice of the examples and builds worker batches (worker_batch) that
+    # this process joins; the read-ahead holds two (worker) batches.
+    workers = resolve_workers(cfg.workers)
+    per_worker = worker_batch(cfg.batch_size, workers)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.threads, prefetch_buffer_size=2 * per_worker))
+    it_ds = it_ds.batch(per_worker, drop_remainder=True)
+    if workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; scripts may not use absl.app
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        if per_worker < cfg.batch_size:
+            it_ds = it_ds.batch(cfg.batch_size // per_worker, drop_remainder=True, batch_fn=_concat)
     return it_ds

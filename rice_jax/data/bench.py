@@ -1,0 +1,138 @@
+"""Pre-flight: will this host's input pipeline feed its chips? Run it on one training host, on the
+run's own records, before queueing for the slice.
+
+    python -m rice_jax.data.bench --data DIR --config rice_jax/configs/rice.py:l14_336 \\
+        --topology v5p:8x8x8 [--config.batch_size=32768] [--config.data.workers=auto] [--seconds 30]
+
+Two numbers, side by side:
+
+- **supply**: images/s this host's pipeline delivers — :func:`rice_jax.data.pipeline.make_dataset`
+  with the config's ``c.data`` settings (``data.workers`` resolved on this host), the last stage's
+  image size (``--stage``) and this host's share of the global batch, over ``--seconds`` after the
+  first batch. Whole batches: records read, decoded, cropped, regions chosen, labels encoded.
+- **demand**: images/s per host that the chips consume at the planner's projection —
+  :func:`rice_jax.plan.project`: the step's model FLOPs over chips x datasheet peak x ``--mfu`` —
+  divided by the topology's hosts (``chips_per_host`` in :data:`rice_jax.perf.CHIPS`, or
+  ``--chips_per_host``). The projection needs no TPU and no compile; ``launch/plan.sh`` compiles the
+  step for the memory verdict.
+
+The verdict is ``input keeps up (N x headroom)`` or ``input-bound by N x`` with what to change:
+more reading processes (``data.workers``), more cores per host, or smaller source JPEGs (decoding
+cost grows with the stored size; JPEG draft decoding only helps when it is >= 2x the crop). A JSON
+line follows (``--out`` writes it too).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from rice_jax import cli, errors, perf, plan, storage
+from rice_jax.data import pipeline
+
+
+def topology_hosts(topology: str, chips_per_host: int = 0) -> tuple[str, int, int]:
+    """``(chip kind, chips, hosts)`` of ``v5p:8x8x8`` (a TPU chip grid) or ``h100:64`` (a GPU count),
+    without libtpu: the demand side needs counts, not devices."""
+    kind, _, shape = topology.lower().partition(":")
+    try:
+        dims = [int(d) for d in shape.split("x")] if shape else []
+    except ValueError:
+        dims = []
+    if kind not in perf.CHIPS or not dims or min(dims) < 1:
+        raise errors.InputError(f"--topology {topology!r}: use a chip and its grid or count, e.g. v5p:8x8x8, "
+                                f"v6e:16x16, h100:64 (known chips: {', '.join(sorted(perf.CHIPS))})")
+    chips = math.prod(dims)
+    per_host = chips_per_host or perf.CHIPS[kind]["chips_per_host"]
+    return kind, chips, max(1, math.ceil(chips / per_host))
+
+
+def host_supply(data_dir, c, *, per_host_batch: int, image_size: int, seconds: float) -> dict:
+    """Images/s of this host's pipeline with the config's data settings, after its first batch."""
+    data = {k: v for k, v in c.data.items() if k != "dir"}
+    cfg = pipeline.PipelineConfig(**dict(data, image_size=image_size, batch_size=per_host_batch, seed=c.seed))
+    workers = pipeline.resolve_workers(cfg.workers)
+    t_start = time.perf_counter()
+    it = iter(pipeline.make_dataset(data_dir, cfg, process_index=0, process_count=1))
+    first = next(it)                       # start-up: worker spawn, first decodes
+    startup = time.perf_counter() - t_start
+    n, bad, t0 = 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or n < 3 * per_host_batch:
+        b = next(it)
+        n += per_host_batch
+        bad += int((~b["image_ok"]).sum())
+    wall = time.perf_counter() - t0
+    del it, first
+    return {"images_per_s": n / wall, "images": n, "seconds": wall, "startup_s": startup,
+            "undecodable": bad, "workers": workers, "threads": cfg.threads, "cores": pipeline.usable_cores(),
+            "per_host_batch": per_host_batch, "image_size": image_size}
+
+
+def verdict(supply: dict, demand_per_host: float) -> tuple[str, str]:
+    """``(headline, what to change)``."""
+    ratio = supply["images_per_s"] / demand_per_host
+    if ratio >= 1:
+        return f"input keeps up ({ratio:.1f}x headroom)", ""
+    cores, workers = supply["cores"], supply["workers"]
+    readers = max(1, workers) if workers else min(cores, 3)   # threads of one process top out near 3 cores
+    per_reader = supply["images_per_s"] / readers
+    need = math.ceil(demand_per_host / per_reader)
+    change = [f"each reading process gives ~{per_reader:,.0f} img/s here, so ~{need} are needed"]
+    if need <= max(cores - 1, 1):
+        change.append(f"set --config.data.workers={need} (this host has {cores} usable cores; "
+                      f"data.workers={workers} now)")
+    else:
+        change.append(f"this host has only {cores} usable cores: use hosts with more cores, store smaller JPEGs "
+                      "(decode cost follows the stored size), or pre-resize the records near the training size")
+    return f"input-bound by {1 / ratio:.1f}x", "; ".join(change)
+
+
+def main(argv):
+    del argv
+    F = flags.FLAGS
+    c = cli.absl_config("config")
+    data_dir = F.data or c.data.dir
+    if not data_dir:
+        raise errors.InputError("--data DIR (or --config.data.dir): the region records to read")
+    kind, chips, hosts = topology_hosts(F.topology, F.chips_per_host)
+    image_size = int(c.stages[F.stage][1])
+    if c.batch_size % hosts:
+        raise errors.InputError(f"batch_size {c.batch_size} does not split over the {hosts} hosts of {F.topology}")
+    spec = perf.chip(kind)
+    demand = plan.project(c, F.num_obj_classes, F.num_ocr_classes or c.loss.num_ocr_classes or 49408, image_size,
+                          chips, spec["bf16_flops"], F.mfu)
+    per_host = demand["images_per_s"] / hosts
+    supply = host_supply(data_dir, c, per_host_batch=c.batch_size // hosts, image_size=image_size,
+                         seconds=F.seconds)
+    head, change = verdict(supply, per_host)
+    print(f"[bench] this host reads {supply['images_per_s']:,.0f} img/s ({supply['image_size']} px, batch "
+          f"{supply['per_host_batch']:,} per host, data.workers -> {supply['workers']} worker processes x "
+          f"{supply['threads']} threads, {supply['cores']} cores; {supply['undecodable']} undecodable)", flush=True)
+    print(f"[bench] the chips take {per_host:,.0f} img/s per host ({c.model.backbone}, {F.topology}: {chips} chips "
+          f"on {hosts} hosts, {demand['images_per_s']:,.0f} img/s at {F.mfu:.0%} MFU)", flush=True)
+    print(f"[bench] {head}" + (f": {change}" if change else ""), flush=True)
+    out = {"topology": F.topology, "chips": chips, "hosts": hosts, "demand_images_per_s": demand["images_per_s"],
+           "demand_per_host": per_host, "mfu_assumed": F.mfu, "supply": supply,
+           "ratio": supply["images_per_s"] / per_host, "verdict": head, "change": change}
+    print(json.dumps(out), flush=True)
+    if F.out:
+        storage.write_text_atomic(F.out, json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
+                                    lock_config=True)
+    flags.DEFINE_string("data", "", "region records to read (default: the config's data.dir)")
+    flags.DEFINE_string("topology", "v5p:4x4x4", "the target: a TPU chip grid (v5p:8x8x8, v6e:16x16) or GPUs (h100:64)")
+    flags.DEFINE_integer("chips_per_host", 0, "chips one host drives (0 = the chip's usual: 4 for TPUs, 8 for GPUs)")
+    flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M); enters the step's FLOPs")
+    flags.DEFINE_integer("num_ocr_classes", 0, "V OCR token centres (0 = the config's, or 49408)")
+    flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation of the chips")
+    flags.DEFINE_integer("stage", -1, "which stage's image size to read (default: the last)")
+    flags.DEFINE_float("seconds", 20.0, "how long to measure after the first batch")
+    flags.DEFINE_string("out", "", "also write the result as JSON here")
+    flags.mark_flags_as_required(["config"])
+    cli.run_absl(main)
