@@ -125,8 +125,12 @@ def smallest_fit(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
                     + (f"{total / 2**30:.2f} GiB per device" if total is not None else "out of memory in the compiler")
                     + (" - fits" if r["fits"] else ""))
                 if r["fits"]:
+                    # The compiler counts one microbatch (a scan body once) with its recomputation:
+                    # x microbatches over the model FLOPs is the price of the remat policy.
+                    model = r.get("model_flops_per_step")
                     found.append({"remat_policy": policy, "grad_accum_steps": accum, "total_bytes": total,
-                                  "step_time_s": r.get("step_time_s")})
+                                  "step_time_s": r.get("step_time_s"),
+                                  "compiled_over_model_flops": r["flops_per_step"] * accum / model if model else None})
                     best = accum
                     break
             accum *= 2
@@ -225,7 +229,9 @@ def _fit_lines(r: dict) -> list[str]:
                 "shard the parameters (--config.mesh.fsdp), lower the batch or the image size, or use more chips"]
     out = ["  would fit with (found by compiling each):"]
     for f in r["fits_with"]:
-        step = f" ~{f['step_time_s']:.3g} s/step before recompute" if f.get("step_time_s") else ""
+        step = f", ~{f['step_time_s']:.3g} s/step before recompute" if f.get("step_time_s") else ""
+        if f.get("compiled_over_model_flops"):
+            step += f", compiled FLOPs {f['compiled_over_model_flops']:.2f}x the model's"
         out.append(f"    --config.grad_accum_steps={f['grad_accum_steps']} --config.model.remat_policy={f['remat_policy']}"
                    f"  ({f['total_bytes'] / 2**30:.2f} GiB per device{step})")
     return out

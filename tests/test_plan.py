@@ -122,8 +122,12 @@ def test_plan_compiles_for_tpu_topologies_in_its_environment(tmp_path):
     assert fit["per_device"]["total_bytes"] < fit["hbm_bytes"] and fit["flops_per_device"] > 0
     assert fit["step_time_s"] > 0 and "FITS" in text
     # 200M centres x 64 dims x 4 bytes x (value + 2 Adam moments) = 154 GB over 4 chips of 16 GiB.
-    nofit, text = run("--topology", "v5e:2x2", "--num_obj_classes", "200000000")
-    assert nofit["fits"] is False and "DOES NOT FIT" in text
+    nofit, text = run("--topology", "v5e:2x2", "--num_obj_classes", "200000000", "--nofit_search")
+    assert nofit["fits"] is False and "DOES NOT FIT" in text and "fits_with" not in nofit
     # v4 (megacore: one JAX device per chip, two TensorCores each): 2x2x2 = 8 chips.
     v4, text = run("--topology", "v4:2x2x2", "--num_obj_classes", "4096")
     assert v4["devices"] == 8 and "v4" in v4["device_kind"].lower() and "FITS" in text
+    # Every current generation gets a verdict: v5p (megacore too) and v6e.
+    for topology, chips, kind in (("v5p:2x2x1", 4, "v5"), ("v6e:2x2", 4, "v6")):
+        r, text = run("--topology", topology, "--num_obj_classes", "4096")
+        assert r["devices"] == chips and kind in r["device_kind"].lower() and r["fits"] is True and "FITS" in text

@@ -197,6 +197,25 @@ def test_damaged_newest_checkpoint_falls_back_and_ends_bitwise(data_dir, tmp_pat
     _assert_same_tree(a, b)
 
 
+def test_resume_reads_with_the_checkpoints_worker_count(data_dir, tmp_path, capsys):
+    """Training fed by 2 Grain worker processes, stopped and resumed on a host where data.workers
+    resolves differently: the resume reads with the checkpoint's 2 workers (Grain's iterator state is
+    per worker) and ends bitwise on the uninterrupted run."""
+    c = small_config(data_dir, steps=4, every=2)
+    c.data.workers = 2
+    train.train(c, tmp_path / "ref")
+    run = tmp_path / "run"
+    train.train(c, run, stop_after=2)
+    c.data.workers = 0
+    capsys.readouterr()
+    summary = train.train(c, run)
+    out = capsys.readouterr().out
+    assert "reading with 2 data worker(s) as the checkpoint was written" in out and summary["start_step"] == 2
+    (a, sa), (b, sb) = _final_params(tmp_path / "ref"), _final_params(run)
+    assert sa == sb == 4
+    _assert_same_tree(a, b)
+
+
 # ----------------------------------------------------------------------------- partial restore (init_from)
 def test_init_from_ckpt_reads_only_the_backbone(data_dir, tmp_path, monkeypatch):
     from orbax.checkpoint._src.serialization import jax_array_handlers
