@@ -350,7 +350,23 @@ def gpu() -> str:
     return "\n".join(out)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+def plan_fit() -> str:
+    """The planner's own JSON (``--out``) for a step that does not fit, and what its fit search found."""
+    r = _load("plan_fit_search")
+    if not r or "fits_with" not in r:
+        return "(run `bash launch/plan.sh ... --out benchmarks/results/plan_fit_search.json` on a step that does not fit)"
+    head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}, K = {r['num_obj_classes']:,}, "
+            f"{r['dtype']}, remat {r['remat_policy']}, {r['grad_accum_steps']} microbatch(es) on {r['topology']} "
+            f"({r['devices']} × {r['device_kind']}): **does not fit** — {r.get('error', '').split(': ', 1)[-1]}")
+    rows = [head, "", "| would fit with | per-device HBM (of) | compiled FLOPs / model FLOPs |", "|---|---|---|"]
+    for f in r["fits_with"]:
+        ratio = f"{f['compiled_over_model_flops']:.2f}×" if f.get("compiled_over_model_flops") else "—"
+        rows.append(f"| `--config.grad_accum_steps={f['grad_accum_steps']} --config.model.remat_policy={f['remat_policy']}` "
+                    f"| {f['total_bytes'] / 2**30:.1f} GiB ({r['hbm_bytes'] / 2**30:.2f} GiB) | {ratio} |")
+    return "\n".join(rows)
+
+
+SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -367,7 +383,7 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "mining": mining, "kmeans": kmeans,
+    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "mining": mining, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:

@@ -123,21 +123,22 @@ def validate(rec: RegionRecord, where: str = "record") -> None:
         raise RecordError(f"{where}: field 'height'/'width' = {rec.height}x{rec.width} must be positive")
     if len(rec.text) != rec.num_regions:
         raise RecordError(f"{where}: field 'text' has {len(rec.text)} entries for {rec.num_regions} regions")
+    # Few, whole-array checks: this runs once per example on the input pipeline's hot path.
     b = rec.boxes
-    finite = np.isfinite(b).all(1)
-    ok = finite & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]) & (b[:, 0] >= 0) & (b[:, 1] >= 0) \
-        & (b[:, 2] <= rec.width + 1e-3) & (b[:, 3] <= rec.height + 1e-3)
+    ok = (np.isfinite(b).all(1) & (b[:, 2:] > b[:, :2]).all(1) & (b[:, :2] >= 0).all(1)
+          & (b[:, 2] <= rec.width + 1e-3) & (b[:, 3] <= rec.height + 1e-3))
     if not ok.all():
         i = int(np.argmin(ok))
         raise RecordError(f"{where}: field 'boxes' region {i} = {b[i].tolist()} is not a valid xyxy box "
                           f"inside {rec.width}x{rec.height}")
-    if not np.isin(rec.kind, (KIND_OBJECT, KIND_TEXT)).all():
-        i = int(np.argmin(np.isin(rec.kind, (KIND_OBJECT, KIND_TEXT))))
+    known = (rec.kind == KIND_OBJECT) | (rec.kind == KIND_TEXT)
+    if not known.all():
+        i = int(np.argmin(known))
         raise RecordError(f"{where}: field 'kind' region {i} = {int(rec.kind[i])}, expected 0 (object) or 1 (text)")
     if (rec.cluster < -1).any():
         i = int(np.argmax(rec.cluster < -1))
         raise RecordError(f"{where}: field 'cluster' region {i} = {int(rec.cluster[i])} < -1")
-    for i, (k, t) in enumerate(zip(rec.kind, rec.text)):
+    for i, (k, t) in enumerate(zip(rec.kind.tolist(), rec.text)):
         if not isinstance(t, str):
             raise RecordError(f"{where}: field 'text' region {i} is {type(t).__name__}, expected str")
         if k == KIND_TEXT and not t.strip():
