@@ -21,6 +21,11 @@ output size (224, 336 px) and source size:
   the ceiling it implies for threads (1 / serial_fraction cores) are why ``auto`` uses processes.
 - ``main_process_ms_per_image``: CPU time the consuming process spends per image when 2 workers
   read (receiving and joining worker batches): its inverse bounds what one host's trainer can take in.
+- ``training``: ``data_wait_fraction`` (the share of the loop's time spent waiting in
+  ``next(data_iter)``) and images/s of short real training runs (the ``tiny`` model on these 8 CPU
+  devices, the photo records of both sizes, their photo-of-origin labels) at 224 and 64 px: the
+  pipeline sharing the two cores with the XLA step, medians over the logged intervals after the
+  first (which holds the compile).
 - ``draft``: the bare loop with full JPEG decoding (``jpeg_draft=False``) and the pixel difference
   of the two decodes after the resize, per image (of 255 levels).
 """
@@ -129,6 +134,26 @@ def alternate(data_dir, image_size: int, batch: int, steps: int, configs: dict, 
     return summary, bare
 
 
+def train_wait(data_dir, image_size: int, steps: int, log_every: int, num_classes: int) -> dict:
+    """A short real training run on ``data_dir``: medians of its logged intervals after the first."""
+    from rice_jax import train
+    from rice_jax.configs.rice import get_config
+
+    c = get_config("tiny")
+    c.data.dir = str(data_dir)
+    c.loss.num_obj_classes, c.loss.ocr_weight = num_classes, 0.0     # photo-of-origin labels, no text
+    c.stages = ((steps, image_size),)
+    c.log_every, c.progress_bar, c.checkpoint_every = log_every, False, 10**9
+    with tempfile.TemporaryDirectory() as wd:
+        hist = train.train(c, wd)["history"]
+    later = hist[1:]
+    med = lambda k: statistics.median(h[k] for h in later)
+    return {"image_size": image_size, "steps": steps, "batch": c.batch_size, "images_per_s": med("images_per_s"),
+            "step_time_s": med("step_time_s"), "data_wait_fraction": med("data_wait_fraction"),
+            "data_wait_fraction_per_interval": [h["data_wait_fraction"] for h in hist],
+            "loss_first": hist[0]["loss"], "loss_last": hist[-1]["loss"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -164,9 +189,18 @@ def main(argv=None):
                 print(f"[input_pipeline] {run['source']} -> {size}px: bare {bare:.0f} img/s/core, "
                       + ", ".join(f"{k} {v['images_per_s']:.0f} ({v['ratio_to_cores_x_bare']:.2f}x)" for k, v in summary.items())
                       + f"; 2 threads {run['threads']['speedup']:.2f}x one", flush=True)
+        d = os.path.join(tmp, "mixed")
+        photos.build(d, n, sources, num_shards=4)
+        num_classes = len(photos.bundled_photos())
+        training = ([train_wait(d, 32, 6, 2, num_classes)] if a.smoke else
+                    [train_wait(d, 224, 40, 10, num_classes), train_wait(d, 64, 160, 20, num_classes)])
+        for t in training:
+            print(f"[input_pipeline] training at {t['image_size']} px: {t['images_per_s']:.0f} img/s, "
+                  f"data_wait_fraction {t['data_wait_fraction']:.3f}", flush=True)
     return report("input_pipeline" if not a.smoke else "input_pipeline_smoke",
                   {"num_regions": 10, "batch": batch, "cores": cores, "rounds": rounds,
-                   "default_workers": pipeline.resolve_workers("auto"), "runs": runs}, write=not a.smoke)
+                   "default_workers": pipeline.resolve_workers("auto"), "runs": runs, "training": training},
+                  write=not a.smoke)
 
 
 if __name__ == "__main__":

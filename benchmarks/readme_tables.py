@@ -60,6 +60,11 @@ def performance() -> str:
                         f"{cell('default')} | {cell('workers_1')} | {cell('workers_2')} | {th['speedup']:.2f}× "
                         f"({th['serial_fraction']:.2f}) | {r['draft_speedup']:.2f}×, "
                         f"{r['draft_pixel_difference']['mean']:.2f} / {r['draft_pixel_difference']['p95']:.2f} |")
+        for t in i.get("training", []):
+            rows.append(f"\nShort training run on the photo records (`tiny` model, 8 CPU devices on the same 2 cores, "
+                        f"batch {t['batch']}) at {t['image_size']} px: {t['images_per_s']:.0f} img/s, "
+                        f"{t['step_time_s']:.3f} s/step, `data_wait_fraction` {t['data_wait_fraction']:.3f} "
+                        f"(median of the logged intervals after the compile); loss {t['loss_first']:.2f} → {t['loss_last']:.2f}.")
         main_ms = max(r["pipeline"]["workers_2"]["main_process_ms_per_image"] for r in i["runs"])
         rows += ["", f"With 2 workers the consuming process spent at most {main_ms:.3f} ms of CPU per image (receiving "
                      f"and joining worker batches): one trainer process can take in ~{1e3 / max(main_ms, 1e-6):,.0f} img/s.", ""]
@@ -366,7 +371,21 @@ def plan_fit() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+def preflight() -> str:
+    """``python -m rice_jax.data.bench ... --out benchmarks/results/preflight_*.json`` runs on this machine."""
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("preflight_*.json"))]
+    if not runs:
+        return "(run `python -m rice_jax.data.bench ... --out benchmarks/results/preflight_NAME.json`)"
+    rows = ["| target | px | batch per host | this host reads | chips take per host | verdict |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        s = r["supply"]
+        rows.append(f"| {r['topology']} ({r['chips']} chips, {r['hosts']} hosts) | {s['image_size']} | {s['per_host_batch']:,} | "
+                    f"{s['images_per_s']:,.0f} img/s ({s['workers']} workers × {s['threads']} threads, {s['cores']} cores) | "
+                    f"{r['demand_per_host']:,.0f} img/s at {r['mfu_assumed']:.0%} MFU | {r['verdict']} |")
+    return "\n".join(rows)
+
+
+SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -383,7 +402,7 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "mining": mining, "kmeans": kmeans,
+    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:
