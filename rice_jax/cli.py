@@ -90,3 +90,22 @@ def run_absl(main: Callable[[list[str]], object]) -> None:
     from absl import app
 
     run(lambda: app.run(main, flags_parser=parse_absl_flags))
+
+
+def define_config_flag(name: str = "config") -> None:
+    """The ``--config FILE[:VARIANT]`` flag every absl command takes (locked: a mistyped key fails)."""
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(name, None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
+                                    lock_config=True)
+
+
+def emit_json(result: dict, out: str = "") -> None:
+    """A command's result as one JSON line on stdout, and as a file at ``out`` when given (atomic)."""
+    import json
+
+    from rice_jax import storage
+
+    print(json.dumps(result), flush=True)
+    if out:
+        storage.write_text_atomic(out, json.dumps(result, indent=1) + "\n")

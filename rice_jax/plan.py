@@ -35,14 +35,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # without this, libtpu's single-process lockfile makes the second one fail.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import json  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402 - after the environment above
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from rice_jax import batch as batch_contract, cli, errors, perf, sharding, storage, train  # noqa: E402
+from rice_jax import batch as batch_contract, cli, errors, perf, sharding, train  # noqa: E402
 
 MIB = 2**20
 
@@ -187,6 +185,14 @@ def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
     return out
 
 
+CLIP_VOCAB = 49408   # V when neither the flag nor the config sets it: a CLIP-sized BPE vocabulary
+
+
+def ocr_classes(c, given: int = 0) -> int:
+    """V for a plan: ``given`` (a flag), else the config's ``loss.num_ocr_classes``, else :data:`CLIP_VOCAB`."""
+    return given or c.loss.num_ocr_classes or CLIP_VOCAB
+
+
 def project(c, num_obj_classes: int, num_ocr_classes: int, image_size: int, devices: int, peak_per_device: float,
             mfu: float) -> dict:
     """Step time and throughput at an assumed MFU: model FLOPs (``train.model_flops``, the numerator
@@ -241,22 +247,18 @@ def main(argv):
     del argv
     F = flags.FLAGS
     c = cli.absl_config("config")
-    r = plan(c, F.topology, num_obj_classes=F.num_obj_classes,
-             num_ocr_classes=F.num_ocr_classes or c.loss.num_ocr_classes or 49408, mfu=F.mfu, stage=F.stage,
-             search=F.fit_search, log=lambda msg: print(msg, flush=True))
+    r = plan(c, F.topology, num_obj_classes=F.num_obj_classes, num_ocr_classes=ocr_classes(c, F.num_ocr_classes),
+             mfu=F.mfu, stage=F.stage, search=F.fit_search, log=lambda msg: print(msg, flush=True))
     print(format_report(r), flush=True)
-    print(json.dumps(r), flush=True)
-    if F.out:
-        storage.write_text_atomic(F.out, json.dumps(r, indent=1) + "\n")
+    cli.emit_json(r, F.out)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
-                                    lock_config=True)
+    cli.define_config_flag()
     flags.DEFINE_string("topology", "cpu:8", "v5p:4x4x4, v5e:16x16, v4:2x2x2, v6e:8x8, ... or cpu:N")
     flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M)")
     flags.DEFINE_integer("num_ocr_classes", 0, "V OCR token centres (0 = the config's loss.num_ocr_classes, or "
-                                               "49408 — a CLIP-sized BPE vocabulary — when that is 0 too)")
+                                               f"{CLIP_VOCAB} — a CLIP-sized BPE vocabulary — when that is 0 too)")
     flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the projected step time")
     flags.DEFINE_integer("stage", -1, "which stage's image size to compile (default: the last)")
     flags.DEFINE_bool("fit_search", True, "when the step does not fit, compile remat policies and microbatch "

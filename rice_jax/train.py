@@ -25,7 +25,6 @@ import optax
 from flax import nnx
 from absl import flags, logging
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
 from rice_jax import backbones, checkpoint, cli, distributed, errors, losses, optim, perf, sharding, storage
 from rice_jax import batch as batch_contract
@@ -562,8 +561,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
-                                    lock_config=True)
+    cli.define_config_flag()
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and logs go here")
     distributed.define_absl_flags()
     flags.mark_flags_as_required(["config", "workdir"])

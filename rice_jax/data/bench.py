@@ -23,14 +23,12 @@ line follows (``--out`` writes it too).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
-from rice_jax import cli, errors, perf, plan, storage
+from rice_jax import cli, errors, perf, plan
 from rice_jax.data import pipeline
 
 
@@ -102,8 +100,8 @@ def main(argv):
     if c.batch_size % hosts:
         raise errors.InputError(f"batch_size {c.batch_size} does not split over the {hosts} hosts of {F.topology}")
     spec = perf.chip(kind)
-    demand = plan.project(c, F.num_obj_classes, F.num_ocr_classes or c.loss.num_ocr_classes or 49408, image_size,
-                          chips, spec["bf16_flops"], F.mfu)
+    demand = plan.project(c, F.num_obj_classes, plan.ocr_classes(c, F.num_ocr_classes), image_size, chips,
+                          spec["bf16_flops"], F.mfu)
     per_host = demand["images_per_s"] / hosts
     supply = host_supply(data_dir, c, per_host_batch=c.batch_size // hosts, image_size=image_size,
                          seconds=F.seconds)
@@ -117,19 +115,16 @@ def main(argv):
     out = {"topology": F.topology, "chips": chips, "hosts": hosts, "demand_images_per_s": demand["images_per_s"],
            "demand_per_host": per_host, "mfu_assumed": F.mfu, "supply": supply,
            "ratio": supply["images_per_s"] / per_host, "verdict": head, "change": change}
-    print(json.dumps(out), flush=True)
-    if F.out:
-        storage.write_text_atomic(F.out, json.dumps(out, indent=1) + "\n")
+    cli.emit_json(out, F.out)
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "configs/FILE.py or rice_jax/configs/rice.py:VARIANT",
-                                    lock_config=True)
+    cli.define_config_flag()
     flags.DEFINE_string("data", "", "region records to read (default: the config's data.dir)")
     flags.DEFINE_string("topology", "v5p:4x4x4", "the target: a TPU chip grid (v5p:8x8x8, v6e:16x16) or GPUs (h100:64)")
     flags.DEFINE_integer("chips_per_host", 0, "chips one host drives (0 = the chip's usual: 4 for TPUs, 8 for GPUs)")
     flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M); enters the step's FLOPs")
-    flags.DEFINE_integer("num_ocr_classes", 0, "V OCR token centres (0 = the config's, or 49408)")
+    flags.DEFINE_integer("num_ocr_classes", 0, f"V OCR token centres (0 = the config's, or {plan.CLIP_VOCAB})")
     flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation of the chips")
     flags.DEFINE_integer("stage", -1, "which stage's image size to read (default: the last)")
     flags.DEFINE_float("seconds", 20.0, "how long to measure after the first batch")
