@@ -158,7 +158,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--num-images", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=48)   # batches per pipeline window (~2-4 s here)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args(argv)
     from rice_jax.data import photos, pipeline
