@@ -341,12 +341,11 @@ def make_stage_iter(c, tokenizer):
     ``data.workers`` resolves to on this host. A resumed stage passes its checkpoint's count instead:
     the iterator's saved state is per worker."""
     per_process_batch = c.batch_size // jax.process_count()
-    data = {k: v for k, v in c.data.items() if k != "dir"}
 
     def stage_iter(stage_idx: int, workers=None):
-        pcfg = pipeline.PipelineConfig(**dict(data, image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
-                                              seed=c.seed * 1000 + stage_idx,
-                                              workers=stage_iter.workers if workers is None else workers))
+        pcfg = pipeline.config_from_section(c.data, image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
+                                            seed=c.seed * 1000 + stage_idx,
+                                            workers=stage_iter.workers if workers is None else workers)
         return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
     stage_iter.workers = pipeline.resolve_workers(c.data.workers)
     return stage_iter

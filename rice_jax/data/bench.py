@@ -50,8 +50,7 @@ def topology_hosts(topology: str, chips_per_host: int = 0) -> tuple[str, int, in
 
 def host_supply(data_dir, c, *, per_host_batch: int, image_size: int, seconds: float) -> dict:
     """Images/s of this host's pipeline with the config's data settings, after its first batch."""
-    data = {k: v for k, v in c.data.items() if k != "dir"}
-    cfg = pipeline.PipelineConfig(**dict(data, image_size=image_size, batch_size=per_host_batch, seed=c.seed))
+    cfg = pipeline.config_from_section(c.data, image_size=image_size, batch_size=per_host_batch, seed=c.seed)
     workers = pipeline.resolve_workers(cfg.workers)
     t_start = time.perf_counter()
     it = iter(pipeline.make_dataset(data_dir, cfg, process_index=0, process_count=1))

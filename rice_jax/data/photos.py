@@ -50,14 +50,16 @@ def bundled_photos() -> list[Image.Image]:
 
 
 def photo_records(num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 480), (1024, 768)), *,
-                  regions: int = 10, quality: int = 90, seed: int = 0) -> Iterator[records.RegionRecord]:
+                  regions: int = 10, quality: int = 90, seed: int = 0,
+                  photos: Sequence[Image.Image] | None = None) -> Iterator[records.RegionRecord]:
     """``num_images`` records: a random crop (40-100 % of the side, any position) of a random bundled
     photo, resized to one of ``sizes`` (cycled: equal shares), JPEG at ``quality``, with ``regions``
     random object boxes (at least 1/8 of the short side). Each box's cluster and category are the
     index of the photo its crop came from (a weak label, but a real one), so the records train as
     they are — ``--config.loss.num_obj_classes`` = the number of bundled photos — for runs that
-    measure throughput on JPEGs (``data_wait_fraction``) without a clustering step first."""
-    photos = bundled_photos()
+    measure throughput on JPEGs (``data_wait_fraction``) without a clustering step first.
+    ``photos``: the source images (default: :func:`bundled_photos`)."""
+    photos = bundled_photos() if photos is None else photos
     rng = np.random.default_rng(seed)
     for i in range(num_images):
         w, h = sizes[i % len(sizes)]
@@ -83,11 +85,12 @@ def photo_records(num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 480
 def build(out: str, num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 480), (1024, 768)), *,
           regions: int = 10, num_shards: int = 4, seed: int = 0) -> dict:
     """Write ``num_images`` photo records as a region dataset at ``out``; returns its manifest."""
-    return records.write_records(photo_records(num_images, sizes, regions=regions, seed=seed), out,
+    photos = bundled_photos()
+    return records.write_records(photo_records(num_images, sizes, regions=regions, seed=seed, photos=photos), out,
                                  num_shards=num_shards,
                                  manifest_extra={"source": {"generator": "rice_jax.data.photos",
                                                             "sizes": [list(s) for s in sizes], "seed": seed,
-                                                            "photos": len(bundled_photos())}})
+                                                            "photos": len(photos)}})
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -70,10 +70,10 @@ class PipelineConfig:
 
 # Why processes on big hosts and threads on small ones (benchmarks/input_pipeline.py,
 # docs/performance.md). One example holds Python's lock for a few percent of its time (2 threads of
-# one process: 1.88-1.97x one thread): by Amdahl's law, T threads give 1 / (s + (1 - s) / T) cores at
+# one process: 1.86-1.99x one thread): by Amdahl's law, T threads give 1 / (s + (1 - s) / T) cores at
 # serial share s, which at s = 0.05 is 3.5 of 4 and only ~17 of 100. Worker processes have no shared
 # lock, but each image is copied once more (into shared memory and out) and the trainer's process
-# joins worker batches: on 2 cores threads beat 1-2 workers by 7-15 %. Threads lose more than that
+# joins worker batches: on 2 cores 1-2 workers deliver 0.83-1.01x the threads' rate. Threads lose more than that
 # from about four cores on (0.87 of 4 cores at s = 0.05), so from four cores the reading moves into
 # worker processes, one per core but the trainer's.
 MIN_CORES_FOR_WORKERS = 4
@@ -100,8 +100,7 @@ def auto_workers(cores: Optional[int] = None) -> int:
 
 
 def resolve_workers(workers) -> int:
-    """``data.workers`` as a number of Grain worker processes ("auto", an int, or an int as text:
-    ``--config.data.workers=8`` arrives as a string because the config's default is "auto")."""
+    """``data.workers`` as a number of Grain worker processes: "auto", an int, or an int as text."""
     if isinstance(workers, str) and workers.strip().lower() == "auto":
         return auto_workers()
     try:
@@ -131,6 +130,12 @@ def _concat(parts):
 
 
 PER_STAGE_FIELDS = ("image_size", "batch_size", "seed")
+
+
+def config_from_section(data, **per_stage) -> PipelineConfig:
+    """A training config's ``c.data`` section (its fields, plus ``dir``) with the per-stage fields (and
+    any others) set: the one way the train loop and the pre-flight check build the pipeline's config."""
+    return PipelineConfig(**{**{k: v for k, v in data.items() if k != "dir"}, **per_stage})
 
 
 def decode_image(rec: records.RegionRecord, at_least=None) -> Optional[Image.Image]:
