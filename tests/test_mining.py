@@ -342,7 +342,7 @@ def test_mine_kill9_then_rerun_equals_uninterrupted(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "rice_jax.data.mine", "--out", str(out), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / mine.MINING_DIR / "unit-00002.json"
+    marker = out / mine.MINING_DIR / "unit-000002.json"
     deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -418,11 +418,306 @@ def test_brace_expansion_and_input_errors(tmp_path):
     assert mine.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
     assert mine.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
     with pytest.raises(FileNotFoundError, match="2 file.s. missing"):
-        mine.plan_units(tar=str(tmp_path / "x{1..2}.tar"))
+        mine.resolve_tars(str(tmp_path / "x{1..2}.tar"))
+    with pytest.raises(FileNotFoundError, match="nothing matches"):
+        mine.resolve_tars(str(tmp_path / "*.tar"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        mine.plan_units(images=str(tmp_path / "empty"))
+        mine.mine(str(tmp_path / "o1"), images=str(tmp_path / "empty"), show_progress=False)
+    with pytest.raises(ValueError, match="sa1b-annotations is for --sa1b"):
+        mine.mine(str(tmp_path / "o2"), images=str(tmp_path / "empty"),
+                  settings=mine.MiningSettings(proposals=mine.ANNOTATIONS), show_progress=False)
     r = subprocess.run([sys.executable, "-m", "rice_jax.data.mine", "--out", str(tmp_path / "o"), "--images",
                         str(tmp_path / "empty")], capture_output=True, text=True, env={**os.environ,
                                                                                         "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "no image files" in r.stderr
+
+
+def test_presets_paper_settings_and_overrides():
+    p = mine.preset_settings("paper")
+    assert (p.min_image_short_edge, p.min_box_short_edge, p.ocr_min_confidence, p.max_proposals) == (336, 128, 0.7, 5)
+    assert mine.preset_settings("paper", max_proposals=8, ocr=None).max_proposals == 8
+    assert mine.preset_settings("default") == mine.MiningSettings()
+    with pytest.raises(ValueError, match="use one of default, paper"):
+        mine.preset_settings("huge")
+
+
+# ----------------------------------------------------------------------------- tar inputs at scale
+def _webdataset_tar(path: Path, keys: list[str], seed: int, size=(112, 112)) -> dict:
+    """A web-dataset tar: per key an image, a caption (.txt) and metadata (.json); returns key -> caption."""
+    captions = {}
+    with tarfile.open(path, "w") as tf:
+        for i, key in enumerate(keys):
+            img, *_ = synthetic.render_image(np.random.default_rng([seed, i]))
+            img = img.resize(size)
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            captions[key] = f"a caption for {key}"
+            meta = {"url": f"https://example.com/{key}.png", "original_width": 1024, "key": key,
+                    "exif": {"nested": "dropped"}}
+            for ext, data in (("png", buf.getvalue()), ("txt", captions[key].encode()),
+                              ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return captions
+
+
+def _unit_pids(out: Path) -> dict:
+    return {p.name: json.loads(p.read_text())["source"] for p in (out / mine.MINING_DIR).glob("unit-*.json")}
+
+
+def test_tars_damaged_skipped_counted_growing_and_metadata(tmp_path, capsys):
+    """An absolute glob of web-dataset tars, one truncated: rc 0, the good tars mined with their
+    captions/metadata, the damage counted with its reason; one more tar mines only it; the damaged
+    tar, once complete, is mined again; a tar that disappears is refused unless --forget-missing."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    captions = {}
+    for t in range(3):
+        captions.update(_webdataset_tar(shards / f"part-{t:03d}.tar", [f"s{t}{i:02d}" for i in range(3)], seed=t))
+    whole = (shards / "part-001.tar").read_bytes()
+    (shards / "part-001.tar").write_bytes(whole[:len(whole) // 2 + 100])   # still uploading / damaged
+    out = tmp_path / "mined"
+    args = ["--out", str(out), "--tar", str(shards / "*.tar"), "--proposals", "felzenszwalb", "--ocr", "none"]
+    m = mine.main(args)
+    imp = m["import"]
+    assert imp["damaged_tar"] == 1 and imp.get("skipped_sample_cut_by_damage", 0) <= 1
+    (bad,) = m["mining"]["damaged_units"]
+    assert bad["source"].endswith("part-001.tar") and bad["reason"] and bad["size"] == len(whole) // 2 + 100
+    recs = {r.image_id: r for r in records.RecordSource(out)}
+    good = {k for k in captions if not k.startswith("s1")}
+    assert good <= {Path(k).stem for k in recs} and len(recs) < 9
+    for key, r in recs.items():
+        stem = Path(key).stem
+        assert r.meta["caption"] == captions[stem] and r.meta["url"].endswith(f"{stem}.png")
+        assert r.meta["original_width"] == 1024 and "exif" not in r.meta
+    assert m["source"]["mined"] == {"tar": str(shards / "*.tar")}
+    # One more tar: only it is mined, the manifest grows.
+    captions.update(_webdataset_tar(shards / "part-003.tar", ["s300", "s301"], seed=3))
+    before = {p: p.stat().st_mtime_ns for p in (out / mine.MINING_DIR).glob("unit-*.json")}
+    capsys.readouterr()
+    m2 = mine.main(args)
+    assert "4 unit(s), 3 already done; 1 new unit(s)" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert m2["shards"] == m["shards"] + ["regions-000003.array_record"]
+    assert m2["num_images"] == m["num_images"] + 2
+    # The damaged tar arrives whole: a rerun mines it again (its size changed), nothing else.
+    (shards / "part-001.tar").write_bytes(whole)
+    capsys.readouterr()
+    m3 = mine.main(args)
+    assert "1 damaged unit(s) whose tar changed since" in capsys.readouterr().out
+    assert m3["mining"]["damaged_units"] == [] and "damaged_tar" not in m3["import"]
+    assert m3["num_images"] == 11 and {Path(r.image_id).stem for r in records.RecordSource(out)} == set(captions)
+    # A tar gone from the input: refused with what would be lost; --forget-missing drops it.
+    (shards / "part-000.tar").unlink()
+    with pytest.raises(ValueError, match=r"no longer names 1 unit\(s\) with 3 mined image\(s\) .first: .*part-000"):
+        mine.main(args)
+    m4 = mine.main([*args, "--forget-missing"])
+    assert m4["num_images"] == 8 and "regions-000000.array_record" not in m4["shards"]
+    assert not (out / "regions-000000.array_record").exists()
+
+
+def test_gcs_tars_stream_without_a_mount(tmp_path):
+    """``gs://`` patterns are listed and read through epath (here: the offline GCS stand-in)."""
+    from tests.fake_gcs import fake_gcs
+
+    bucket = tmp_path / "gcs" / "bucket" / "laion"
+    bucket.mkdir(parents=True)
+    for t in range(2):
+        _webdataset_tar(bucket / f"{t:05d}.tar", [f"k{t}{i}" for i in range(2)], seed=10 + t)
+    local = tmp_path / "local"
+    local.mkdir()
+    for t in range(2):
+        (local / f"{t:05d}.tar").write_bytes((bucket / f"{t:05d}.tar").read_bytes())
+    common = ["--proposals", "felzenszwalb", "--ocr", "none"]
+    with fake_gcs(str(tmp_path / "gcs")):
+        assert mine.resolve_tars("gs://bucket/laion/{00000..00001}.tar") == [
+            "gs://bucket/laion/00000.tar", "gs://bucket/laion/00001.tar"]
+        m = mine.main(["--out", str(tmp_path / "from_gcs"), "--tar", "gs://bucket/laion/*.tar", *common])
+    assert m["num_images"] == 4 and m["mining"]["damaged_units"] == []
+    mine.main(["--out", str(tmp_path / "from_local"), "--tar", str(local / "*.tar"), *common])
+    a, b = _dataset_bytes(tmp_path / "from_gcs"), _dataset_bytes(tmp_path / "from_local")
+    a.pop("manifest"), b.pop("manifest")
+    assert a == b
+
+
+def _sa1b_tar(path: Path, seed: int) -> dict:
+    """SA-1B's layout: ``sa_N.jpg`` + ``sa_N.json`` (image info + SAM masks with xywh boxes); the
+    JPEG is stored at half the annotated resolution (the boxes must be rescaled). Returns the
+    expected kept boxes per image under the paper's rules (short edge >= 128 px, top 5 by score)."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    with tarfile.open(path, "w") as tf:
+        for i in range(2):
+            name = f"sa_{seed * 10 + i}"
+            jw, jh = 1600, 1200
+            arr = rng.integers(0, 255, (jh // 2, jw // 2, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG")
+            anns, keep = [], []
+            for j in range(9):
+                # boxes spread over a grid (no two overlap, so NMS keeps all); short edges 100-500 json px
+                bw, bh = float(rng.integers(100, 500)), float(rng.integers(100, 380))
+                x, y = (j % 3) * 530.0, (j // 3) * 400.0
+                iou, stab = float(rng.uniform(0.8, 1.0)), float(rng.uniform(0.9, 1.0))
+                anns.append({"id": j, "bbox": [x, y, bw, bh], "area": bw * bh, "predicted_iou": iou,
+                             "stability_score": stab, "segmentation": {"size": [jh, jw], "counts": "xx"}})
+                if min(bw, bh) / 2 >= 128:
+                    keep.append((iou * stab, [x / 2, y / 2, (x + bw) / 2, (y + bh) / 2]))
+            keep.sort(key=lambda t: -t[0])
+            expected[f"{name}.jpg"] = np.asarray([b for _, b in keep[:5]], np.float32).reshape(-1, 4)
+            doc = {"image": {"image_id": seed * 10 + i, "width": jw, "height": jh, "file_name": f"{name}.jpg"},
+                   "annotations": anns}
+            for ext, data in (("jpg", buf.getvalue()), ("json", json.dumps(doc).encode())):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return expected
+
+
+def test_sa1b_tars_import_their_boxes_under_the_paper_rules(tmp_path):
+    expected = {}
+    for t in range(2):
+        expected.update(_sa1b_tar(tmp_path / f"sa_{t:06d}.tar", seed=t + 1))
+    out = tmp_path / "sa1b"
+    m = mine.main(["--out", str(out), "--sa1b", str(tmp_path / "sa_{000000..000001}.tar"), "--ocr", "none",
+                   "--preset", "paper"])
+    assert m["mining"]["settings"]["proposals"] == mine.ANNOTATIONS
+    assert m["mining"]["settings"]["max_proposals"] == 5 and m["import"]["annotation_boxes_read"] == 36
+    recs = {r.image_id: r for r in records.RecordSource(out)}
+    assert set(recs) == set(expected)
+    for key, r in recs.items():
+        assert (r.kind == records.KIND_OBJECT).all()
+        np.testing.assert_allclose(r.boxes, expected[key], atol=1e-3)
+        assert r.meta["file_name"] == key and r.meta["width"] == 1600
+    with pytest.raises(ValueError, match="drop --proposals"):
+        mine.main(["--out", str(tmp_path / "x"), "--sa1b", str(tmp_path / "sa_000000.tar"), "--proposals", "none"])
+
+
+def test_image_list_units_are_byte_ranges_that_cover_it_and_grow(tmp_path):
+    """An image list is cut into byte ranges read by seeking (no process lists it whole): the
+    units' lines are disjoint and cover the list whatever the line lengths; appending mines
+    only the new lines; rewriting the mined part is refused."""
+    rng = np.random.default_rng(0)
+    names = [f"{'d' * int(rng.integers(1, 30))}/img{i:05d}.png" for i in range(500)]
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(n + "\n" for n in names[:300]))
+    out = tmp_path / "o"
+    (out / mine.MINING_DIR).mkdir(parents=True)
+    settings = mine.MiningSettings()
+    _, units, _ = mine.reconcile_plan(out, settings, "image_list", str(lst), images_per_unit=16)
+    got = [list(mine._list_lines(u)) for u in units]
+    assert [n for g in got for n in g] == names[:300]
+    assert 12 <= len(units) <= 28 and max(map(len, got)) <= 40
+    with open(lst, "a") as f:
+        f.write("".join(n + "\n" for n in names[300:]))
+    _, units2, change = mine.reconcile_plan(out, settings, "image_list", str(lst), images_per_unit=16)
+    assert units2[:len(units)] == units and "new unit(s)" in change
+    assert [n for u in units2[len(units):] for n in mine._list_lines(u)] == names[300:]
+    lst.write_text("".join(n + "\n" for n in names[1:]))
+    with pytest.raises(ValueError, match="rewritten, not appended"):
+        mine.reconcile_plan(out, settings, "image_list", str(lst), images_per_unit=16)
+
+
+def test_image_list_mines_relative_and_absolute_entries(tmp_path):
+    folder, truth = _image_folder(tmp_path / "imgs", 4, seed=6)
+    lst = tmp_path / "imgs" / "files.txt"
+    names = sorted(truth)
+    lst.write_text(f"{names[0]}\n{folder / names[1]}\n# a comment\n{names[2]}\nmissing.png\n{names[3]}\n")
+    m = mine.main(["--out", str(tmp_path / "o"), "--image-list", str(lst), "--proposals", "felzenszwalb",
+                   "--ocr", "none", "--images-per-unit", "2"])
+    assert m["num_images"] == 4 and m["import"]["skipped_missing_file"] == 1
+    assert m["source"]["mined"] == {"image_list": str(lst)}
+
+
+# ----------------------------------------------------------------------------- OCR results, tokenizer at scale
+def test_paddle_line_results_are_indexed_once_and_read_per_image(tmp_path, capsys):
+    lines = tmp_path / "ocr.jsonl"
+    docs = [{"input_path": f"/data/im{i}.jpg", "rec_texts": [f"w{i}"], "rec_scores": [0.9],
+             "rec_polys": [[[1, 1], [9, 1], [9, 5], [1, 5]]]} for i in range(50)]
+    lines.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    idx = tmp_path / "index"
+    eng = ocr.PaddleResults(lines, index_dir=idx).prepare()
+    assert "indexed 50 PaddleOCR result lines" in capsys.readouterr().out
+    stats = coco.ImportStats()
+    img = np.zeros((10, 10, 3), np.uint8)
+    assert [r.text for r in eng(img, "x/im7.jpg", stats)] == ["w7"]
+    assert [r.text for r in eng(img, "im49.jpg", stats)] == ["w49"] and eng(img, "im50.jpg", stats) == []
+    assert eng.by_name == {}            # nothing held in memory but the index
+    ocr.PaddleResults(lines, index_dir=idx).prepare()
+    assert "indexed" not in capsys.readouterr().out      # current index: reused
+    with open(lines, "a") as f:
+        f.write(json.dumps({**docs[0], "rec_texts": ["again"]}) + "\n")
+    with pytest.raises(ValueError, match=r"ocr.jsonl:51: results for 'im0.jpg' appear twice"):
+        ocr.PaddleResults(lines, index_dir=idx).prepare()
+    with pytest.raises(ValueError, match=r"ocr.jsonl:51: results for 'im0.jpg' appear twice"):
+        ocr.PaddleResults(lines)
+
+
+def test_tokenizer_from_a_sample_and_adopted(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from rice_jax.data import tokenizer
+
+    data = tmp_path / "data"
+    synthetic.build(str(data), 40, seed=1, num_shards=2)
+    texts = {i: tokenizer.record_transcripts(records.RecordSource(data).raw(i)) for i in range(40)}
+    idx = tokenizer.sample_indices(40, 10, seed=3)
+    assert len(set(idx)) == 10 and list(idx) == sorted(idx)
+    np.testing.assert_array_equal(idx, tokenizer.sample_indices(40, 10, seed=3))
+    assert not np.array_equal(idx, tokenizer.sample_indices(40, 10, seed=4))
+    assert texts[int(idx[0])] == [t for t, k in zip(records.RecordSource(data)[int(idx[0])].text,
+                                                   records.RecordSource(data)[int(idx[0])].kind) if k == 1 and t]
+    tok = tokenizer.build_for_dataset(data, vocab_size=80, sample=10, seed=3, show_progress=False)
+    entry = records.read_manifest(data)["tokenizer"]
+    assert entry["sample"] == {"records": 10, "seed": 3} and entry["records_read"] == 10
+    assert entry["trained_on"] == sum(len(texts[int(i)]) for i in idx) and entry["of_records"] == 40
+    assert tok.vocab_size <= 80
+    # Adopt a folder's tokenizer.json (one with start/end tokens, as CLIP's has): copied, recorded, no specials.
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(["open", "shop", "sale"])}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    hf = tmp_path / "hf_tok"
+    hf.mkdir()
+    t.save(str(hf / "tokenizer.json"))
+    assert t.encode("shop").ids == [1, 4, 2]
+    tokenizer.main(["--data", str(data), "--tokenizer", f"hf:{hf}"])
+    entry = records.read_manifest(data)["tokenizer"]
+    assert entry["adopted_from"] == str(hf) and entry["vocab_size"] == 6
+    adopted = tokenizer.for_dataset(data)
+    assert adopted.encode("Open SHOP sale shop", 5).tolist() == [3, 4, 5, -1, -1]
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        tokenizer.adopt(data, tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- SAM's device
+def test_sam_device_selection_here(tmp_path):
+    import torch
+
+    assert proposals.resolve_device("cpu") == "cpu"
+    assert proposals.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="use auto, cpu, cuda"):
+        proposals.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no GPU"):
+            proposals.resolve_device("cuda")
+    d = _tiny_sam(tmp_path / "sam")
+    prop = proposals.parse(f"sam:{d},points=4,batch=8,device=auto")
+    assert str(prop.device).startswith(proposals.resolve_device("auto"))
+    assert prop.settings.points_per_batch == 8
+    assert mine._gpus_for(mine.MiningSettings(proposals=f"sam:{d},device=cpu")) == 0
+    assert mine._gpus_for(mine.MiningSettings(proposals="felzenszwalb")) == 0
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a GPU")
+def test_sam_on_the_gpu_matches_the_cpu(tmp_path):
+    d = _tiny_sam(tmp_path / "sam")
+    img, _ = _shapes_on_photo(np.random.default_rng(2), _photos()[0], size=(300, 200))
+    kw = dict(points_per_side=6, pred_iou_thresh=0.0, stability_thresh=0.0)
+    gpu = proposals.Sam(str(d), proposals.SamSettings(device="cuda", **kw))
+    cpu = proposals.Sam(str(d), proposals.SamSettings(device="cpu", **kw))
+    assert str(gpu.device).startswith("cuda")
+    (bg, sg), (bc, sc) = gpu(img), cpu(img)
+    assert len(bg) == len(bc) and np.abs(bg - bc).max() <= 4.0 and np.abs(sg - sc).max() < 1e-2

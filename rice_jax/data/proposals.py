@@ -184,27 +184,53 @@ def _resize(image: np.ndarray, f: float) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class SamSettings:
     points_per_side: int = 16         # grid of point prompts (SAM's automatic generator: 32)
-    points_per_batch: int = 64
+    points_per_batch: int = 0         # prompts per decoder call; 0: the whole grid on a GPU, 64 on a CPU
     pred_iou_thresh: float = 0.88     # SAM's automatic-mask-generator defaults
     stability_thresh: float = 0.95
     stability_offset: float = 1.0
+    device: str = "auto"              # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
     filter: BoxFilter = BoxFilter()
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is checked and kept.
+
+    Under Ray (``--ray-gpus-per-unit 1``) and in the local pool each worker process sees only its
+    own GPU (``CUDA_VISIBLE_DEVICES``), so ``cuda`` is that worker's GPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise errors.InputError(f"sam device={device}: torch sees no GPU here (torch {torch.__version__}, "
+                                    "CPU build?); use device=cpu or device=auto")
+        return device
+    if device != "cpu":
+        raise errors.InputError(f"sam device={device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
 class Sam:
-    """Segment Anything (``SamModel``) from a local ``transformers`` directory.
+    """Segment Anything (``SamModel``) from a local ``transformers`` directory, on a GPU when there is one.
 
-    One image embedding per image, then the point grid in batches; each point gives the
-    multimask outputs; a mask is kept when its predicted IoU and its stability score (IoU of the
-    mask thresholded at ±offset in logit space) pass the thresholds. Boxes come from the
-    low-resolution logits (> 0), mapped from the model's input frame back to image pixels.
-    Deterministic: CPU inference in eval mode, no sampling."""
+    One image embedding per image, then the point grid in batches (the whole grid in one decoder
+    call on a GPU); each point gives the multimask outputs; a mask is kept when its predicted IoU
+    and its stability score (IoU of the mask thresholded at ±offset in logit space) pass the
+    thresholds. Thresholds and boxes are computed where the logits are (:meth:`_boxes_from_logits`,
+    vectorised torch), so only the kept boxes and their scores come back to the host — not the
+    3 x 1024 low-resolution masks of an image. Boxes come from the low-resolution logits (> 0),
+    mapped from the model's input frame back to image pixels. Deterministic on a CPU (eval mode,
+    no sampling); on a GPU within floating-point reduction order.
 
-    def __init__(self, model_dir: str, settings: SamSettings = SamSettings(), device: str = "cpu"):
-        import torch
+    TPUs: transformers' SAM is PyTorch, so it does not run on a TPU host's chips. Mine on GPU
+    nodes (``--engine ray --ray-gpus-per-unit 1``) or with the weight-free proposer on the TPU
+    hosts' CPUs, then train on the TPUs (docs/data.md, "Mining on a cluster")."""
+
+    def __init__(self, model_dir: str, settings: SamSettings = SamSettings(), load: bool = True):
         from transformers import AutoConfig
 
-        self.settings, self.device = settings, device
+        self.settings = settings
         path = Path(model_dir)
         if not (path / "config.json").exists():
             raise errors.MissingInput(f"{path}/config.json not found: --proposals sam:DIR needs a local "
@@ -216,15 +242,20 @@ class Sam:
                              "SamModel folder (SAM ViT-B/L/H, SlimSAM, ...)")
         if self.kind != "sam":
             raise errors.InputError(f"{path}: model_type {cfg.model_type!r} is not a SAM model")
-        from transformers import SamModel
-
-        self.model = SamModel.from_pretrained(path, local_files_only=True).eval().to(device)
+        self.device = resolve_device(settings.device)
         self.input_size = int(cfg.prompt_encoder_config.image_size)   # the frame of points and masks
         pre = path / "preprocessor_config.json"
         p = json.loads(pre.read_text()) if pre.exists() else {}
         self.mean = np.asarray(p.get("image_mean", [0.485, 0.456, 0.406]), np.float32)
         self.std = np.asarray(p.get("image_std", [0.229, 0.224, 0.225]), np.float32)
-        self.torch = torch
+        self.batch = settings.points_per_batch or (settings.points_per_side ** 2 if self.device != "cpu" else 64)
+        self.model = None
+        if load:
+            import torch
+            from transformers import SamModel
+
+            self.torch = torch
+            self.model = SamModel.from_pretrained(path, local_files_only=True).eval().to(self.device)
 
     def _preprocess(self, image: np.ndarray):
         """As SAM's processor: long side -> input size, pad bottom/right, normalise."""
@@ -248,38 +279,45 @@ class Sam:
         n = st.points_per_side
         # Grid cell centres over the resized (unpadded) image, in the model's input frame.
         gx, gy = np.meshgrid((np.arange(n) + 0.5) / n * nw, (np.arange(n) + 0.5) / n * nh)
-        points = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
+        points = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)).to(self.device)
         boxes, scores = [], []
         with torch.inference_mode():
             emb = self.model.get_image_embeddings(torch.from_numpy(pixels).to(self.device))
-            for i in range(0, len(points), st.points_per_batch):
-                pts = torch.from_numpy(points[i:i + st.points_per_batch])[None, :, None, :].to(self.device)
-                out = self.model(image_embeddings=emb, input_points=pts, multimask_output=True)
-                logits = out.pred_masks[0].float().cpu().numpy()       # [P, M, r, r] over the input frame
-                iou = out.iou_scores[0].float().cpu().numpy()          # [P, M]
-                b, s = self._boxes_from_logits(logits.reshape(-1, *logits.shape[-2:]), iou.reshape(-1))
+            for i in range(0, len(points), self.batch):
+                out = self.model(image_embeddings=emb, input_points=points[i:i + self.batch][None, :, None, :],
+                                 multimask_output=True)
+                logits = out.pred_masks[0].float()                      # [P, M, r, r] over the input frame
+                b, s = self._boxes_from_logits(logits.reshape(-1, *logits.shape[-2:]),
+                                               out.iou_scores[0].float().reshape(-1))
                 boxes.append(b), scores.append(s)
         boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
         scores = np.concatenate(scores) if scores else np.zeros((0,), np.float32)
         boxes = boxes * np.array([1 / fx, 1 / fy, 1 / fx, 1 / fy], np.float32)
         return st.filter(boxes, scores, w, h)
 
-    def _boxes_from_logits(self, logits: np.ndarray, iou: np.ndarray):
+    def _boxes_from_logits(self, logits, iou):
+        """Kept masks' boxes (input-frame pixels) and scores (predicted IoU x stability), as numpy.
+
+        ``logits`` ``[N, r, r]`` and ``iou`` ``[N]`` stay where they are (torch tensors on the
+        model's device, or arrays); only the kept rows are copied back."""
+        import torch
+
         st = self.settings
+        logits, iou = torch.as_tensor(logits), torch.as_tensor(iou).to(torch.as_tensor(logits).device)
         hi = (logits > st.stability_offset).sum((1, 2))
         lo = (logits > -st.stability_offset).sum((1, 2))
-        stability = hi / np.maximum(lo, 1)
-        nonempty = (logits > 0).any((1, 2))
-        keep = (iou >= st.pred_iou_thresh) & (stability >= st.stability_thresh) & nonempty
-        masks = logits[keep] > 0
-        cell = self.input_size / logits.shape[-1]                     # input pixels per low-res cell
-        rows, cols = masks.any(2), masks.any(1)
-        out = np.zeros((len(masks), 4), np.float32)
-        for j in range(len(masks)):
-            ys, xs = np.nonzero(rows[j])[0], np.nonzero(cols[j])[0]
-            if len(ys) and len(xs):
-                out[j] = [xs[0] * cell, ys[0] * cell, (xs[-1] + 1) * cell, (ys[-1] + 1) * cell]
-        return out, (iou[keep] * stability[keep]).astype(np.float32)
+        stability = hi / lo.clamp(min=1)
+        masks = logits > 0
+        rows, cols = masks.any(2), masks.any(1)                         # [N, r]: rows / columns the mask touches
+        keep = (iou >= st.pred_iou_thresh) & (stability >= st.stability_thresh) & rows.any(1)
+        r = logits.shape[-1]
+        idx = torch.arange(r, device=logits.device)
+        first = lambda m: torch.where(m, idx, r).amin(1)                # noqa: E731
+        last = lambda m: torch.where(m, idx, -1).amax(1) + 1            # noqa: E731
+        cell = self.input_size / r                                      # input pixels per low-res cell
+        boxes = torch.stack([first(cols), first(rows), last(cols), last(rows)], 1)[keep].float() * cell
+        return (boxes.cpu().numpy().astype(np.float32),
+                (iou * stability)[keep].float().cpu().numpy().astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -300,9 +338,12 @@ def _options(text: str) -> dict[str, str]:
     return out
 
 
-def parse(spec: str, *, min_short_edge: float = 0.0, max_per_image: int = 16, nms_iou: float = 0.7):
-    """``felzenszwalb[:scales=A+B+C,sigma=S,pairs=0|1,work=PX]`` | ``sam:DIR[,points=N,iou=T,stability=T]``
-    | ``none``. Size rules (short edge, top-k, NMS IoU) are shared by all proposers."""
+def parse(spec: str, *, min_short_edge: float = 0.0, max_per_image: int = 16, nms_iou: float = 0.7,
+          load: bool = True):
+    """``felzenszwalb[:scales=A+B+C,sigma=S,pairs=0|1,work=PX]`` |
+    ``sam:DIR[,points=N,iou=T,stability=T,batch=N,device=auto|cpu|cuda]`` | ``none``. Size rules
+    (short edge, top-k, NMS IoU) are shared by all proposers. ``load=False`` checks the spec (and
+    a SAM folder's config) without loading weights: the driver's check, before workers start."""
     name, _, rest = spec.partition(":")
     box_filter = BoxFilter(min_short_edge=min_short_edge, max_per_image=max_per_image, nms_iou=nms_iou)
     if name == "none":
@@ -328,10 +369,11 @@ def parse(spec: str, *, min_short_edge: float = 0.0, max_per_image: int = 16, nm
         o = _options(opts)
         kw = {}
         for key, field, typ in (("points", "points_per_side", int), ("iou", "pred_iou_thresh", float),
-                                ("stability", "stability_thresh", float), ("batch", "points_per_batch", int)):
+                                ("stability", "stability_thresh", float), ("batch", "points_per_batch", int),
+                                ("device", "device", str)):
             if key in o:
                 kw[field] = typ(o.pop(key))
         if o:
-            raise errors.InputError(f"sam: unknown option(s) {sorted(o)} (points, iou, stability, batch)")
-        return Sam(model_dir, SamSettings(filter=box_filter, **kw))
+            raise errors.InputError(f"sam: unknown option(s) {sorted(o)} (points, iou, stability, batch, device)")
+        return Sam(model_dir, SamSettings(filter=box_filter, **kw), load=load)
     raise errors.InputError(f"--proposals {spec!r}: use felzenszwalb[:options], sam:DIR[,options] or none")

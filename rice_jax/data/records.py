@@ -12,6 +12,8 @@ A record (schema version 1) is a msgpack map::
     cluster    [R]      int32: an object cluster id stored in the record; -1 (what every importer writes)
     text       [R]      str: OCR transcript ("" for objects)
     category   [R]      int32: ground-truth category, -1 unknown (evaluation only)
+    meta       map      optional: what the source said about the image (a web-dataset sample's
+                        caption, url, original size); absent when empty, so older shards read the same
 
 Arrays are raw little-endian bytes; ``R`` is implied by ``len(kind)``. The
 manifest (``manifest.json``) holds counts, the schema version, the shard
@@ -57,6 +59,7 @@ class RegionRecord:
     cluster: np.ndarray               # [R] int32
     text: list[str]                   # [R]
     category: np.ndarray              # [R] int32
+    meta: dict = dataclasses.field(default_factory=dict)   # source metadata (caption, url, ...): JSON-like
 
     @property
     def num_regions(self) -> int:
@@ -64,17 +67,19 @@ class RegionRecord:
 
     @classmethod
     def new(cls, image: bytes, fmt: str, height: int, width: int, image_id: str, boxes, kind,
-            text=None, category=None, cluster=None) -> "RegionRecord":
+            text=None, category=None, cluster=None, meta=None) -> "RegionRecord":
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         r = boxes.shape[0]
         return cls(image=image, format=fmt, height=int(height), width=int(width), image_id=str(image_id),
                    boxes=boxes, kind=np.asarray(kind, np.int8).reshape(r),
                    cluster=np.full(r, -1, np.int32) if cluster is None else np.asarray(cluster, np.int32).reshape(r),
                    text=list(text) if text is not None else [""] * r,
-                   category=np.full(r, -1, np.int32) if category is None else np.asarray(category, np.int32).reshape(r))
+                   category=np.full(r, -1, np.int32) if category is None else np.asarray(category, np.int32).reshape(r),
+                   meta=dict(meta or {}))
 
 
 def encode(rec: RegionRecord) -> bytes:
+    extra = {"meta": rec.meta} if rec.meta else {}
     return msgpack.packb({
         "v": SCHEMA_VERSION, "image": rec.image, "format": rec.format, "height": rec.height,
         "width": rec.width, "image_id": rec.image_id,
@@ -83,6 +88,7 @@ def encode(rec: RegionRecord) -> bytes:
         "cluster": np.ascontiguousarray(rec.cluster, "<i4").tobytes(),
         "text": list(rec.text),
         "category": np.ascontiguousarray(rec.category, "<i4").tobytes(),
+        **extra,
     }, use_bin_type=True)
 
 
@@ -112,7 +118,9 @@ def decode(data: bytes, where: str = "record") -> RegionRecord:
     rec = RegionRecord(image=d["image"], format=d["format"], height=d["height"], width=d["width"],
                        image_id=d["image_id"], boxes=arr("boxes", "<f4", 4).astype(np.float32), kind=kind,
                        cluster=arr("cluster", "<i4", 1).astype(np.int32), text=d["text"],
-                       category=arr("category", "<i4", 1).astype(np.int32))
+                       category=arr("category", "<i4", 1).astype(np.int32), meta=d.get("meta") or {})
+    if not isinstance(rec.meta, dict):
+        raise RecordError(f"{where}: field 'meta' is {type(rec.meta).__name__}, expected a map")
     validate(rec, where)
     return rec
 
