@@ -1,5 +1,9 @@
 """Region mining throughput on this machine: images/s per proposer and for OCR, and the projected
-cost of mining the paper's 400M images.
+cost of mining the paper's 400M images; and what the scale paths cost: a whole ``mine --tar
+--preset paper`` run (tar streaming + decoding + records), indexing PaddleOCR results once (then
+one seek per image), and the tokenizer trained on a sample of records. SAM is timed on the CPU
+and, where torch sees one, on the GPU (the whole point grid in one decoder call, masks -> boxes
+on the device).
 
 Inputs: crops of the photos scikit-learn ships (427 x 640, the size class of LAION/COYO images
 after the paper's >= 336 px filter) with shapes and words drawn on them, and the quickstart's
@@ -63,7 +67,7 @@ def _rate(fn, images) -> dict:
             "regions_per_image": n_out / len(images)}
 
 
-def _sam(tmp: str, points: int, smoke: bool):
+def _sam(tmp: str, points: int, smoke: bool, device: str = "cpu"):
     import torch
     from transformers import SamConfig, SamModel
 
@@ -76,7 +80,75 @@ def _sam(tmp: str, points: int, smoke: bool):
         prompt_encoder_config=dict(hidden_size=32, image_size=256, mask_input_channels=4),
         mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32))
     SamModel(cfg).eval().save_pretrained(tmp)
-    return proposals.parse(f"sam:{tmp},points={points},iou=0,stability=0")
+    return proposals.parse(f"sam:{tmp},points={points},iou=0,stability=0,device={device}")
+
+
+def _end_to_end(tmp: str, photos: list[np.ndarray], workers: int) -> dict:
+    """``mine --tar ... --preset paper`` over web-dataset tars of the photos (captions + json carried):
+    tar streaming, decoding, Felzenszwalb + RapidOCR, record writing, in a pool of ``workers``."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    from rice_jax.data import mine
+
+    per_tar = max(1, len(photos) // 2)
+    for t in range(2):
+        with tarfile.open(os.path.join(tmp, f"{t:05d}.tar"), "w") as tf:
+            for i, im in enumerate(photos[t * per_tar:(t + 1) * per_tar]):
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="JPEG", quality=90)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", b"a caption"),
+                                  ("json", json.dumps({"url": "https://example.com/x.jpg", "width": 640}).encode())):
+                    info = tarfile.TarInfo(f"{t}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    t0 = time.perf_counter()
+    m = mine.mine(os.path.join(tmp, "out"), tar=os.path.join(tmp, "*.tar"), workers=workers,
+                  settings=mine.preset_settings("paper", proposals="felzenszwalb", ocr="rapidocr"), show_progress=False)
+    s = time.perf_counter() - t0
+    return {"images": m["num_images"], "seconds": s, "images_per_s": m["num_images"] / s, "workers": workers,
+            "regions_per_image": (m["num_object_regions"] + m["num_text_regions"]) / max(1, m["num_images"]),
+            "objects_per_image": m["num_object_regions"] / max(1, m["num_images"])}
+
+
+def _paddle_index(tmp: str, lines: int) -> dict:
+    """Index a PaddleOCR JSON-lines results file once, then look images up at random (one seek each)."""
+    import json
+
+    from rice_jax.data import coco, ocr
+
+    path = os.path.join(tmp, "ocr.jsonl")
+    with open(path, "w") as f:
+        for i in range(lines):
+            f.write(json.dumps({"input_path": f"/data/{i:09d}.jpg", "rec_texts": ["word", "two"],
+                                "rec_scores": [0.9, 0.8], "rec_polys": [[[1, 1], [9, 1], [9, 5], [1, 5]]] * 2}) + "\n")
+    t0 = time.perf_counter()
+    eng = ocr.PaddleResults(path, index_dir=os.path.join(tmp, "idx")).prepare()
+    index_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    keys = [f"{i:09d}.jpg" for i in rng.integers(0, lines, 2000)]
+    stats, img = coco.ImportStats(), np.zeros((8, 8, 3), np.uint8)
+    t0 = time.perf_counter()
+    for k in keys:
+        eng(img, k, stats)
+    look_s = time.perf_counter() - t0
+    return {"lines": lines, "index_s": index_s, "index_lines_per_s": lines / index_s,
+            "lookups_per_s": len(keys) / look_s, "file_mib": os.path.getsize(path) / 2 ** 20}
+
+
+def _tokenizer_sample(tmp: str, n: int) -> dict:
+    """Train the tokenizer on a sample of a synthetic dataset's records (bytes read, images never decoded)."""
+    from rice_jax.data import synthetic, tokenizer
+
+    data = os.path.join(tmp, "tok")
+    synthetic.build(data, n, seed=0, num_shards=4)
+    t0 = time.perf_counter()
+    tokenizer.build_for_dataset(data, vocab_size=256, sample=n // 2, seed=0, show_progress=False)
+    s = time.perf_counter() - t0
+    return {"records_read": n // 2, "seconds": s, "records_per_s": n // 2 / s}
 
 
 def main(argv=None):
@@ -95,9 +167,25 @@ def main(argv=None):
     stats = coco.ImportStats()
     rows["rapidocr_photo"] = _rate(lambda im: engine(im, "x", stats), photos)
     rows["rapidocr_synthetic"] = _rate(lambda im: engine(im, "x", stats), syn)
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
-        for pts in ((16,) if a.smoke else (16, 32)):  # smoke: the plumbing once
-            rows[f"sam_vit_b_points{pts}_photo"] = _rate(_sam(tmp, pts, a.smoke), photos[:n_sam])
+        for dev in devices:
+            for pts in ((16,) if a.smoke else (16, 32)):  # smoke: the plumbing once
+                sam = _sam(tmp, pts, a.smoke, dev)
+                key = f"sam_vit_b_points{pts}_photo" + ("" if dev == "cpu" else f"_{dev}")
+                rows[key] = {**_rate(sam, photos[:n_sam] if dev == "cpu" else photos), "device": dev,
+                             "points_per_batch": sam.batch}
+    scale = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        scale["mine_tar_paper_preset"] = _end_to_end(tmp, photos, workers=min(2, os.cpu_count()))
+    with tempfile.TemporaryDirectory() as tmp:
+        scale["paddle_index"] = _paddle_index(tmp, 2000 if a.smoke else 200_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        scale["tokenizer_sample"] = _tokenizer_sample(tmp, 64 if a.smoke else 2000)
+    for k, v in scale.items():
+        print(f"[mining bench] {k}: {v}", flush=True)
     for k, v in rows.items():
         print(f"[mining bench] {k}: {v['images_per_s']:.3g} images/s ({v['regions_per_image']:.1f} regions/image)",
               flush=True)
@@ -111,9 +199,12 @@ def main(argv=None):
         "felzenszwalb_plus_rapidocr_core_hours": per_core_h["felzenszwalb_photo"] + per_core_h["rapidocr_photo"],
         "assumption": f"the throughput measured here on {cores} CPU cores scales linearly with cores (units are "
                       "independent; no shared state); images of the photos' size (427 x 640)",
+        "paddle_index_hours_50M": 50e6 / scale["paddle_index"]["index_lines_per_s"] / 3600,
+        "paper_preset_regions_400M": PAPER_IMAGES * scale["mine_tar_paper_preset"]["regions_per_image"],
     }
     return report("mining" if not a.smoke else "mining_smoke",
-                  {"methods": rows, "projection": projection, "sam_weights": "random (architecture cost only)"},
+                  {"methods": rows, "scale": scale, "projection": projection, "gpu": devices[1:] or None,
+                   "sam_weights": "random (architecture cost only)"},
                   write=not a.smoke)
 
 

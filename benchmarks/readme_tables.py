@@ -7,6 +7,7 @@ page, or in two, is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -237,18 +238,22 @@ def mining() -> str:
              "felzenszwalb_synthetic": ("Felzenszwalb proposals (default)", "synthetic 96–128 px"),
              "rapidocr_photo": ("RapidOCR (PP-OCRv4 det + rec, ONNX)", "photo 427×640"),
              "rapidocr_synthetic": ("RapidOCR (PP-OCRv4 det + rec, ONNX)", "synthetic 96–128 px"),
-             "sam_vit_b_points16_photo": ("SAM ViT-B, 16×16 point grid", "photo 427×640"),
-             "sam_vit_b_points32_photo": ("SAM ViT-B, 32×32 point grid (SAM's automatic setting)", "photo 427×640")}
+             "sam_vit_b_points16_photo": ("SAM ViT-B, 16×16 point grid, CPU", "photo 427×640"),
+             "sam_vit_b_points32_photo": ("SAM ViT-B, 32×32 point grid (SAM's automatic setting), CPU",
+                                          "photo 427×640"),
+             "sam_vit_b_points16_photo_cuda": ("SAM ViT-B, 16×16 point grid, GPU", "photo 427×640"),
+             "sam_vit_b_points32_photo_cuda": ("SAM ViT-B, 32×32 point grid, GPU", "photo 427×640")}
     p = r["projection"]
     cores = p["cores_here"]
+    gpu = f"GPU: {', '.join(r['gpu'])}" if r.get("gpu") else "no GPU was lent for this run, so no GPU rows"
     rows = [f"Measured on this machine ({cores} CPU cores, one process; SAM with random weights of the real "
-            "ViT-B architecture — the cost does not depend on the weights; no GPU).", "",
+            f"ViT-B architecture — the cost does not depend on the weights; {gpu}).", "",
             f"| step | images | images / s | regions / image | core-hours for {p['paper_images'] / 1e6:.0f}M images |",
             "|---|---|---|---|---|"]
     for key, (label, what) in names.items():
         m = r["methods"].get(key)
         if m:
-            ch = p["core_hours"].get(key)
+            ch = p["core_hours"].get(key) if "cuda" not in key else None
             regions = "— (random weights)" if key.startswith("sam") else f"{m['regions_per_image']:.1f}"
             rows.append(f"| {label} | {what} | {m['images_per_s']:.3g} | {regions} | "
                         f"{f'{ch:,.0f}' if ch else '—'} |")
@@ -256,6 +261,52 @@ def mining() -> str:
                  f"{p['felzenszwalb_plus_rapidocr_core_hours']:,.0f} core-hours, e.g. "
                  f"{p['felzenszwalb_plus_rapidocr_core_hours'] / 1000 / 24:,.1f} days on 1,000 cores. SAM belongs on "
                  "GPUs (`--engine ray --ray-gpus-per-unit 1`); its CPU row is here to size that choice, not as a plan."]
+    sc = r.get("scale")
+    if sc:
+        e, pi, tk = sc["mine_tar_paper_preset"], sc["paddle_index"], sc["tokenizer_sample"]
+        rows += ["", "The scale paths, measured in the same run:", "",
+                 "| path | measured | at the paper's scale |", "|---|---|---|",
+                 f"| `mine --tar ... --preset paper` end to end (tar streaming, JPEG decoding, Felzenszwalb + "
+                 f"RapidOCR, records; {e['workers']} workers, pool start-up included) | {e['images']} photos in "
+                 f"{e['seconds']:.1f} s = {e['images_per_s']:.2f} img/s; {e['objects_per_image']:.1f} objects + "
+                 f"{e['regions_per_image'] - e['objects_per_image']:.1f} texts / image | "
+                 f"{p['paper_preset_regions_400M'] / 1e9:.1f}B regions from 400M images (paper: ~2B) |",
+                 f"| PaddleOCR results (JSON lines) indexed once, then one seek per image | {pi['lines']:,} lines "
+                 f"({pi['file_mib']:.0f} MiB) in {pi['index_s']:.1f} s = {pi['index_lines_per_s']:,.0f} lines/s; "
+                 f"{pi['lookups_per_s']:,.0f} look-ups/s per worker | 50M images: "
+                 f"{p['paddle_index_hours_50M']:.1f} h of indexing, once, in the driver |",
+                 f"| tokenizer trained on a sample (`--sample`), records read without decoding images | "
+                 f"{tk['records_read']:,} records in {tk['seconds']:.2f} s = {tk['records_per_s']:,.0f} records/s | "
+                 f"a 2M-record sample: {2e6 / tk['records_per_s'] / 60:,.0f} min |"]
+    return "\n".join(rows)
+
+
+def mining_presets() -> str:
+    """The settings table of docs/data.md: defaults, the paper preset, and what each setting costs."""
+    from rice_jax.data import mine
+
+    d, paper, r = mine.MiningSettings(), mine.preset_settings("paper"), _load("mining")
+    objects = (r or {}).get("scale", {}).get("mine_tar_paper_preset", {}).get("objects_per_image")
+    regions = {n: 400e6 * n for n in (d.max_proposals, paper.max_proposals)}   # object regions, at most
+    feat_tb = {n: v * 1024 * 2 / 1e12 for n, v in regions.items()}
+    costs = {
+        "min_image_short_edge": "img2dataset's default output (256 px) fails it entirely: download at ≥ 336 px "
+                                "(`--min_image_size 336`, `--resize_mode no` or keep-ratio-largest 512)",
+        "min_box_short_edge": "drops small objects; the paper's regions are all ≥ 128 px"
+                              + (f" (photos here: {objects:.1f} objects / image survive at most 5)" if objects else ""),
+        "max_proposals": f"every later stage scales with it: {d.max_proposals} → up to "
+                         f"{regions[d.max_proposals] / 1e9:.1f}B object regions at 400M images, "
+                         f"{feat_tb[d.max_proposals]:.0f} TB of bf16 D=1024 teacher features; {paper.max_proposals} → "
+                         f"{regions[paper.max_proposals] / 1e9:.1f}B, {feat_tb[paper.max_proposals]:.0f} TB (paper: ~2B)",
+        "ocr_min_confidence": "the paper's threshold is also the default",
+        "nms_iou": "applies to every proposer",
+    }
+    rows = ["| setting (flag) | default | `--preset paper` | what it costs |", "|---|---|---|---|"]
+    for f in dataclasses.fields(mine.MiningSettings):
+        if f.name in ("proposals", "ocr", "keep_input_regions"):
+            continue
+        rows.append(f"| `--{f.name.replace('_', '-')}` | {getattr(d, f.name)} | {getattr(paper, f.name)} | "
+                    f"{costs.get(f.name, '')} |")
     return "\n".join(rows)
 
 
@@ -385,7 +436,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -402,7 +453,8 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining, "kmeans": kmeans,
+    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
+             "mining_presets": mining_presets, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:

@@ -593,6 +593,22 @@ def test_sa1b_tars_import_their_boxes_under_the_paper_rules(tmp_path):
         assert r.meta["file_name"] == key and r.meta["width"] == 1600
     with pytest.raises(ValueError, match="drop --proposals"):
         mine.main(["--out", str(tmp_path / "x"), "--sa1b", str(tmp_path / "sa_000000.tar"), "--proposals", "none"])
+    # One dataset of web-dataset tars and SA-1B tars (the paper's mix): the proposer runs on the former only.
+    captions = _webdataset_tar(tmp_path / "web-000.tar", ["w0", "w1"], seed=5, size=(400, 360))
+    mixed = tmp_path / "mixed"
+    m = mine.main(["--out", str(mixed), "--tar", str(tmp_path / "web-000.tar"), "--sa1b", str(tmp_path / "sa_*.tar"),
+                   "--proposals", "felzenszwalb", "--ocr", "none", "--preset", "paper"])
+    assert m["source"]["mined"] == {"tar": str(tmp_path / "web-000.tar"), "sa1b": str(tmp_path / "sa_*.tar")}
+    assert m["mining"]["settings"]["proposals"] == "felzenszwalb" and m["num_images"] == 6
+    for r in records.RecordSource(mixed):
+        if r.image_id in expected:
+            np.testing.assert_allclose(r.boxes, expected[r.image_id], atol=1e-3)
+        else:
+            assert r.meta["caption"] == captions[Path(r.image_id).stem] and 0 < r.num_regions <= 5
+            assert (np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1]) >= 128).all()
+    with pytest.raises(ValueError, match="holds a mining run of --sa1b and --tar input, not --images"):
+        mine.main(["--out", str(mixed), "--images", str(tmp_path), "--proposals", "felzenszwalb", "--ocr", "none",
+                   "--preset", "paper"])
 
 
 def test_image_list_units_are_byte_ranges_that_cover_it_and_grow(tmp_path):
@@ -606,18 +622,18 @@ def test_image_list_units_are_byte_ranges_that_cover_it_and_grow(tmp_path):
     out = tmp_path / "o"
     (out / mine.MINING_DIR).mkdir(parents=True)
     settings = mine.MiningSettings()
-    _, units, _ = mine.reconcile_plan(out, settings, "image_list", str(lst), images_per_unit=16)
+    _, units, _ = mine.reconcile_plan(out, settings, {"image_list": str(lst)}, images_per_unit=16)
     got = [list(mine._list_lines(u)) for u in units]
     assert [n for g in got for n in g] == names[:300]
     assert 12 <= len(units) <= 28 and max(map(len, got)) <= 40
     with open(lst, "a") as f:
         f.write("".join(n + "\n" for n in names[300:]))
-    _, units2, change = mine.reconcile_plan(out, settings, "image_list", str(lst), images_per_unit=16)
+    _, units2, change = mine.reconcile_plan(out, settings, {"image_list": str(lst)}, images_per_unit=16)
     assert units2[:len(units)] == units and "new unit(s)" in change
     assert [n for u in units2[len(units):] for n in mine._list_lines(u)] == names[300:]
     lst.write_text("".join(n + "\n" for n in names[1:]))
     with pytest.raises(ValueError, match="rewritten, not appended"):
-        mine.reconcile_plan(out, settings, "image_list", str(lst), images_per_unit=16)
+        mine.reconcile_plan(out, settings, {"image_list": str(lst)}, images_per_unit=16)
 
 
 def test_image_list_mines_relative_and_absolute_entries(tmp_path):

@@ -557,13 +557,28 @@ def _run_ray(pending: list[Unit], out: str, settings: MiningSettings, *, address
 
 
 # ----------------------------------------------------------------------------- the plan: units that only grow
-def _source_of(images, image_list, records_dir, tar, sa1b) -> tuple[str, str]:
-    given = [(k, v) for k, v in (("images", images), ("image_list", image_list), ("records", records_dir),
-                                 ("tar", tar), ("sa1b", sa1b)) if v is not None]
-    if len(given) != 1:
-        raise errors.InputError("give exactly one input: --images DIR, --image-list FILE, --records DATASET, "
-                                "--tar PATTERN or --sa1b PATTERN")
-    return given[0]
+TAR_KINDS = ("tar", "sa1b")
+
+
+def _source_of(images, image_list, records_dir, tar, sa1b) -> dict[str, str]:
+    """The run's inputs as {kind: spec}: exactly one, or ``--tar`` and ``--sa1b`` together (one dataset
+    of web-dataset and SA-1B images, as the paper's)."""
+    given = {k: v for k, v in (("images", images), ("image_list", image_list), ("records", records_dir),
+                               ("tar", tar), ("sa1b", sa1b)) if v is not None}
+    if len(given) != 1 and set(given) != set(TAR_KINDS):
+        raise errors.InputError("give one input: --images DIR, --image-list FILE, --records DATASET, "
+                                "--tar PATTERN, --sa1b PATTERN, or --tar and --sa1b together")
+    return given
+
+
+def _family(kinds) -> str:
+    """Inputs a run may grow between: tars of either kind are one family; each other kind its own."""
+    kinds = set(kinds)
+    return "tars" if kinds <= set(TAR_KINDS) else "+".join(sorted(kinds))
+
+
+def _flags(kinds) -> str:
+    return " and ".join("--" + k.replace("_", "-") for k in kinds)
 
 
 def _lost(out: Path, units: list[dict]) -> str:
@@ -575,11 +590,13 @@ def _lost(out: Path, units: list[dict]) -> str:
     return f"{len(units)} unit(s) with {images} mined image(s) (first: {units[0]['source']})"
 
 
-def _grow_files(old: Optional[dict], kind: str, paths: list[str], out: Path, forget_missing: bool, flag: str):
-    """Unit entries for file inputs (tars, shards): the old ones in order, then the new ones."""
+def _grow_files(old: Optional[dict], kind: str, paths: list[tuple[str, str]], out: Path, forget_missing: bool,
+                flag: str):
+    """Unit entries for file inputs (tars, shards; ``paths`` = (path, kind) pairs): the old ones in
+    order, then the new ones."""
     if old is None:
-        return [{"index": i, "source": p} for i, p in enumerate(paths)], [], []
-    now = set(paths)
+        return [{"index": i, "source": p, "kind": k} for i, (p, k) in enumerate(paths)], [], []
+    now = {p for p, _ in paths}
     kept = [u for u in old["units"] if u["source"] in now]
     gone = [u for u in old["units"] if u["source"] not in now]
     if gone and (kind == "records" or not forget_missing):
@@ -593,7 +610,8 @@ def _grow_files(old: Optional[dict], kind: str, paths: list[str], out: Path, for
                                 "use a new --out")
     known = {u["source"] for u in old["units"]}
     nxt = max([u["index"] for u in old["units"]], default=-1) + 1
-    added = [{"index": nxt + i, "source": p} for i, p in enumerate(p for p in paths if p not in known)]
+    added = [{"index": nxt + i, "source": p, "kind": k} for i, (p, k) in enumerate(pk for pk in paths
+                                                                                  if pk[0] not in known)]
     return kept + added, added, gone
 
 
@@ -638,7 +656,7 @@ def plan_units(plan: dict) -> list[Unit]:
     """The units of a plan, in index order (the order of the manifest's shards)."""
     if "list" in plan:
         return _list_units(plan["list"])
-    return [Unit(u["index"], plan["input"], u["source"]) for u in plan["units"]]
+    return [Unit(u["index"], u["kind"], u["source"]) for u in plan["units"]]
 
 
 def _update_folder_listing(out: Path, root: str) -> tuple[str, int]:
@@ -661,9 +679,10 @@ def _update_folder_listing(out: Path, root: str) -> tuple[str, int]:
     return str(listing), len(added)
 
 
-def reconcile_plan(out: Path, settings: MiningSettings, kind: str, spec: str, *, images_per_unit: int = 256,
+def reconcile_plan(out: Path, settings: MiningSettings, sources: dict[str, str], *, images_per_unit: int = 256,
                    forget_missing: bool = False) -> tuple[dict, list[Unit], str]:
-    """Create or extend ``mining/plan.json``; returns (plan, units, a line saying what changed)."""
+    """Create or extend ``mining/plan.json`` for ``sources`` ({kind: spec}); returns (plan, units, a line
+    saying what changed)."""
     path = out / MINING_DIR / PLAN
     old = json.loads(path.read_text()) if path.exists() else None
     if old is not None and old.get("version") != PLAN_VERSION:
@@ -677,13 +696,17 @@ def reconcile_plan(out: Path, settings: MiningSettings, kind: str, spec: str, *,
             diff = sorted(k for k in settings_d if old["settings"].get(k) != settings_d[k])
             raise errors.InputError(f"{out} holds a mining run with different settings ({', '.join(diff)}): use a "
                                     f"new --out, or delete {out} to start over")
-        if old["input"] != kind:
-            raise errors.InputError(f"{out} holds a mining run of --{old['input'].replace('_', '-')} input, not "
-                                    f"--{kind.replace('_', '-')}: use a new --out")
+        if _family(old["input"]) != _family(sources):
+            raise errors.InputError(f"{out} holds a mining run of {_flags(old['input'])} input, not "
+                                    f"{_flags(sources)}: use a new --out")
     (out / MINING_DIR).mkdir(parents=True, exist_ok=True)
-    plan = {"version": PLAN_VERSION, "settings": settings_d, "input": kind,
-            "specs": list(dict.fromkeys((old or {}).get("specs", []) + [spec]))}
+    specs = {k: list(v) for k, v in (old or {}).get("specs", {}).items()}
+    for k, v in sources.items():
+        specs[k] = list(dict.fromkeys(specs.get(k, []) + [v]))
+    plan = {"version": PLAN_VERSION, "settings": settings_d, "input": sorted(sources), "specs": specs}
     change = ""
+    kind, spec = next(iter(sources.items()))
+    flag = _flags(sources)
     if kind in ("images", "image_list"):
         if kind == "images":
             if not Path(spec).is_dir():
@@ -699,19 +722,23 @@ def reconcile_plan(out: Path, settings: MiningSettings, kind: str, spec: str, *,
         if old and added:
             change = f"the list grew: {added} new unit(s)"
     else:
-        flag = "--" + kind
-        paths = resolve_tars(spec, flag) if kind in ("tar", "sa1b") else records.shard_paths(spec)
+        if kind in TAR_KINDS:
+            paths = [(p, k) for k in TAR_KINDS if k in sources for p in resolve_tars(sources[k], "--" + k)]
+            dup = collections.Counter(p for p, _ in paths)
+            if len(dup) < len(paths):
+                raise errors.InputError(f"{flag}: {dup.most_common(1)[0][0]} is named by both patterns")
+        else:
+            paths = [(p, kind) for p in records.shard_paths(spec)]
         plan["units"], added, gone = _grow_files(old, kind, paths, out, forget_missing, flag)
         for u in gone:                     # --forget-missing: their shards leave the dataset
-            for f in unit_files(out, Unit(u["index"], kind, u["source"])):
+            for f in unit_files(out, Unit(u["index"], u["kind"], u["source"])):
                 f.unlink(missing_ok=True)
         if old and (added or gone):
             change = (f"{len(added)} new unit(s)" + (f", {len(gone)} forgotten (--forget-missing)" if gone else ""))
     storage.write_text_atomic(path, json.dumps(plan, indent=1, sort_keys=True) + "\n")
     units = plan_units(plan)
     if not units:
-        raise errors.InputError(f"{flag if kind not in ('images', 'image_list') else '--' + kind} {spec}: "
-                                "no input to mine")
+        raise errors.InputError(f"{flag} {spec}: no input to mine")
     return plan, units, change
 
 
@@ -744,8 +771,8 @@ def mine(out: str, *, images: Optional[str] = None, image_list: Optional[str] = 
          forget_missing: bool = False, show_progress: bool = True) -> dict:
     """Mine every unit not yet done (new inputs included), then write the manifest; returns it."""
     out = Path(storage.require_local(out, "--out", "mine to a local (or gcsfuse-mounted) folder, then copy"))
-    kind, spec = _source_of(images, image_list, records_dir, tar, sa1b)
-    if kind == "sa1b":
+    sources = _source_of(images, image_list, records_dir, tar, sa1b)
+    if set(sources) == {"sa1b"}:
         if settings.proposals not in (ANNOTATIONS, MiningSettings.proposals):
             raise errors.InputError(f"--sa1b takes its object regions from the SA-1B annotations; drop --proposals "
                                     f"{settings.proposals}")
@@ -754,7 +781,7 @@ def mine(out: str, *, images: Optional[str] = None, image_list: Optional[str] = 
         raise errors.InputError(f"--proposals {ANNOTATIONS} is for --sa1b input")
     _models(settings, 0, load=False)   # bad --proposals / --ocr values fail here once, not in every worker
     out.mkdir(parents=True, exist_ok=True)
-    plan, units, change = reconcile_plan(out, settings, kind, spec, images_per_unit=images_per_unit,
+    plan, units, change = reconcile_plan(out, settings, sources, images_per_unit=images_per_unit,
                                          forget_missing=forget_missing)
     done = _done(out)
     redo = _retry_changed_damaged(out, units, done)
@@ -796,7 +823,7 @@ def mine(out: str, *, images: Optional[str] = None, image_list: Optional[str] = 
         raise errors.InputError(f"--engine {engine!r}: use local or ray")
     if bar is not None:
         bar.close()
-    return finalize(out, units, settings, {kind: spec}, engine, time.perf_counter() - t0)
+    return finalize(out, units, settings, sources, engine, time.perf_counter() - t0)
 
 
 def finalize(out: Path, units: list[Unit], settings: MiningSettings, source: dict, engine: str,
@@ -852,14 +879,15 @@ def finalize(out: Path, units: list[Unit], settings: MiningSettings, source: dic
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output dataset folder (local or a gcsfuse mount)")
-    src = ap.add_mutually_exclusive_group(required=True)
+    src = ap.add_mutually_exclusive_group()
     src.add_argument("--images", help="folder of images (searched recursively; listed once into the output)")
     src.add_argument("--image-list", help="text file of image paths, one per line (relative to its folder, absolute "
                                           "or gs://): for 10^7+ images, never listed whole by one process")
     src.add_argument("--records", help="an existing region dataset (e.g. a COCO import): mine its images")
     src.add_argument("--tar", help="web-dataset tar shards: 'shards/{000..099}.tar', '/abs/*.tar', 'gs://b/*.tar'")
-    src.add_argument("--sa1b", help="SA-1B tars ('sa1b/sa_{000000..000999}.tar'): their masks' boxes are the "
-                                    "object regions")
+    ap.add_argument("--sa1b", help="SA-1B tars ('sa1b/sa_{000000..000999}.tar'): their masks' boxes are the "
+                                   "object regions (with --tar too: one dataset of both; --proposals then applies "
+                                   "to the --tar images)")
     d = MiningSettings()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
                     help="paper: image short edge >= 336, box short edge >= 128, OCR confidence > 0.7, at most 5 "
@@ -888,7 +916,7 @@ def main(argv=None):
     ap.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
     ap.add_argument("--ray-gpus-per-unit", type=float, default=0.0)
     a = ap.parse_args(argv)
-    if a.sa1b and a.proposals is not None:
+    if a.sa1b and not a.tar and a.proposals is not None:
         raise errors.InputError(f"--sa1b takes its object regions from the SA-1B annotations; drop --proposals "
                                 f"{a.proposals}")
     settings = preset_settings(a.preset, proposals=a.proposals, ocr=a.ocr, min_image_short_edge=a.min_image_short_edge,
