@@ -293,7 +293,8 @@ def mining_presets() -> str:
         "min_image_short_edge": "img2dataset's default output (256 px) fails it entirely: download at ≥ 336 px "
                                 "(`--min_image_size 336`, `--resize_mode no` or keep-ratio-largest 512)",
         "min_box_short_edge": "drops small objects; the paper's regions are all ≥ 128 px"
-                              + (f" (photos here: {objects:.1f} objects / image survive at most 5)" if objects else ""),
+                              + (f" (on the benchmark's photos {objects:.1f} objects an image still pass it, up to the cap of "
+                                 f"{paper.max_proposals})" if objects else ""),
         "max_proposals": f"every later stage scales with it: {d.max_proposals} → up to "
                          f"{regions[d.max_proposals] / 1e9:.1f}B object regions at 400M images, "
                          f"{feat_tb[d.max_proposals]:.0f} TB of bf16 D=1024 teacher features; {paper.max_proposals} → "

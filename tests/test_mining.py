@@ -535,6 +535,14 @@ def test_gcs_tars_stream_without_a_mount(tmp_path):
         assert mine.resolve_tars("gs://bucket/laion/{00000..00001}.tar") == [
             "gs://bucket/laion/00000.tar", "gs://bucket/laion/00001.tar"]
         m = mine.main(["--out", str(tmp_path / "from_gcs"), "--tar", "gs://bucket/laion/*.tar", *common])
+        # A long brace list is checked with one listing per folder, not a request per tar.
+        many = tmp_path / "gcs" / "bucket" / "many"
+        many.mkdir()
+        for i in range(80):
+            (many / f"{i:03d}.tar").touch()
+        with pytest.raises(FileNotFoundError, match=r"1 file\(s\) missing, first gs://bucket/many/080.tar"):
+            mine.resolve_tars("gs://bucket/many/{000..080}.tar")
+        assert len(mine.resolve_tars("gs://bucket/many/{000..079}.tar")) == 80
     assert m["num_images"] == 4 and m["mining"]["damaged_units"] == []
     mine.main(["--out", str(tmp_path / "from_local"), "--tar", str(local / "*.tar"), *common])
     a, b = _dataset_bytes(tmp_path / "from_gcs"), _dataset_bytes(tmp_path / "from_local")

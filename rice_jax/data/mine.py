@@ -168,9 +168,18 @@ def glob_paths(pattern: str) -> list[str]:
 
 
 def _exists(paths: list[str]) -> list[bool]:
-    """Existence of many paths; remote ones concurrently (one request each)."""
+    """Existence of many paths. Remote ones: a brace list of 40K tars in a few folders is one listing
+    per folder (a few requests), a handful of scattered ones a request each, concurrently."""
     if not any(storage.is_remote(p) for p in paths):
         return [os.path.exists(p) for p in paths]
+    parents = collections.Counter(p.rsplit("/", 1)[0] for p in paths)
+    if len(paths) > 64 and len(parents) * 16 < len(paths):
+        listed = {}
+        with concurrent.futures.ThreadPoolExecutor(min(32, len(parents))) as pool:
+            for parent, names in zip(parents, pool.map(lambda d: {os.fspath(c) for c in storage.path(d).iterdir()}
+                                                       if storage.path(d).is_dir() else set(), parents)):
+                listed[parent] = names
+        return [os.fspath(storage.path(p)) in listed[p.rsplit("/", 1)[0]] for p in paths]
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         return list(pool.map(lambda p: storage.path(p).exists(), paths))
 
@@ -455,6 +464,10 @@ def unit_files(out: Path, unit: Unit) -> tuple[Path, Path]:
     return out / f"regions-{unit.index:06d}.array_record", out / MINING_DIR / f"unit-{unit.index:06d}.json"
 
 
+def damage_marker(out: Path, index: int) -> Path:
+    return out / MINING_DIR / f"damaged-{index:06d}.json"
+
+
 def mine_unit(unit: Unit, out: str, settings: MiningSettings, ocr_threads: int = 0) -> dict:
     """Mine one unit into its shard + stats file (both atomic); returns the stats."""
     out_path = Path(out)
@@ -462,6 +475,7 @@ def mine_unit(unit: Unit, out: str, settings: MiningSettings, ocr_threads: int =
     if stats_file.exists():
         return json.loads(stats_file.read_text())
     proposer, box_filter, ocr_engine = _models(settings, ocr_threads, str(out_path / MINING_DIR))
+    damage_marker(out_path, unit.index).unlink(missing_ok=True)     # of an attempt that died before its stats
     stats, timing, damage = ImportStats(), collections.Counter(), {}
     t0 = time.perf_counter()
 
@@ -479,6 +493,10 @@ def mine_unit(unit: Unit, out: str, settings: MiningSettings, ocr_threads: int =
               "timing": {k: round(v, 3) for k, v in timing.items()}, "pid": os.getpid()}
     if damage:
         result["damaged"] = damage
+        # A marker beside the stats: a rerun finds damaged units in the one listing of mining/ it
+        # makes anyway, instead of reading 40K stats files. Written first: a unit is done once its
+        # stats file exists, and a done unit's damage must not go unseen.
+        storage.write_text_atomic(damage_marker(out_path, unit.index), json.dumps(damage) + "\n")
     storage.write_text_atomic(stats_file, json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 
@@ -731,7 +749,7 @@ def reconcile_plan(out: Path, settings: MiningSettings, sources: dict[str, str],
             paths = [(p, kind) for p in records.shard_paths(spec)]
         plan["units"], added, gone = _grow_files(old, kind, paths, out, forget_missing, flag)
         for u in gone:                     # --forget-missing: their shards leave the dataset
-            for f in unit_files(out, Unit(u["index"], u["kind"], u["source"])):
+            for f in (*unit_files(out, Unit(u["index"], u["kind"], u["source"])), damage_marker(out, u["index"])):
                 f.unlink(missing_ok=True)
         if old and (added or gone):
             change = (f"{len(added)} new unit(s)" + (f", {len(gone)} forgotten (--forget-missing)" if gone else ""))
@@ -743,23 +761,26 @@ def reconcile_plan(out: Path, settings: MiningSettings, sources: dict[str, str],
 
 
 # ----------------------------------------------------------------------------- driver
-def _done(out: Path) -> set[int]:
-    """Indices of finished units: one listing of ``mining/``, not a stat per unit."""
+def _done(out: Path) -> tuple[set[int], set[int]]:
+    """Indices of finished units and of damaged ones: one listing of ``mining/``, not a stat per unit."""
     d = out / MINING_DIR
-    return {int(n[5:-5]) for n in os.listdir(d) if n.startswith("unit-") and n.endswith(".json")} \
-        if d.is_dir() else set()
+    names = os.listdir(d) if d.is_dir() else []
+    index = lambda prefix: {int(n[len(prefix):-5]) for n in names  # noqa: E731
+                            if n.startswith(prefix) and n.endswith(".json")}
+    return index("unit-"), index("damaged-")
 
 
-def _retry_changed_damaged(out: Path, units: list[Unit], done: set[int]) -> list[int]:
+def _retry_changed_damaged(out: Path, units: list[Unit], done: set[int], damaged: set[int]) -> list[int]:
     """Finished units whose tar was damaged and has changed size since (it was still arriving): redo them."""
     redo = []
     for u in units:
-        if u.index in done and u.kind in ("tar", "sa1b"):
-            shard, stats_file = unit_files(out, u)
-            damaged = json.loads(stats_file.read_text()).get("damaged")
-            if damaged and _size(u.source) != damaged.get("size"):
-                stats_file.unlink()
+        if u.index in damaged and u.index in done:
+            marker = damage_marker(out, u.index)
+            if _size(u.source) != json.loads(marker.read_text()).get("size"):
+                shard, stats_file = unit_files(out, u)
+                stats_file.unlink()           # not done any more, then the rest
                 shard.unlink(missing_ok=True)
+                marker.unlink()
                 redo.append(u.index)
     return redo
 
@@ -783,8 +804,8 @@ def mine(out: str, *, images: Optional[str] = None, image_list: Optional[str] = 
     out.mkdir(parents=True, exist_ok=True)
     plan, units, change = reconcile_plan(out, settings, sources, images_per_unit=images_per_unit,
                                          forget_missing=forget_missing)
-    done = _done(out)
-    redo = _retry_changed_damaged(out, units, done)
+    done, damaged = _done(out)
+    redo = _retry_changed_damaged(out, units, done, damaged)
     done -= set(redo)
     pending = [u for u in units if u.index not in done]
     # Partial shards of units that were in flight when an earlier run died: never published
