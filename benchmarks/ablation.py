@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, report
+from benchmarks.common import RESULTS, add_synthetic_run_flags, report
 
 METHODS = ("rice", "mlcd", "rice_oracle", "random_init", "teacher")
 LABELS = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
@@ -87,13 +87,9 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3000, help="training steps of every method (0 = the tiny config's)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--images", type=int, default=8192)
-    ap.add_argument("--eval-images", type=int, default=512)
+    add_synthetic_run_flags(ap, steps=3000, seeds=[0, 1, 2], images=8192,
+                            steps_help="training steps of every method (0 = the tiny config's)")
     ap.add_argument("--clusters", type=int, default=48)
-    ap.add_argument("--data-root", default=None, help="reuse generated data here")
-    ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     if a.smoke:
         a.steps, a.seeds, a.images, a.eval_images, a.clusters = 4, [0], 64, 64, 8

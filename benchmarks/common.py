@@ -54,3 +54,13 @@ def torch_threads(n: int | None = None):
 
     torch.set_num_threads(n or os.cpu_count())
     return torch
+
+
+def add_synthetic_run_flags(ap, *, steps: int, seeds: list[int], images: int, steps_help: str = "training steps"):
+    """The flags of the benchmarks that train on generated synthetic data (ablation, reading)."""
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    ap.add_argument("--images", type=int, default=images, help="training images generated per seed")
+    ap.add_argument("--eval-images", type=int, default=512, help="held-out images (generator seed + 1)")
+    ap.add_argument("--data-root", default=None, help="keep the generated data here between runs")
+    ap.add_argument("--smoke", action="store_true")

@@ -281,6 +281,26 @@ def mining() -> str:
     return "\n".join(rows)
 
 
+def reading() -> str:
+    r = _load("reading")
+    if not r:
+        return "(run `python -m benchmarks.reading`)"
+    rows = [f"Supervised word classification (40 words, chance {r['chance']:.3f}) from region tokens, trained end to "
+            f"end for {r['steps']} steps × {r['batch']} images on {r['images']:,} synthetic images, scored on "
+            f"{r['eval_images']} held-out ones.", "",
+            "| variant | stages (share of steps, px, lr ×) | patch | generator | held-out accuracy | seeds | train s |",
+            "|---|---|---|---|---|---|---|"]
+    for name, t in r["table"].items():
+        v = r["variants"][name]
+        stages = ", ".join(f"{sh:g}·{px}px·{m:g}" for sh, px, m in v["stages"])
+        gen = ", ".join(f"{k} {tuple(x) if isinstance(x, list) else x}" for k, x in v["gen"].items()) or "default"
+        if v.get("standardize"):
+            gen += "; region tokens batch-standardised"
+        rows.append(f"| {name} | {stages} | {v['patch']} | {gen} | {t['mean']:.3f} ± {t['std']:.3f} | {t['seeds']} | "
+                    f"{t['train_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def mining_presets() -> str:
     """The settings table of docs/data.md: defaults, the paper preset, and what each setting costs."""
     from rice_jax.data import mine
@@ -437,7 +457,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -455,7 +475,7 @@ def page_of(name: str) -> Path:
 
 def main():
     build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
-             "mining_presets": mining_presets, "kmeans": kmeans,
+             "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:
