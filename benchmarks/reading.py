@@ -86,6 +86,7 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
     from rice_jax.batch import model_pixels
     from rice_jax.data import synthetic
     from rice_jax.models.config import get_preset
+    from rice_jax.models.region import box_patch_visibility, roi_mean_pool
     from rice_jax.models.rice import RICEConfig, RICEModel, batch_standardize
 
     v = VARIANTS[name]
@@ -94,7 +95,8 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
     from rice_jax.configs.rice import get_config
 
     tiny = get_config("tiny").model
-    cfg = RICEConfig(backbone=get_preset(tiny.backbone, patch_size=v["patch"]), region_layers=tiny.region_layers)
+    cfg = RICEConfig(backbone=get_preset(tiny.backbone, patch_size=v["patch"], **v.get("backbone", {})),
+                     region_layers=v.get("region_layers", tiny.region_layers))
     model = RICEModel(cfg, rngs=nnx.Rngs(seed))
     head = nnx.Linear(cfg.backbone.hidden_size, len(synthetic.WORDS), rngs=nnx.Rngs(seed + 1000))
     graph, state = nnx.split((model, head))
@@ -105,7 +107,12 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
     def logits_of(state, batch):
         m, h = nnx.merge(graph, state)
         out = m(model_pixels(batch["image"]), batch["boxes"], batch["region_valid"])
-        x = m.backbone.post_norm(out.region_hidden)
+        if v.get("pool") == "patch_mean":  # the box's final patch tokens averaged: is the region-token path the obstacle?
+            gh, gw = m.backbone.grid(batch["image"].shape[1], batch["image"].shape[2])
+            vis = box_patch_visibility(batch["boxes"], batch["region_valid"], gh, gw)
+            x = roi_mean_pool(m.backbone.post_norm(out.last_hidden_state[:, 1:]), vis)
+        else:
+            x = m.backbone.post_norm(out.region_hidden)
         if v.get("standardize"):       # remove what every region shares (region tokens start from one state)
             x = batch_standardize(x, batch["region_valid"])
         return h(x)

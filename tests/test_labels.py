@@ -108,7 +108,7 @@ def _fake_labelled_dataset(d, records_per_shard: int, regions: int):
 @pytest.mark.slow
 def test_grain_worker_memory_does_not_grow_with_the_labels(tmp_path):
     """Measured, not inferred from pickle sizes: a Grain worker reading records spread over a dataset
-    peaks at the same RSS whether the labels are 10 MB or 10x that (2.4M vs 24M regions); the eager
+    peaks at about the same RSS whether the labels are 10 MB or 10x that (2.4M vs 24M regions); the eager
     control (every label loaded in the worker) grows by about the labels' size, so the measurement
     can see what it asserts the lazy reader does not do."""
     regions = 600
@@ -122,7 +122,11 @@ def test_grain_worker_memory_does_not_grow_with_the_labels(tmp_path):
     eager_big, _ = _worker_peak_mib(big, regions, eager=True)
     print(f"worker peak RSS, labels {label_mib / 10:.0f} -> {label_mib:.0f} MiB: lazy {peak_small:.0f} -> "
           f"{peak_big:.0f} MiB, eager {eager_small:.0f} -> {eager_big:.0f} MiB ({n} records read)")
-    assert peak_big - peak_small < 8 and peak_big < 1.1 * peak_small
+    # The lazy reader maps each shard's file; a read faults in the page it needs plus the kernel's
+    # fault-around window (64 KiB), so the 256 spread reads may add up to ~16-32 MiB of mapped pages
+    # whatever the labels' size (CI saw +10 MiB once). What must not happen is growth that follows
+    # the labels: the eager control grows by ~1 GiB here, so a fifth of the labels' size separates them.
+    assert peak_big - peak_small < 0.2 * label_mib and peak_big < 1.15 * peak_small
     assert eager_big - eager_small > 0.5 * label_mib
 
 
