@@ -281,23 +281,44 @@ def mining() -> str:
     return "\n".join(rows)
 
 
+def _mean_std(mean: float, std: float, n: int) -> str:
+    """``0.123 ± 0.004`` over seeds; one seed has no spread to show."""
+    return f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
 def reading() -> str:
     r = _load("reading")
     if not r:
         return "(run `python -m benchmarks.reading`)"
     rows = [f"Supervised word classification (40 words, chance {r['chance']:.3f}) from region tokens, trained end to "
-            f"end for {r['steps']} steps × {r['batch']} images on {r['images']:,} synthetic images, scored on "
-            f"{r['eval_images']} held-out ones.", "",
-            "| variant | stages (share of steps, px, lr ×) | patch | generator | held-out accuracy | seeds | train s |",
-            "|---|---|---|---|---|---|---|"]
-    for name, t in r["table"].items():
-        v = r["variants"][name]
+            f"end ({r['batch']} images a step) on synthetic images, scored on {r['eval_images']} held-out ones.", "",
+            "| variant | stages (share of steps, px, lr ×) | patch | model / generator | steps | train images | peak lr "
+            "| held-out accuracy | seeds | final train loss | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(r["table"].values(), key=lambda t: (t["steps"], t["images"], t["variant"])):
+        v = r["variants"][t["variant"]]
         stages = ", ".join(f"{sh:g}·{px}px·{m:g}" for sh, px, m in v["stages"])
-        gen = ", ".join(f"{k} {tuple(x) if isinstance(x, list) else x}" for k, x in v["gen"].items()) or "default"
-        if v.get("standardize"):
-            gen += "; region tokens batch-standardised"
-        rows.append(f"| {name} | {stages} | {v['patch']} | {gen} | {t['mean']:.3f} ± {t['std']:.3f} | {t['seeds']} | "
-                    f"{t['train_seconds']:.0f} |")
+        notes = [f"{k} {tuple(x) if isinstance(x, list) else x}" for k, x in v["gen"].items()]
+        notes += ["region tokens batch-standardised"] * bool(v.get("standardize"))
+        notes += ["head on the box's mean patch token"] * (v.get("pool") == "patch_mean")
+        notes += [f"{v['region_layers']} region layers"] if "region_layers" in v else []
+        notes += [f"width {v['backbone']['hidden_size']}"] if "hidden_size" in v.get("backbone", {}) else []
+        rows.append(f"| {t['variant']} | {stages} | {v['patch']} | {'; '.join(notes) or 'default'} | {t['steps']} | "
+                    f"{t['images']:,} | {t['lr']:g} | {_mean_std(t['mean'], t['std'], len(t['seeds']))} | "
+                    f"{', '.join(map(str, t['seeds']))} | {t['loss_end']:.2f} | {t['train_seconds']:.0f} |")
+    if r.get("legibility"):
+        rows += ["", "What the pixels hold (logistic regression on each word's box crop of the resized image, "
+                 "the word handed over aligned and scaled):", "",
+                 "| image size | generator | train words | held-out accuracy | seeds |", "|---|---|---|---|---|"]
+        groups = {}
+        for g in r["legibility"]:
+            groups.setdefault((g["image_size"], json.dumps(g["gen"])), []).append(g)
+        for (size, gen), gs in sorted(groups.items()):
+            acc = [g["accuracy"] for g in gs]
+            mean, std = sum(acc) / len(acc), (sum((x - sum(acc) / len(acc)) ** 2 for x in acc) / len(acc)) ** 0.5
+            rows.append(f"| {size} px | {', '.join(f'{k} {tuple(x)}' for k, x in json.loads(gen).items()) or 'default'}"
+                        f" | {gs[0]['train_words']:,} | {_mean_std(mean, std, len(gs))} | "
+                        f"{', '.join(str(g['seed']) for g in gs)} |")
     return "\n".join(rows)
 
 
