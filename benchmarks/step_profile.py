@@ -252,15 +252,16 @@ def profile_torch(run, steps: int) -> dict:
     return {"wall_ms": 1e3 * wall, "ms": {p: dict(c) for p, c in out.items()}}
 
 
-def materialization_ab(preset: str, batch: int, image: int, classes: int, repeats: int) -> dict:
+def materialization_ab(preset: str, batch: int, image: int, classes: int, repeats: int, pairs: int = 2) -> dict:
     """Median step time with ``vit.materialize_grad`` switched off and on, built and timed in this
-    process (off, on, off, on: the machine's drift shows up as the spread of the pairs)."""
+    process (off, on, off, on: the machine's drift shows up as the spread of the pairs; the smoke run
+    builds one pair, each build being a compile)."""
     from benchmarks.common import timeit
     from rice_jax.models import vit
 
     keep, out = vit.materialize_grad, {"off_s": [], "on_s": []}
     try:
-        for key in ("off_s", "on_s", "off_s", "on_s"):
+        for key in ("off_s", "on_s") * pairs:
             vit.materialize_grad = keep if key == "on_s" else (lambda x: x)
             run, _ = build_jax_step("mlcd", preset, batch, image, 3, classes, classes)
             out[key].append(timeit(run, warmup=1, repeats=repeats)["median_s"])
@@ -281,7 +282,7 @@ def main(argv=None):
     from rice_jax.models.config import get_preset
 
     image = get_preset(a.preset).image_size
-    ab = materialization_ab(a.preset, a.batch, image, a.classes, 1 if a.smoke else 3)
+    ab = materialization_ab(a.preset, a.batch, image, a.classes, 1 if a.smoke else 3, pairs=1 if a.smoke else 2)
     run, compiled = build_jax_step("mlcd", a.preset, a.batch, image, 3, a.classes, a.classes)
     jx = profile_jax(run, compiled, a.steps)
     th = profile_torch(build_torch_step(a.preset, a.batch, image, a.classes), a.steps)
