@@ -48,6 +48,12 @@ def report(name: str, record: dict, *, write: bool = True) -> dict:
     return record
 
 
+def load_result(name: str) -> dict | None:
+    """The record :func:`report` last wrote for benchmark ``name`` (None when it has not run)."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def torch_threads(n: int | None = None):
     """Give PyTorch the same cores JAX uses (all of them by default)."""
     import torch

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import add_synthetic_run_flags, report
+from benchmarks.common import add_synthetic_run_flags, load_result, report
 
 # name -> stages ((steps share, image size, lr multiplier), ...), patch size, generator overrides
 VARIANTS = {
@@ -194,7 +193,7 @@ def legibility(size: int, gen: dict, seed: int, n_train: int, n_eval: int) -> di
     x, y = crops(seed, n_train)
     xe, ye = crops(seed + 1, n_eval)
     clf = LogisticRegression(max_iter=2000, C=0.1).fit(x, y)
-    return {"image_size": size, "gen": gen, "seed": seed, "train_words": len(y), "eval_words": len(ye),
+    return {"image_size": size, "gen": {k: list(v) for k, v in gen.items()}, "seed": seed, "train_words": len(y), "eval_words": len(ye),
             "accuracy": float(clf.score(xe, ye))}
 
 
@@ -216,7 +215,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.smoke:
         a.variants, a.seeds, a.steps, a.images, a.eval_images, a.batch = ["64px_p8_then_128px"], [0], 4, 32, 32, 8
-    old = {} if a.fresh or a.smoke else (_load_results() or {})
+    old = {} if a.fresh or a.smoke else (load_result("reading") or {})
     # Runs written before rows carried their own budget took the file's (lr was then fixed at 2e-3).
     runs = [{"steps": old.get("steps"), "images": old.get("images"), "lr": 2e-3, **r} for r in old.get("runs", [])]
     legible = list(old.get("legibility", []))
@@ -235,7 +234,7 @@ def main(argv=None):
                 for seed in a.seeds:
                     g = legibility(size, gen, seed, n_train=min(a.images, 3000), n_eval=a.eval_images)
                     legible = [q for q in legible if (q["image_size"], q["gen"], q["seed"]) !=
-                               (size, {k: list(v) for k, v in gen.items()}, seed)] + [g]
+                               (g["image_size"], g["gen"], seed)] + [g]
                     print(f"[reading] pixels at {size} px, generator {gen or 'default'}, seed {seed}: "
                           f"crop logistic regression {g['accuracy']:.3f}", flush=True)
     table = {}
@@ -251,15 +250,8 @@ def main(argv=None):
     return report("reading" if not a.smoke else "reading_smoke",
                   {"batch": a.batch, "eval_images": a.eval_images, "chance": 1 / 40,
                    "variants": {k: VARIANTS[k] for k in VARIANTS if k in used}, "table": table, "runs": runs,
-                   "legibility": json.loads(json.dumps(legible))},
+                   "legibility": legible},
                   write=not a.smoke)
-
-
-def _load_results() -> dict | None:
-    from benchmarks.common import RESULTS
-
-    f = RESULTS / "reading.json"
-    return json.loads(f.read_text()) if f.exists() else None
 
 
 if __name__ == "__main__":

@@ -10,27 +10,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import statistics
 from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, load_result
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def _load(name):
-    p = RESULTS / f"{name}.json"
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def performance() -> str:
     rows = ["| benchmark | JAX | PyTorch eager | ratio |", "|---|---|---|---|"]
-    v, t = _load("vit_forward"), _load("train_step")
+    v, t = load_result("vit_forward"), load_result("train_step")
     if v:
         rows.append(f"| ViT-B/16 @ {v['image_size']} forward, batch {v['batch']} (`vit_forward.py`) | "
                     f"{v['jax_images_per_s']:.1f} img/s | {v['torch_images_per_s']:.1f} img/s | {v['jax_over_torch']:.2f}× |")
         rows.append(f"| RICE forward vs plain ViT (N={v['rice']['num_regions']}, k={v['rice']['region_layers']}) | "
                     f"{100 * v['rice']['overhead']:+.1f}% | | |")
-    e = _load("teacher_extraction")
+    e = load_result("teacher_extraction")
     if e:
         rows.append(f"| teacher ROI features, {e['teacher']}, batch {e['batch']} x {e['regions_per_image']} boxes "
                     f"(`teacher_extraction.py`) | {e['jax_regions_per_s_per_device']:.0f} regions/s | "
@@ -44,7 +40,7 @@ def performance() -> str:
         rows.append(f"\nPeak measured in the same run: torch.matmul {t['peak_flops']['torch_matmul'] / 1e9:.0f} GFLOP/s, "
                     f"jnp.dot {t['peak_flops']['jax_dot'] / 1e9:.0f} GFLOP/s (2048², fp32); MFU is against "
                     f"{t['peak_flops']['peak'] / 1e9:.0f} GFLOP/s, the peak the train loop uses.")
-    i, c = _load("input_pipeline"), _load("clustering")
+    i, c = load_result("input_pipeline"), load_result("clustering")
     if i and "runs" in i and "default_workers" in i:
         rows += ["", f"Input pipeline on real-photo JPEG records (`input_pipeline.py`, `rice_jax.data.photos`; "
                      f"N = {i['num_regions']}, batch {i['batch']}, {i['cores']} cores, `data.workers=auto` = "
@@ -87,7 +83,7 @@ def performance() -> str:
 
 
 def ablation() -> str:
-    a = _load("ablation")
+    a = load_result("ablation")
     if not a:
         return "(run `python -m benchmarks.ablation`)"
     t = a["table"]
@@ -107,7 +103,7 @@ def ablation() -> str:
 
 
 def layers() -> str:
-    a = _load("ablation")
+    a = load_result("ablation")
     if not a or "layers" not in a:
         return "(run `python -m benchmarks.ablation`)"
     names = {"rice": "RICE", "mlcd": "global-only", "rice_oracle": "RICE, oracle labels", "random_init": "random init"}
@@ -134,7 +130,7 @@ def _mean(xs) -> float:
 
 
 def kmeans() -> str:
-    r = _load("kmeans")
+    r = load_result("kmeans")
     if not r:
         return "(run `python -m benchmarks.kmeans`)"
     names = {"jax_mesh_1dev": "rice_jax mesh k-means, 1 device (the CPU)",
@@ -165,7 +161,7 @@ def kmeans() -> str:
         rows += ["", f"Mesh k-means (1 device) / faiss-cpu time per pass: "
                      f"{j['seconds_per_pass'] / f['seconds_per_pass']:.2f}×; inertia ratio "
                      f"{j['inertia'] / f['inertia']:.5f}."]
-    sw = _load("kmeans_sweep")
+    sw = load_result("kmeans_sweep")
     if sw and "points" in sw:
         rows += ["", f"Mesh k-means (1 device) against faiss-cpu over sizes (`--sweep`): N = {sw['N']:,} rows, "
                      f"{sw['passes']} passes, same features and initial centres, {sw['seeds']} seeds per size "
@@ -196,7 +192,7 @@ def kmeans() -> str:
                  f"{p['v5p_256_chips_minutes_per_pass_at_50pct']:.1f} min on 256 TPU v5p chips ({p['assumption']}) "
                  "with `--score-precision bfloat16`, the scoring that projection assumes; the float32 default "
                  "multiplies at HIGHEST precision, about six bf16 passes on a TPU's matrix unit, so ≈ 6× that."]
-    pr = _load("kmeans_precision")
+    pr = load_result("kmeans_precision")
     if pr:
         runs = pr["runs"]
         fmt = lambda key, f: ", ".join(f.format(x[key]) for x in runs)
@@ -210,7 +206,7 @@ def kmeans() -> str:
 
 
 def clustering_scale() -> str:
-    r = _load("clustering_scale")
+    r = load_result("clustering_scale")
     if not r:
         return "(run `python -m benchmarks.clustering_scale`)"
     p = r["paper"]
@@ -231,7 +227,7 @@ def clustering_scale() -> str:
 
 
 def mining() -> str:
-    r = _load("mining")
+    r = load_result("mining")
     if not r:
         return "(run `python -m benchmarks.mining`)"
     names = {"felzenszwalb_photo": ("Felzenszwalb proposals (default)", "photo 427×640"),
@@ -287,7 +283,7 @@ def _mean_std(mean: float, std: float, n: int) -> str:
 
 
 def reading() -> str:
-    r = _load("reading")
+    r = load_result("reading")
     if not r:
         return "(run `python -m benchmarks.reading`)"
     rows = [f"Supervised word classification (40 words, chance {r['chance']:.3f}) from region tokens, trained end to "
@@ -299,8 +295,8 @@ def reading() -> str:
         v = r["variants"][t["variant"]]
         stages = ", ".join(f"{sh:g}·{px}px·{m:g}" for sh, px, m in v["stages"])
         notes = [f"{k} {tuple(x) if isinstance(x, list) else x}" for k, x in v["gen"].items()]
-        notes += ["region tokens batch-standardised"] * bool(v.get("standardize"))
-        notes += ["head on the box's mean patch token"] * (v.get("pool") == "patch_mean")
+        notes += ["region tokens batch-standardised"] if v.get("standardize") else []
+        notes += ["head on the box's mean patch token"] if v.get("pool") == "patch_mean" else []
         notes += [f"{v['region_layers']} region layers"] if "region_layers" in v else []
         notes += [f"width {v['backbone']['hidden_size']}"] if "hidden_size" in v.get("backbone", {}) else []
         rows.append(f"| {t['variant']} | {stages} | {v['patch']} | {'; '.join(notes) or 'default'} | {t['steps']} | "
@@ -315,7 +311,7 @@ def reading() -> str:
             groups.setdefault((g["image_size"], json.dumps(g["gen"])), []).append(g)
         for (size, gen), gs in sorted(groups.items()):
             acc = [g["accuracy"] for g in gs]
-            mean, std = sum(acc) / len(acc), (sum((x - sum(acc) / len(acc)) ** 2 for x in acc) / len(acc)) ** 0.5
+            mean, std = statistics.fmean(acc), statistics.pstdev(acc)
             rows.append(f"| {size} px | {', '.join(f'{k} {tuple(x)}' for k, x in json.loads(gen).items()) or 'default'}"
                         f" | {gs[0]['train_words']:,} | {_mean_std(mean, std, len(gs))} | "
                         f"{', '.join(str(g['seed']) for g in gs)} |")
@@ -326,7 +322,7 @@ def mining_presets() -> str:
     """The settings table of docs/data.md: defaults, the paper preset, and what each setting costs."""
     from rice_jax.data import mine
 
-    d, paper, r = mine.MiningSettings(), mine.preset_settings("paper"), _load("mining")
+    d, paper, r = mine.MiningSettings(), mine.preset_settings("paper"), load_result("mining")
     objects = (r or {}).get("scale", {}).get("mine_tar_paper_preset", {}).get("objects_per_image")
     regions = {n: 400e6 * n for n in (d.max_proposals, paper.max_proposals)}   # object regions, at most
     feat_tb = {n: v * 1024 * 2 / 1e12 for n, v in regions.items()}
@@ -353,7 +349,7 @@ def mining_presets() -> str:
 
 
 def plan() -> str:
-    r = _load("plan")
+    r = load_result("plan")
     if not r:
         return "(run `.venv-plan/bin/python -m benchmarks.plan_sweep`)"
     rows = [f"Global batch {r['global_batch']:,}, K = {r['K']:,} object centres, V = {r['V']:,} OCR token centres, "
@@ -383,7 +379,7 @@ def plan() -> str:
 
 
 def step_profile() -> str:
-    r = _load("step_profile")
+    r = load_result("step_profile")
     if not r:
         return "(run `python -m benchmarks.step_profile`)"
     from benchmarks.step_profile import CATEGORIES
@@ -412,7 +408,7 @@ def step_profile() -> str:
 
 
 def gpu() -> str:
-    runs = [r for r in (_load("gpu_l14_336"), _load("gpu_b16")) if r]
+    runs = [r for r in (load_result("gpu_l14_336"), load_result("gpu_b16")) if r]
     if not runs:
         return "(run `bash benchmarks/gpu.sh` on a GPU machine)"
     rows = ["| config | px | batch | device | attention | step | images / s | MFU | compiled program / device |",
@@ -450,7 +446,7 @@ def gpu() -> str:
 
 def plan_fit() -> str:
     """The planner's own JSON (``--out``) for a step that does not fit, and what its fit search found."""
-    r = _load("plan_fit_search")
+    r = load_result("plan_fit_search")
     if not r or "fits_with" not in r:
         return "(run `bash launch/plan.sh ... --out benchmarks/results/plan_fit_search.json` on a step that does not fit)"
     head = (f"{r['backbone']} @ {r['image_size']} px, global batch {r['global_batch']:,}, K = {r['num_obj_classes']:,}, "
