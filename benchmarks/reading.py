@@ -38,6 +38,11 @@ VARIANTS = {
     "64px_p8_font28-36": dict(stages=((1.0, 64, 1.0),), patch=8, gen={"font_size": (28, 36)}),   # all 40 words fit
     "64px_p8_patch_mean": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, pool="patch_mean"),
     "64px_p8_region_layers4": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, region_layers=4),
+    "64px_p8_roi_align": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, pool="roi_align"),
+    "64px_p8_box_rope": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, region_rope="box"),
+    "64px_p8_heads2": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, backbone={"num_heads": 2}),
+    "64px_p8_heads2_box_rope": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, backbone={"num_heads": 2},
+                                    region_rope="box"),
     "64px_p8_width128": dict(stages=((1.0, 64, 1.0),), patch=8, gen={},
                              backbone={"hidden_size": 128, "intermediate_size": 512}),
 }
@@ -91,7 +96,7 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
     from rice_jax.batch import model_pixels
     from rice_jax.data import synthetic
     from rice_jax.models.config import get_preset
-    from rice_jax.models.region import box_patch_visibility, roi_mean_pool
+    from rice_jax.models.region import ROI_ALIGN_READ, box_patch_visibility, roi_align, roi_mean_pool
     from rice_jax.models.rice import RICEConfig, RICEModel, batch_standardize
 
     v = VARIANTS[name]
@@ -101,9 +106,10 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
 
     tiny = get_config("tiny").model
     cfg = RICEConfig(backbone=get_preset(tiny.backbone, patch_size=v["patch"], **v.get("backbone", {})),
-                     region_layers=v.get("region_layers", tiny.region_layers))
+                     region_layers=v.get("region_layers", tiny.region_layers), region_rope=v.get("region_rope", "class"))
     model = RICEModel(cfg, rngs=nnx.Rngs(seed))
-    head = nnx.Linear(cfg.backbone.hidden_size, len(synthetic.WORDS), rngs=nnx.Rngs(seed + 1000))
+    width = cfg.backbone.hidden_size * (ROI_ALIGN_READ[0] * ROI_ALIGN_READ[1] if v.get("pool") == "roi_align" else 1)
+    head = nnx.Linear(width, len(synthetic.WORDS), rngs=nnx.Rngs(seed + 1000))
     graph, state = nnx.split((model, head))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=0.05)
@@ -112,10 +118,13 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
     def logits_of(state, batch):
         m, h = nnx.merge(graph, state)
         out = m(model_pixels(batch["image"]), batch["boxes"], batch["region_valid"])
+        gh, gw = m.backbone.grid(batch["image"].shape[1], batch["image"].shape[2])
         if v.get("pool") == "patch_mean":  # the box's final patch tokens averaged: is the region-token path the obstacle?
-            gh, gw = m.backbone.grid(batch["image"].shape[1], batch["image"].shape[2])
             vis = box_patch_visibility(batch["boxes"], batch["region_valid"], gh, gw)
             x = roi_mean_pool(m.backbone.post_norm(out.last_hidden_state[:, 1:]), vis)
+        elif v.get("pool") == "roi_align":  # box-aligned samples, concatenated: the patches read in box order
+            x = roi_align(m.backbone.post_norm(out.last_hidden_state[:, 1:]), batch["boxes"], gh, gw, *ROI_ALIGN_READ)
+            x = x.reshape(*x.shape[:2], -1)
         else:
             x = m.backbone.post_norm(out.region_hidden)
         if v.get("standardize"):       # remove what every region shares (region tokens start from one state)

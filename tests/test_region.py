@@ -8,7 +8,7 @@ from flax import nnx
 from rice_jax import sharding
 from rice_jax.models import hf
 from rice_jax.models.config import ViTConfig
-from rice_jax.models.region import box_patch_visibility, region_attention_mask
+from rice_jax.models.region import box_patch_visibility, region_attention_mask, roi_align
 from rice_jax.models.rice import RICEConfig, RICEModel
 from rice_jax.models.vit import ViT, apply_rope
 
@@ -16,8 +16,9 @@ CFG = ViTConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
 HW = (32, 48)  # 4 x 6 grid, non-square
 
 
-def _model(region_layers=2, embed_dim=None, attend_cls=False, seed=0):
-    cfg = RICEConfig(backbone=CFG, region_layers=region_layers, embed_dim=embed_dim, region_attend_cls=attend_cls)
+def _model(region_layers=2, embed_dim=None, attend_cls=False, seed=0, region_rope="class"):
+    cfg = RICEConfig(backbone=CFG, region_layers=region_layers, embed_dim=embed_dim, region_attend_cls=attend_cls,
+                     region_rope=region_rope)
     return RICEModel(cfg, rngs=nnx.Rngs(seed))
 
 
@@ -104,11 +105,19 @@ def _brute_force_regions(model: RICEModel, x, boxes, valid):
         for l in range(boxes.shape[1]):
             idx = 1 + np.nonzero(vis[b, l])[0]
             r = states[0][b, 0]
+            if model.cfg.region_rope == "box":   # the query sits at the box centre, in patch units
+                x0, y0, x1, y1 = np.asarray(boxes[b, l], np.float64)
+                spatial = vit.cfg.head_dim // 2
+                inv = 1.0 / vit.cfg.rope_theta ** (np.arange(0, spatial, 2) / spatial)
+                ang = np.concatenate([((y0 + y1) / 2 * gh - 0.5) * inv, ((x0 + x1) / 2 * gw - 0.5) * inv])
+                r_cos, r_sin = np.cos(ang)[None].astype(np.float32), np.sin(ang)[None].astype(np.float32)
+            else:
+                r_cos, r_sin = cos_img[:1], sin_img[:1]
             for j, s in enumerate(states):
                 blk = vit.blocks[model.first_region_block + j]
                 toks = jnp.concatenate([s[b, idx], r[None]], 0)               # [V+1, D]
-                cos = jnp.asarray(np.concatenate([cos_img[idx], cos_img[:1]]))
-                sin = jnp.asarray(np.concatenate([sin_img[idx], sin_img[:1]]))
+                cos = jnp.asarray(np.concatenate([cos_img[idx], r_cos]))
+                sin = jnp.asarray(np.concatenate([sin_img[idx], r_sin]))
                 hn = blk.norm1(toks)
                 qkv = jnp.einsum("td,dshk->shtk", hn, blk.attn.qkv_kernel[...]) + blk.attn.qkv_bias[...][:, :, None]
                 q = apply_rope(qkv[0][None], cos, sin)[0][:, -1:]             # region query only
@@ -121,9 +130,10 @@ def _brute_force_regions(model: RICEModel, x, boxes, valid):
     return out
 
 
-@pytest.mark.parametrize("region_layers,embed_dim", [(2, None), (1, 16), (3, None)])
-def test_matches_brute_force_reference(region_layers, embed_dim):
-    model = _model(region_layers, embed_dim)
+@pytest.mark.parametrize("region_layers,embed_dim,region_rope", [(2, None, "class"), (1, 16, "class"),
+                                                                   (3, None, "class"), (2, None, "box")])
+def test_matches_brute_force_reference(region_layers, embed_dim, region_rope):
+    model = _model(region_layers, embed_dim, region_rope=region_rope)
     x, boxes = _inputs()
     valid = jnp.ones(boxes.shape[:2], bool)
     out = model(x, boxes, valid)
@@ -159,6 +169,46 @@ def test_region_token_sees_only_its_box():
         noise[0, 1 + inside[0]] = np.random.default_rng(9).standard_normal(tokens.shape[-1])  # not a constant: LN removes those
         _, r2 = model.region_blocks(tokens + noise, grid, boxes, valid, start=vit.cfg.num_layers - 1)
         assert np.max(np.abs(np.asarray(r2[0, l] - r0[0, l]))) > 1e-3
+
+
+@pytest.mark.parametrize("region_rope", ["class", "box"])
+def test_box_rotary_positions_make_a_region_token_translation_invariant(region_rope):
+    """One block, run on the region tokens only: patch tokens are then position-free pixel embeddings,
+    so a word moved by whole patches (box moved with it) must give the same region token exactly
+    when the region query sits at its box centre — and not when it sits at the class position."""
+    cfg = RICEConfig(backbone=CFG.replace(num_layers=1), region_layers=1, region_rope=region_rope)
+    model = RICEModel(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    word = rng.standard_normal((8, 16, 3)).astype(np.float32)         # one patch tall, two wide
+    images = np.zeros((2, *HW, 3), np.float32)
+    images[0, 8:16, 8:24] = word                                      # patches (1, 1..2)
+    images[1, 16:24, 24:40] = word                                    # patches (2, 3..4)
+    boxes = jnp.asarray([[[8 / 48, 8 / 32, 24 / 48, 16 / 32]], [[24 / 48, 16 / 32, 40 / 48, 24 / 32]]])
+    r = np.asarray(model(jnp.asarray(images), boxes, jnp.ones((2, 1), bool)).region_hidden)[:, 0]
+    if region_rope == "box":
+        np.testing.assert_allclose(r[0], r[1], atol=1e-5)
+    else:
+        assert np.abs(r[0] - r[1]).max() > 1e-3
+
+
+def test_roi_align_matches_bilinear_reference():
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(0)
+    gh, gw, d = 4, 6, 3
+    tokens = rng.standard_normal((2, gh * gw, d)).astype(np.float32)
+    _, boxes = _inputs(n=5)
+    out = np.asarray(roi_align(jnp.asarray(tokens), boxes, gh, gw, 2, 3))
+    grid, boxes = tokens.reshape(2, gh, gw, d), np.asarray(boxes)
+    for b, n, i, j in np.ndindex(2, 5, 2, 3):
+        x0, y0, x1, y1 = boxes[b, n]
+        y = np.clip((y0 + (y1 - y0) * (i + 0.5) / 2) * gh - 0.5, 0, gh - 1)
+        x = np.clip((x0 + (x1 - x0) * (j + 0.5) / 3) * gw - 0.5, 0, gw - 1)
+        ref = [map_coordinates(grid[b, :, :, k], [[y], [x]], order=1, mode="nearest")[0] for k in range(d)]
+        np.testing.assert_allclose(out[b, n, i, j], ref, atol=1e-5)
+    # A box whose samples fall on patch centres reads those patches exactly.
+    exact = np.asarray(roi_align(jnp.asarray(tokens), jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]] * 2), gh, gw, gh, gw))
+    np.testing.assert_allclose(exact.reshape(2, gh * gw, d), tokens, atol=1e-6)
 
 
 def test_padded_regions_finite_and_do_not_affect_valid_ones():

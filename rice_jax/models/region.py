@@ -55,3 +55,35 @@ def roi_mean_pool(patch_tokens: Array, visibility: Array) -> Array:
     """Mean of the visible patch tokens per box: ``[B,T,D]`` x ``[B,N,T]`` -> ``[B,N,D]`` (zeros if none)."""
     vis = visibility.astype(patch_tokens.dtype)
     return jnp.einsum("bnt,btd->bnd", vis, patch_tokens) / jnp.maximum(vis.sum(-1, keepdims=True), 1.0)
+
+
+# Rows x columns of box samples a word is read from: one row of text, a few letters wide.
+ROI_ALIGN_READ = (2, 4)
+
+
+def roi_align(patch_tokens: Array, boxes: Array, grid_h: int, grid_w: int, out_h: int, out_w: int) -> Array:
+    """Box-aligned samples of the patch grid: ``[B,T,D]`` x ``boxes [B,N,4]`` -> ``[B,N,out_h,out_w,D]``.
+
+    Sample ``(i, j)`` of a box is the bilinear interpolation of the patch tokens at the centre of
+    cell ``(i, j)`` of an ``out_h x out_w`` split of the box (one point per cell, RoIAlign with
+    sampling ratio 1). Patch ``(r, c)`` sits at its cell's centre ``((c+0.5)/gw, (r+0.5)/gh)``;
+    points outside the centres' hull take the nearest edge patch. Unlike the mean pool, the
+    result keeps *where in the box* each feature is, which reading a word needs."""
+    b, t, d = patch_tokens.shape
+    grid = patch_tokens.reshape(b, grid_h, grid_w, d)
+    boxes = boxes.astype(jnp.float32)
+    fy = (jnp.arange(out_h, dtype=jnp.float32) + 0.5) / out_h
+    fx = (jnp.arange(out_w, dtype=jnp.float32) + 0.5) / out_w
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
+    ys = jnp.clip((y0 + (y1 - y0) * fy) * grid_h - 0.5, 0, grid_h - 1)      # [B,N,oh] in patch rows
+    xs = jnp.clip((x0 + (x1 - x0) * fx) * grid_w - 0.5, 0, grid_w - 1)      # [B,N,ow]
+    r0, c0 = jnp.floor(ys).astype(jnp.int32), jnp.floor(xs).astype(jnp.int32)
+    r1, c1 = jnp.minimum(r0 + 1, grid_h - 1), jnp.minimum(c0 + 1, grid_w - 1)
+    wy, wx = (ys - r0)[..., :, None, None], (xs - c0)[..., None, :, None]
+
+    def take(r, c):   # [B,N,oh], [B,N,ow] -> [B,N,oh,ow,D]
+        return jax.vmap(lambda g, rr, cc: g[rr[:, :, None], cc[:, None, :]])(grid, r, c)
+
+    top = take(r0, c0) * (1 - wx) + take(r0, c1) * wx
+    bottom = take(r1, c0) * (1 - wx) + take(r1, c1) * wx
+    return (top * (1 - wy) + bottom * wy).astype(patch_tokens.dtype)

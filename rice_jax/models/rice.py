@@ -19,7 +19,7 @@ from flax import nnx, struct
 from rice_jax import errors
 from rice_jax.models.config import RUNTIME_FIELDS, ViTConfig, get_preset
 from rice_jax.models.region import box_patch_visibility, region_attention_mask
-from rice_jax.models.vit import ViT
+from rice_jax.models.vit import ViT, position_angles
 
 Array = jax.Array
 
@@ -29,6 +29,12 @@ class RICEConfig:
     backbone: ViTConfig = ViTConfig()
     region_layers: int = 2            # last k blocks run on [cls; patches; regions]
     region_attend_cls: bool = False   # let region tokens also see the class token
+    # Where a region token sits for the rotary embedding. "class": the class token's learned angles
+    # (every region the same query position, so a region sees its patches at *image* positions).
+    # "box": its box's centre in patch units, so a region sees its patches at positions *relative
+    # to the box* — the same word anywhere in the image looks the same to its region token.
+    # No parameter either way: the exported ViT is unchanged.
+    region_rope: str = "class"
     embed_dim: int = 0                # head output E; 0 (or None, or == D) means identity (no head)
     # Standardise the embeddings over the batch (valid rows only; no parameters, training-only).
     # Region tokens start from the class-token state, so at initialisation every region of every
@@ -37,6 +43,8 @@ class RICEConfig:
     embed_batchnorm: bool = False
 
     def __post_init__(self):
+        if self.region_rope not in ("class", "box"):
+            raise errors.InputError(f"region_rope must be 'class' or 'box', got {self.region_rope!r}")
         if not 1 <= self.region_layers <= self.backbone.num_layers:
             raise errors.InputError(f"region_layers must be in [1, {self.backbone.num_layers}], got {self.region_layers}")
 
@@ -132,7 +140,15 @@ class RICEModel(nnx.Module):
         t = 1 + gh * gw
         regions = jnp.broadcast_to(x[:, :1], (b, n, x.shape[-1]))
         xe = jnp.concatenate([x, regions], axis=1)
-        cos, sin = vit.rope(gh, gw, num_extra=n)
+        if self.cfg.region_rope == "box":
+            cos, sin = vit.rope(gh, gw)                                   # [1+T, Dh/2]
+            bx = boxes.astype(jnp.float32)
+            ang = position_angles(vit.cfg, (bx[..., 1] + bx[..., 3]) * 0.5 * gh - 0.5,
+                                  (bx[..., 0] + bx[..., 2]) * 0.5 * gw - 0.5)   # [B, N, Dh/2]
+            cos = jnp.concatenate([jnp.broadcast_to(cos, (b, t, cos.shape[-1])), jnp.cos(ang)], axis=1)[:, None]
+            sin = jnp.concatenate([jnp.broadcast_to(sin, (b, t, sin.shape[-1])), jnp.sin(ang)], axis=1)[:, None]
+        else:
+            cos, sin = vit.rope(gh, gw, num_extra=n)
         vis = box_patch_visibility(boxes, region_valid, gh, gw)
         mask = region_attention_mask(vis, attend_cls=self.cfg.region_attend_cls)
         extended = [] if hidden is not None else None

@@ -151,7 +151,7 @@ materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """NeoX-style rotary embedding on ``x [B, H, S, Dh]`` with ``cos, sin [S, Dh/2]``.
+    """NeoX-style rotary embedding on ``x [B, H, S, Dh]`` with ``cos, sin [S, Dh/2]`` (or ``[B, 1, S, Dh/2]``: per-example angles).
 
     HF builds cos/sin over ``concat(angles, angles)``; rotating the two halves
     with the half-size tables is the same arithmetic with half the memory.
@@ -171,12 +171,19 @@ def rope_angles(cfg: ViTConfig, class_pos_emb: Array, grid_h: int, grid_w: int) 
     Patch (r, c) gets ``concat(r·inv_freq, c·inv_freq)`` with ``inv_freq`` over Dh/4
     frequencies (HF ``MLCDRotaryEmbedding``, rope_type "axial").
     """
-    spatial = cfg.head_dim // 2
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
     rows = jnp.repeat(jnp.arange(grid_h, dtype=jnp.float32), grid_w)
     cols = jnp.tile(jnp.arange(grid_w, dtype=jnp.float32), grid_h)
-    patch = jnp.concatenate([rows[:, None] * inv_freq, cols[:, None] * inv_freq], axis=-1)
-    return jnp.concatenate([class_pos_emb.astype(jnp.float32).reshape(1, spatial), patch], axis=0)
+    patch = position_angles(cfg, rows, cols)
+    return jnp.concatenate([class_pos_emb.astype(jnp.float32).reshape(1, cfg.head_dim // 2), patch], axis=0)
+
+
+def position_angles(cfg: ViTConfig, rows: Array, cols: Array) -> Array:
+    """Rotary angles ``[..., Dh/2]`` of (possibly fractional) grid positions ``rows, cols [...]``,
+    in patch units: ``concat(row·inv_freq, col·inv_freq)``, as the patches get them."""
+    spatial = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+    rows, cols = jnp.asarray(rows, jnp.float32)[..., None], jnp.asarray(cols, jnp.float32)[..., None]
+    return jnp.concatenate([rows * inv_freq, cols * inv_freq], axis=-1)
 
 
 # ----------------------------------------------------------------------------- modules
