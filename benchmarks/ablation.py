@@ -57,8 +57,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
 
     from rice_jax import backbones, evaluate, train
     from rice_jax.data import tokenizer
-    from rice_jax.models.config import get_preset
-    from rice_jax.models.vit import ViT
+    from rice_jax.models.rice import RICEModel
 
     c = _config("tiny" if method != "mlcd" else "tiny,objective=mlcd")
     image = c.stages[-1][1]
@@ -66,10 +65,9 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     if method == "teacher":
         return evaluate.evaluate_handcrafted(eval_dir, image), None
     tok = tokenizer.for_dataset(eval_dir)
-    rl = c.model.region_layers
-    if method == "random_init":
-        vit = ViT(get_preset(c.model.backbone), rngs=nnx.Rngs(seed))
-        return evaluate.evaluate_backbone(vit, eval_dir, image, tok, region_layers=rl, all_layers=True), None
+    if method == "random_init":   # the RICE recipe's architecture (region settings included), untrained
+        model = RICEModel(train.build_model_config(c), rngs=nnx.Rngs(seed))
+        return evaluate.evaluate_backbone(model, eval_dir, image, tok, all_layers=True), None
     c.data.dir, c.seed = str(dirs["oracle" if method == "rice_oracle" else "train"]), seed
     if steps:
         c.stages = ((steps, image),)
@@ -79,8 +77,9 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     if s["preempted"]:  # SIGTERM: train saved and returned early; do not report a half-trained row
         raise SystemExit(f"[ablation] {method} seed {seed} stopped by SIGTERM")
     seconds = time.perf_counter() - t
-    res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}"), eval_dir, image, tok,
-                                     region_layers=rl if method != "mlcd" else 0, all_layers=True)
+    # A run that trained region tokens is read as its RICE model; global-only (mlcd) as its ViT.
+    res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}", regions=True), eval_dir, image, tok,
+                                     all_layers=True)
     return res, {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
                  "train_seconds": seconds, "steps": s["end_step"]}
 

@@ -39,6 +39,10 @@ VARIANTS = {
     "64px_p8_patch_mean": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, pool="patch_mean"),
     "64px_p8_region_layers4": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, region_layers=4),
     "64px_p8_roi_align": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, pool="roi_align"),
+    "64px_p8_font28-36_roi_align": dict(stages=((1.0, 64, 1.0),), patch=8, gen={"font_size": (28, 36)}, pool="roi_align"),
+    "64px_p8_roi_seed": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, region_seed="roi"),
+    "64px_p8_font28-36_roi_seed": dict(stages=((1.0, 64, 1.0),), patch=8, gen={"font_size": (28, 36)}, region_seed="roi"),
+    "64px_p8_roi_seed_box_rope": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, region_seed="roi", region_rope="box"),
     "64px_p8_box_rope": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, region_rope="box"),
     "64px_p8_heads2": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, backbone={"num_heads": 2}),
     "64px_p8_heads2_box_rope": dict(stages=((1.0, 64, 1.0),), patch=8, gen={}, backbone={"num_heads": 2},
@@ -96,8 +100,8 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
     from rice_jax.batch import model_pixels
     from rice_jax.data import synthetic
     from rice_jax.models.config import get_preset
-    from rice_jax.models.region import ROI_ALIGN_READ, box_patch_visibility, roi_align, roi_mean_pool
-    from rice_jax.models.rice import RICEConfig, RICEModel, batch_standardize
+    from rice_jax.models.region import box_patch_visibility, roi_align, roi_mean_pool
+    from rice_jax.models.rice import ROI_SEED_GRID, RICEConfig, RICEModel, batch_standardize
 
     v = VARIANTS[name]
     train_dir, eval_dir = _data(root, seed, n_train, v["gen"]), _data(root, seed + 1, n_eval, v["gen"])
@@ -106,9 +110,10 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
 
     tiny = get_config("tiny").model
     cfg = RICEConfig(backbone=get_preset(tiny.backbone, patch_size=v["patch"], **v.get("backbone", {})),
-                     region_layers=v.get("region_layers", tiny.region_layers), region_rope=v.get("region_rope", "class"))
+                     region_layers=v.get("region_layers", tiny.region_layers), region_rope=v.get("region_rope", "class"),
+                     region_seed=v.get("region_seed", "class"))
     model = RICEModel(cfg, rngs=nnx.Rngs(seed))
-    width = cfg.backbone.hidden_size * (ROI_ALIGN_READ[0] * ROI_ALIGN_READ[1] if v.get("pool") == "roi_align" else 1)
+    width = cfg.backbone.hidden_size * (ROI_SEED_GRID[0] * ROI_SEED_GRID[1] if v.get("pool") == "roi_align" else 1)
     head = nnx.Linear(width, len(synthetic.WORDS), rngs=nnx.Rngs(seed + 1000))
     graph, state = nnx.split((model, head))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
@@ -123,7 +128,7 @@ def run_variant(name: str, seed: int, root: Path, *, steps: int, batch: int, n_t
             vis = box_patch_visibility(batch["boxes"], batch["region_valid"], gh, gw)
             x = roi_mean_pool(m.backbone.post_norm(out.last_hidden_state[:, 1:]), vis)
         elif v.get("pool") == "roi_align":  # box-aligned samples, concatenated: the patches read in box order
-            x = roi_align(m.backbone.post_norm(out.last_hidden_state[:, 1:]), batch["boxes"], gh, gw, *ROI_ALIGN_READ)
+            x = roi_align(m.backbone.post_norm(out.last_hidden_state[:, 1:]), batch["boxes"], gh, gw, *ROI_SEED_GRID)
             x = x.reshape(*x.shape[:2], -1)
         else:
             x = m.backbone.post_norm(out.region_hidden)
@@ -224,19 +229,23 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.smoke:
         a.variants, a.seeds, a.steps, a.images, a.eval_images, a.batch = ["64px_p8_then_128px"], [0], 4, 32, 32, 8
-    old = {} if a.fresh or a.smoke else (load_result("reading") or {})
-    # Runs written before rows carried their own budget took the file's (lr was then fixed at 2e-3).
-    runs = [{"steps": old.get("steps"), "images": old.get("images"), "lr": 2e-3, **r} for r in old.get("runs", [])]
-    legible = list(old.get("legibility", []))
+    mine = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.data_root or tmp)
         for name in a.variants:
             for seed in a.seeds:
                 r = run_variant(name, seed, root, steps=a.steps, batch=a.batch, n_train=a.images,
                                 n_eval=a.eval_images, lr=a.lr)
-                runs = [q for q in runs if (_row_key(q), q["seed"]) != (_row_key(r), seed)] + [r]
+                mine.append(r)
                 print(f"[reading] {name} seed {seed}: held-out word accuracy {r['accuracy']:.3f} "
                       f"(loss {r['loss_start']:.2f} -> {r['loss_end']:.2f}, {r['train_seconds']:.0f} s)", flush=True)
+    # Read the file only now, so runs another process added while these trained are kept.
+    old = {} if a.fresh or a.smoke else (load_result("reading") or {})
+    # Runs written before rows carried their own budget took the file's (lr was then fixed at 2e-3).
+    runs = [{"steps": old.get("steps"), "images": old.get("images"), "lr": 2e-3, **r} for r in old.get("runs", [])]
+    for r in mine:
+        runs = [q for q in runs if (_row_key(q), q["seed"]) != (_row_key(r), r["seed"])] + [r]
+    legible = list(old.get("legibility", []))
     if a.legibility:
         for gen in ({}, {"font_size": (28, 36)}):
             for size in (64, 128):

@@ -299,6 +299,10 @@ def reading() -> str:
         notes += ["head on the box's mean patch token"] if v.get("pool") == "patch_mean" else []
         notes += [f"{v['region_layers']} region layers"] if "region_layers" in v else []
         notes += [f"width {v['backbone']['hidden_size']}"] if "hidden_size" in v.get("backbone", {}) else []
+        notes += [f"{v['backbone']['num_heads']} heads"] if "num_heads" in v.get("backbone", {}) else []
+        notes += ["head on the box's 2x4 RoIAlign samples (not a region token)"] if v.get("pool") == "roi_align" else []
+        notes += ["region query at the box centre (region_rope box)"] if v.get("region_rope") == "box" else []
+        notes += ["region tokens start from RoIAlign (region_seed roi)"] if v.get("region_seed") == "roi" else []
         rows.append(f"| {t['variant']} | {stages} | {v['patch']} | {'; '.join(notes) or 'default'} | {t['steps']} | "
                     f"{t['images']:,} | {t['lr']:g} | {_mean_std(t['mean'], t['std'], len(t['seeds']))} | "
                     f"{', '.join(map(str, t['seeds']))} | {t['loss_end']:.2f} | {t['train_seconds']:.0f} |")

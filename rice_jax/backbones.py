@@ -35,12 +35,48 @@ def parse(spec: str) -> tuple[str, str]:
     return scheme, where
 
 
-def load(spec: str, **runtime):
-    """The ViT of ``spec`` on this host's first device. ``runtime``: ViT runtime options (dtype, ...)."""
+def load(spec: str, *, regions: bool = False, **runtime):
+    """The ViT of ``spec`` on this host's first device. ``runtime``: ViT runtime options (dtype, ...).
+
+    ``regions``: for a ``ckpt:`` run whose loss trained region tokens, the whole
+    :class:`~rice_jax.models.rice.RICEModel` instead (backbone, region settings and region
+    parameters as trained), so its region tokens can be read; anything else is the ViT."""
     scheme, where = parse(spec)
     if scheme == "ckpt":
+        if regions and checkpoint.read_meta(where).get("region_layers", 0):
+            return load_checkpoint_rice(where, **runtime)
         return load_checkpoint_backbone(where, **runtime)
     return hf.load_hf(where, from_hub=scheme == "hub", **runtime)
+
+
+def region_config(meta: dict, backbone: ViTConfig):
+    """The region settings a checkpoint's metadata records, as a model config (training heads off:
+    readers take the post-LN region tokens). Checkpoints from before ``region_rope`` /
+    ``region_seed`` existed ran the paper's design, which is each setting's default."""
+    from rice_jax.models.rice import RICEConfig
+
+    return RICEConfig(backbone=backbone, region_layers=int(meta["region_layers"]),
+                      region_rope=meta.get("region_rope", "class"), region_seed=meta.get("region_seed", "class"))
+
+
+def load_checkpoint_rice(path, step=None, **runtime):
+    """The RICE model of a training checkpoint that ran region tokens: its backbone plus the region
+    parameters (``region_seed``) read by partial restore; the training head and centres are not read."""
+    from rice_jax.models.rice import RICEModel
+
+    meta = checkpoint.read_meta(path, step)
+    if not meta.get("region_layers", 0):
+        raise errors.InputError(f"{path}: this run trained no region tokens (region_layers 0); load its backbone")
+    vit = load_checkpoint_backbone(path, step, **runtime)
+    model = RICEModel(region_config(meta, vit.cfg), rngs=nnx.Rngs(0), backbone=vit)
+    if model.region_seed is not None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state = nnx.state(model.region_seed)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), nnx.to_pure_dict(state))
+        restored, _, _ = checkpoint.restore_subtree(path, target, keys=("params", "model", "region_seed"), step=step)
+        nnx.replace_by_pure_dict(state, restored)
+        nnx.update(model.region_seed, state)
+    return model
 
 
 def load_params_into(spec: str, target: Any) -> Any:

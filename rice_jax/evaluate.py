@@ -25,7 +25,6 @@ import json
 import numpy as np
 from PIL import Image
 
-from rice_jax import checkpoint as ckpt
 from rice_jax import backbones, cli, errors, storage
 from rice_jax.clustering import handcrafted_features
 from rice_jax.data import pipeline, records, synthetic
@@ -47,6 +46,7 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     src = records.RecordSource(data_dir)
     manifest = records.read_manifest(data_dir)
     feats = RegionFeatures(vit, image_size, layers=layers, region_layers=region_layers, keep_tokens=True)
+    vit = getattr(vit, "backbone", vit)
     gh, gw = vit.grid(image_size, image_size)
 
     rng = np.random.default_rng(seed)
@@ -134,22 +134,24 @@ DEFAULT_LAYER = -2
 
 def evaluate_backbone(vit, data_dir, image_size: int | None = None, tokenizer=None, *, layer: int = DEFAULT_LAYER,
                       region_layers: int = 0, all_layers: bool = False) -> dict:
-    """Frozen-backbone probes of ``vit`` on a held-out dataset.
+    """Frozen-backbone probes of ``vit`` (a ViT, a teacher tower or a trained RICE model) on a held-out dataset.
 
     ``layer``: which hidden state the region / dense / OCR probes read (see
-    :func:`resolve_layer`). ``region_layers`` > 0 adds ``region_token_*``
-    probes on the model's own region embeddings. ``all_layers`` adds
+    :func:`resolve_layer`). A RICE model, or ``region_layers`` > 0 on a ViT, adds
+    ``region_token_*`` probes on the model's own region embeddings. ``all_layers`` adds
     ``per_layer``: region linear / kNN accuracy at every depth.
     """
-    image_size = image_size or vit.cfg.image_size
-    num_layers = vit.cfg.num_layers
+    backbone = getattr(vit, "backbone", vit)
+    image_size = image_size or backbone.cfg.image_size
+    num_layers = backbone.cfg.num_layers
     key = str(resolve_layer(layer, num_layers))
     layers = tuple(range(num_layers + 1)) if all_layers else (layer,)
     regions, patches, images = extract(vit, data_dir, image_size, layers=layers, region_layers=region_layers)
+    tokens = region_layers > 0 or backbone is not vit
     res = {"layer": layer}
-    res.update(region_probe(regions, key, num_layers if all_layers else None, region_layers > 0))
+    res.update(region_probe(regions, key, num_layers if all_layers else None, tokens))
     res.update(dense_probe(patches, key))
-    res.update(ocr_probe(regions, tokenizer, key, region_layers > 0))
+    res.update(ocr_probe(regions, tokenizer, key, tokens))
     res.update(image_probe(images))
     return res
 
@@ -256,8 +258,21 @@ def evaluate_handcrafted(data_dir, image_size: int) -> dict:
     return {"region_linear_acc": lin, "region_knn_acc": knn, "num_regions_test": len(te)}
 
 
-def load_model(checkpoint: str | None = None, hf: str | None = None):
-    return backbones.load(f"hf:{hf}" if hf else f"ckpt:{checkpoint}")
+def random_like(model, seed: int):
+    """The same architecture as ``model`` (a ViT or a RICE model), freshly initialised: the
+    random-init row every probe table is read against."""
+    from flax import nnx
+
+    from rice_jax.models.rice import RICEModel
+    from rice_jax.models.vit import ViT
+
+    if isinstance(model, RICEModel):
+        return RICEModel(model.cfg, rngs=nnx.Rngs(seed))
+    return ViT(model.cfg, rngs=nnx.Rngs(seed))
+
+
+def load_model(checkpoint: str | None = None, hf: str | None = None, regions: bool = False):
+    return backbones.load(f"hf:{hf}" if hf else f"ckpt:{checkpoint}", regions=regions)
 
 
 def main(argv=None):
@@ -272,19 +287,17 @@ def main(argv=None):
                          f"end (default {DEFAULT_LAYER}: the penultimate block, the best measured)")
     ap.add_argument("--all-layers", action="store_true", help="also report region probes at every depth")
     ap.add_argument("--region-layers", type=int, default=None,
-                    help="also probe the model's own region tokens (k region blocks; default: from the "
-                         "checkpoint, 0 for an HF model)")
+                    help="probe region tokens from K parameter-free region blocks on the backbone (default: a "
+                         "checkpoint's own trained region model, none for an HF model)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
     tok = for_dataset(a.data)
-    rl = a.region_layers
-    if rl is None:
-        rl = 0
-        if a.checkpoint:
-            rl = int(ckpt.read_meta(a.checkpoint).get("region_layers", 0))
-    res = evaluate_backbone(load_model(a.checkpoint, a.hf), a.data, a.image_size, tok, layer=a.layer,
-                            region_layers=rl, all_layers=a.all_layers)
+    # A checkpoint that trained region tokens is read as the RICE model it trained (its region
+    # settings and parameters); --region-layers K reads a backbone with K parameter-free region blocks.
+    model = load_model(a.checkpoint, a.hf, regions=a.region_layers is None)
+    res = evaluate_backbone(model, a.data, a.image_size, tok, layer=a.layer, region_layers=a.region_layers or 0,
+                            all_layers=a.all_layers)
     print(json.dumps(res, indent=2))
     if a.out:
         storage.write_text_atomic(a.out, json.dumps(res, indent=2) + "\n")

@@ -46,23 +46,29 @@ def _require_pixels(x) -> np.ndarray:
 class RegionFeatures:
     """``features(x [B,H,W,3] uint8 pixels, boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
 
-    ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` with ``region_layers``),
+    ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` for a RICE model or with
+    ``region_layers``),
     ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``pooled``: ``[B, D]``
     (the model's ``pooler_output``: MLCD/CLIP's post-LN class token, SigLIP's attention-pooled
     head; the mean last token when a model has neither). Any B: batches are padded to a multiple
-    of the device count. ``vit``: our MLCD ViT or a :mod:`rice_jax.models.teachers` tower.
+    of the device count. ``vit``: our MLCD ViT, a :mod:`rice_jax.models.teachers` tower, or a
+    trained :class:`RICEModel` (``backbones.load(spec, regions=True)``), whose region tokens run
+    with the settings and region parameters it was trained with.
     """
 
     def __init__(self, vit, image_size: int, *, layers: Sequence[int] = (-1,), region_layers: int = 0,
                  keep_tokens: bool = False):
+        rice = None
+        if isinstance(vit, RICEModel):   # a trained RICE model: its own region settings and parameters
+            rice, vit = vit, vit.backbone
+        elif region_layers:              # a ViT read with the paper's parameter-free region tokens
+            if not isinstance(vit, ViT):
+                raise errors.InputError(f"region_layers={region_layers}: region tokens run on an MLCD/RICE "
+                                        f"backbone, not on a {type(vit).__name__}")
+            rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0), backbone=vit)
         self.num_layers = num_layers = vit.cfg.num_layers
         self.layers = sorted({resolve_layer(l, num_layers) for l in layers})
         self.image_size = image_size
-        if region_layers and not isinstance(vit, ViT):
-            raise errors.InputError(f"region_layers={region_layers}: region tokens run on an MLCD/RICE backbone, "
-                                    f"not on a {type(vit).__name__}")
-        rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0),
-                         backbone=vit) if region_layers else None
         graphdef, state = nnx.split(rice if rice is not None else vit)
         # This process's devices: extraction is per-process work (each process reads its own records).
         self.mesh = sharding.make_mesh(data=-1, fsdp=1, devices=jax.local_devices())
@@ -91,7 +97,7 @@ class RegionFeatures:
             if keep_tokens:
                 out["tokens"] = {str(i): hidden[i][:, n:] for i in idxs}
             if rice is not None:  # no head, no batch-standardising: the post-LN region tokens
-                out["roi"]["region_token"] = model(x, boxes, valid).region_embed
+                out["roi"]["region_token"] = model.backbone.post_norm(model(x, boxes, valid).region_hidden)
             return out
 
         self._fwd = fwd

@@ -19,7 +19,6 @@ from rice_jax import backbones, cli, clustering, evaluate, plot, train
 from rice_jax.configs.rice import get_config
 from rice_jax.data import mine, records, synthetic, tokenizer
 from rice_jax.models import hf
-from rice_jax.models.vit import ViT
 
 
 def _stage(name: str) -> float:
@@ -128,15 +127,13 @@ def main(argv=None):
     print(json.dumps(summary["train"]))
 
     t = _stage("4. region-probe evaluation of the backbone on held-out data (trained vs random init)")
-    from flax import nnx
 
-    vit = backbones.load(f"ckpt:{train_dir_run}")
+    model = backbones.load(f"ckpt:{train_dir_run}", regions=True)   # the RICE model, region tokens as trained
     tok = tokenizer.for_dataset(eval_dir)
-    rl = c.model.region_layers
     summary["eval"] = {
-        "trained": evaluate.evaluate_backbone(vit, eval_dir, image_size, tok, region_layers=rl, all_layers=True),
-        "random_init": evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(s)), eval_dir, image_size, tok,
-                                                  region_layers=rl, all_layers=True)}
+        "trained": evaluate.evaluate_backbone(model, eval_dir, image_size, tok, all_layers=True),
+        "random_init": evaluate.evaluate_backbone(evaluate.random_like(model, s), eval_dir, image_size, tok,
+                                                  all_layers=True)}
     (workdir / "eval.json").write_text(json.dumps(summary["eval"], indent=2) + "\n")
     print(f"  probes read layer {summary['eval']['trained']['layer']} (patch tokens, ROI mean-pooled) and the region tokens")
     for k, v in summary["eval"]["trained"].items():

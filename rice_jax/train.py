@@ -464,7 +464,8 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     # What a reader of the checkpoint needs: region_layers is 0 when the loss never ran region tokens.
     meta_base = {"backbone": dataclasses.asdict(model_cfg.backbone), "num_obj_classes": num_obj_classes,
                  "num_ocr_classes": num_ocr_classes, "uses_regions": loss_cfg.uses_regions,
-                 "region_layers": model_cfg.region_layers if loss_cfg.uses_regions else 0}
+                 "region_layers": model_cfg.region_layers if loss_cfg.uses_regions else 0,
+                 "region_rope": model_cfg.region_rope, "region_seed": model_cfg.region_seed}
 
     tokenizer = tokenizer_for_dataset(c.data.dir, manifest)
     stage_iter = make_stage_iter(c, tokenizer)

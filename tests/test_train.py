@@ -114,6 +114,38 @@ def test_mlcd_objective_trains(data_dir, tmp_path):
     assert "loss_global" in s["history"][-1] and "loss_object" not in s["history"][-1]
 
 
+def test_a_run_with_trained_region_parameters_is_read_back_as_its_rice_model(data_dir, tmp_path):
+    """region_seed="roi" adds a learned region parameter: the run must train it, record the region
+    settings, and give evaluation the RICE model it trained (not the backbone with fresh regions)."""
+    from rice_jax import backbones
+    from rice_jax.features import RegionFeatures
+    from rice_jax.models.rice import RICEModel, RICEConfig
+
+    c = small_config(data_dir, steps=6, every=6)
+    c.model.region_seed, c.model.region_rope = "roi", "box"
+    train.train(c, tmp_path)
+    params, _ = _final_params(tmp_path)
+    model = backbones.load(f"ckpt:{tmp_path}", regions=True)
+    assert isinstance(model, RICEModel)
+    assert (model.cfg.region_seed, model.cfg.region_rope, model.cfg.region_layers) == ("roi", "box", c.model.region_layers)
+    saved = np.asarray(params["model"]["region_seed"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(model.region_seed.kernel[...]), saved)
+    fresh = RICEModel(RICEConfig(backbone=model.backbone.cfg, region_layers=c.model.region_layers, region_seed="roi"),
+                      rngs=nnx.Rngs(c.seed))
+    assert np.abs(np.asarray(fresh.region_seed.kernel[...]) - saved).max() > 0   # it trained
+    # The features evaluation reads are this model's region tokens.
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+    boxes = np.asarray([[[0.1, 0.1, 0.6, 0.5], [0.3, 0.2, 0.9, 0.9]]] * 2, np.float32)
+    valid = np.ones((2, 2), bool)
+    got = RegionFeatures(model, 32)(x, boxes, valid)["roi"]["region_token"]
+    from rice_jax.batch import model_pixels
+    want = model.backbone.post_norm(model(model_pixels(jnp.asarray(x)), jnp.asarray(boxes), jnp.asarray(valid)).region_hidden)
+    np.testing.assert_allclose(got, np.asarray(want), atol=2e-5)
+    # The backbone alone is still what a plain load gives.
+    assert not isinstance(backbones.load(f"ckpt:{tmp_path}"), RICEModel)
+
+
 def _final_params(workdir):
     state, meta, step = checkpoint.read_raw(workdir)
     return state["params"], step

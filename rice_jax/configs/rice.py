@@ -118,6 +118,11 @@ def get_config(arg=None):
         # minutes on 2 cores; lr 2e-3 beat 1e-3 there (oracle labels, held-out region probe
         # 0.50 vs 0.39), a warm-up of 100 steps.
         c.model.backbone = "vit_tiny"
+        # Region tokens start from their box's RoIAlign samples: with the paper's class-state start a
+        # 4-block, 64-wide ViT's region tokens never learn to read (OCR loss flat at ~6, word
+        # classification 0.07 after 1,500 steps); from RoIAlign the OCR loss falls 6.9 -> 2.9 in
+        # 3,000 steps and region tokens name held-out words at 0.83 (benchmarks/reading.py, docs/results.md).
+        c.model.region_seed = "roi"
         c.data.num_regions = 6
         c.data.max_labels = 4
         c.batch_size = 32

@@ -57,10 +57,6 @@ def roi_mean_pool(patch_tokens: Array, visibility: Array) -> Array:
     return jnp.einsum("bnt,btd->bnd", vis, patch_tokens) / jnp.maximum(vis.sum(-1, keepdims=True), 1.0)
 
 
-# Rows x columns of box samples a word is read from: one row of text, a few letters wide.
-ROI_ALIGN_READ = (2, 4)
-
-
 def roi_align(patch_tokens: Array, boxes: Array, grid_h: int, grid_w: int, out_h: int, out_w: int) -> Array:
     """Box-aligned samples of the patch grid: ``[B,T,D]`` x ``boxes [B,N,4]`` -> ``[B,N,out_h,out_w,D]``.
 

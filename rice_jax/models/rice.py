@@ -18,10 +18,14 @@ from flax import nnx, struct
 
 from rice_jax import errors
 from rice_jax.models.config import RUNTIME_FIELDS, ViTConfig, get_preset
-from rice_jax.models.region import box_patch_visibility, region_attention_mask
+from rice_jax.models.region import box_patch_visibility, region_attention_mask, roi_align
 from rice_jax.models.vit import ViT, position_angles
 
 Array = jax.Array
+
+# Rows x columns of box samples a ``region_seed="roi"`` token starts from: a word is one row of
+# text a few letters wide; objects get a coarse 2 x 4 layout of their box.
+ROI_SEED_GRID = (2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +39,13 @@ class RICEConfig:
     # to the box* — the same word anywhere in the image looks the same to its region token.
     # No parameter either way: the exported ViT is unchanged.
     region_rope: str = "class"
+    # What a region token starts from. "class": the class-token state entering the first region
+    # block (the paper; no parameter). "roi": that state plus a learned projection of the box's
+    # patch tokens sampled on a rows x cols grid (RoIAlign, :data:`ROI_SEED_GRID`), so the token
+    # starts out knowing *what is where in its box* — attention pooling alone averages the
+    # patches' values and loses their layout, which reading a word needs (benchmarks/reading.py).
+    # The projection is a training-time parameter like ``head``: the exported ViT is unchanged.
+    region_seed: str = "class"
     embed_dim: int = 0                # head output E; 0 (or None, or == D) means identity (no head)
     # Standardise the embeddings over the batch (valid rows only; no parameters, training-only).
     # Region tokens start from the class-token state, so at initialisation every region of every
@@ -45,6 +56,8 @@ class RICEConfig:
     def __post_init__(self):
         if self.region_rope not in ("class", "box"):
             raise errors.InputError(f"region_rope must be 'class' or 'box', got {self.region_rope!r}")
+        if self.region_seed not in ("class", "roi"):
+            raise errors.InputError(f"region_seed must be 'class' or 'roi', got {self.region_seed!r}")
         if not 1 <= self.region_layers <= self.backbone.num_layers:
             raise errors.InputError(f"region_layers must be in [1, {self.backbone.num_layers}], got {self.region_layers}")
 
@@ -115,6 +128,13 @@ class RICEModel(nnx.Module):
             self.head = nnx.Linear(d, cfg.embed_dim, use_bias=False, param_dtype=jnp.dtype(cfg.backbone.param_dtype),
                                    dtype=jnp.dtype(cfg.backbone.dtype),
                                    kernel_init=nnx.initializers.normal(d**-0.5), rngs=rngs)
+        if cfg.region_seed == "roi":
+            k = ROI_SEED_GRID[0] * ROI_SEED_GRID[1] * d
+            self.region_seed = nnx.Linear(k, d, param_dtype=jnp.dtype(cfg.backbone.param_dtype),
+                                          dtype=jnp.dtype(cfg.backbone.dtype),
+                                          kernel_init=nnx.initializers.normal(k**-0.5), rngs=rngs)
+        else:
+            self.region_seed = None
 
     @property
     def first_region_block(self) -> int:
@@ -139,6 +159,9 @@ class RICEModel(nnx.Module):
         gh, gw = grid
         t = 1 + gh * gw
         regions = jnp.broadcast_to(x[:, :1], (b, n, x.shape[-1]))
+        if self.region_seed is not None:
+            roi = roi_align(x[:, 1:t], boxes, gh, gw, *ROI_SEED_GRID)
+            regions = regions + self.region_seed(roi.reshape(b, n, -1)).astype(regions.dtype)
         xe = jnp.concatenate([x, regions], axis=1)
         if self.cfg.region_rope == "box":
             cos, sin = vit.rope(gh, gw)                                   # [1+T, Dh/2]
