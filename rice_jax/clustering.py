@@ -1,6 +1,6 @@
 """Region clustering: region features -> spherical k-means -> cluster labels (+ centre init).
 
-    python -m rice_jax.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR] [--out DIR]
+    python -m rice_jax.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR|regions:ckpt:RUN] [--out DIR]
     python -m rice_jax.clustering --data DIR --extractor oracle      # ground-truth categories (upper bound)
 
 A job of any number of processes (``--coordinator-address ... --num-processes P --process-id I``
@@ -112,7 +112,8 @@ class HandcraftedExtractor:
 
 
 class ViTExtractor:
-    """ROI mean-pool of a backbone's last-block patch tokens inside each box. Our JAX ViT
+    """ROI mean-pool of a backbone's last-block patch tokens inside each box (or, given a trained
+    RICE model, its post-LN region tokens). Our JAX ViT
     (``hf:``/``ckpt:``/``hub:`` specs) runs through :class:`rice_jax.features.RegionFeatures`
     (jitted, batch-sharded over every device); any other Hugging Face vision encoder
     (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
@@ -128,10 +129,11 @@ class ViTExtractor:
             self.image_size, self.dim = vit.image_size, vit.dim
             self._features = vit
         else:
-            self.image_size = image_size or vit.cfg.image_size
-            self.dim = vit.cfg.hidden_size
+            backbone = getattr(vit, "backbone", vit)   # a RICE model (regions:ckpt:RUN) reads its region tokens
+            self.image_size = image_size or backbone.cfg.image_size
+            self.dim = backbone.cfg.hidden_size
             ours = RegionFeatures(vit, self.image_size, layers=(-1,))
-            key = str(vit.cfg.num_layers)
+            key = "region_token" if backbone is not vit else str(backbone.cfg.num_layers)
             self._features = lambda x, b, v: ours(x, b, v)["roi"][key]
 
     def __call__(self, src: records.RecordSource, chunk: int):
@@ -172,6 +174,14 @@ def make_extractor(spec: str, image_size: int | None = None):
     if spec.startswith("transformers:"):
         return ViTExtractor(TransformersRegionFeatures(spec.partition(":")[2], image_size), spec)
 
+    if spec.startswith("regions:"):
+        # A second labelling round: the trained RICE model's own region tokens (what its loss made
+        # discriminative) rather than its backbone's mean-pooled patches.
+        model = backbones.load(spec.partition(":")[2], regions=True)
+        if not hasattr(model, "backbone"):
+            raise errors.InputError(f"--extractor {spec}: {spec.partition(':')[2]} trained no region tokens; "
+                                    "use it without 'regions:' (its backbone's patch features)")
+        return ViTExtractor(model, spec, image_size)
     if spec.partition(":")[0] not in backbones.SCHEMES:
         raise errors.InputError(f"unknown extractor {spec!r}: use handcrafted, oracle, a backbone (hf:DIR, ckpt:DIR, "
                          "hub:ID) or any Hugging Face vision encoder (transformers:DIR)")
@@ -405,7 +415,8 @@ def main(argv=None):
     ap.add_argument("--data", required=True)
     ap.add_argument("--k", type=int, default=0, help="number of clusters (not used by --extractor oracle)")
     ap.add_argument("--extractor", default="handcrafted",
-                    help="handcrafted | hf:DIR | ckpt:DIR | hub:ID (our ViT) | transformers:DIR (CLIP, SigLIP, "
+                    help="handcrafted | hf:DIR | ckpt:DIR | hub:ID (our ViT) | regions:ckpt:RUN (a trained RICE "
+                         "run's own region tokens: a second labelling round) | transformers:DIR (CLIP, SigLIP, "
                          "DINOv2, MLCD... in PyTorch) | oracle (ground-truth categories as labels)")
     ap.add_argument("--out", default=None, help="where centres and the k-means state go (default: the data dir)")
     ap.add_argument("--features-dir", default=None,

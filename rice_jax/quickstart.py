@@ -157,10 +157,12 @@ def main(argv=None):
           f"steps ({tr['images_per_s']:.0f} img/s). outputs: {workdir} (train_s{s}/ checkpoints + metrics + "
           "curves.png, eval.json, export_hf/, summary.json)")
     cols = (("region_linear_acc", "region linear"), ("region_knn_acc", "region kNN"), ("dense_miou", "dense mIoU"),
-            ("ocr_token_recall@5", "OCR recall@5"))
+            ("ocr_token_recall@5", "OCR recall@5"), ("region_token_linear_acc", "region-token linear"),
+            ("region_token_ocr_recall@5", "region-token OCR recall@5"))
+    # Patch-feature probes (the exported ViT) first, then the model's own region tokens.
     print("held-out probes, trained vs random init: " + "   ".join(
-        f"{name} {ev['trained'].get(k, float('nan')):.3f} vs {ev['random_init'].get(k, float('nan')):.3f}"
-        for k, name in cols))
+        f"{name} {ev['trained'][k]:.3f} vs {ev['random_init'][k]:.3f}"
+        for k, name in cols if k in ev["trained"] and k in ev["random_init"]))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,10 @@ of the pseudo-labels; the probes are frozen-backbone and on held-out images.
 from pathlib import Path
 
 import pytest
-from flax import nnx
 
 from rice_jax.configs.rice import get_config
-from rice_jax import backbones, checkpoint, clustering, evaluate, train
+from rice_jax import backbones, clustering, evaluate, train
 from rice_jax.data import synthetic
-from rice_jax.models.vit import ViT
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 450
@@ -36,9 +34,9 @@ def test_short_run_lifts_region_probes_above_random_init(tmp_path):
     first, last = s["history"][0], s["history"][-1]
     assert last["object/top1_acc"] > first["object/top1_acc"] + 0.1, (first, last)
 
-    size, rl = c.stages[0][1], c.model.region_layers
-    vit = backbones.load(f"ckpt:{tmp_path / 'run'}")
-    trained = evaluate.evaluate_backbone(vit, eval_dir, size, region_layers=rl)
-    random = evaluate.evaluate_backbone(ViT(vit.cfg, rngs=nnx.Rngs(0)), eval_dir, size, region_layers=rl)
+    size = c.stages[0][1]
+    model = backbones.load(f"ckpt:{tmp_path / 'run'}", regions=True)   # the RICE model, region tokens as trained
+    trained = evaluate.evaluate_backbone(model, eval_dir, size)
+    random = evaluate.evaluate_backbone(evaluate.random_like(model, 0), eval_dir, size)
     assert trained["region_token_linear_acc"] > random["region_token_linear_acc"] + 0.12, (trained, random)
     assert trained["region_linear_acc"] > random["region_linear_acc"] + 0.06, (trained, random)

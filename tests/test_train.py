@@ -144,6 +144,14 @@ def test_a_run_with_trained_region_parameters_is_read_back_as_its_rice_model(dat
     np.testing.assert_allclose(got, np.asarray(want), atol=2e-5)
     # The backbone alone is still what a plain load gives.
     assert not isinstance(backbones.load(f"ckpt:{tmp_path}"), RICEModel)
+    # A second labelling round clusters these region tokens: the extractor reads them, not the patches.
+    from rice_jax import clustering
+    from rice_jax.data import records
+    ext = clustering.make_extractor(f"regions:ckpt:{tmp_path}", 32)
+    ids, feats = next(ext(records.RecordSource(data_dir), 64))
+    patches = next(clustering.make_extractor(f"ckpt:{tmp_path}", 32)(records.RecordSource(data_dir), 64))[1]
+    assert feats.shape == patches.shape and feats.shape[1] == model.backbone.cfg.hidden_size
+    assert np.isfinite(feats).all() and np.abs(feats - patches).max() > 1e-2
 
 
 def _final_params(workdir):
