@@ -80,8 +80,13 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     # A run that trained region tokens is read as its RICE model; global-only (mlcd) as its ViT.
     res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}", regions=True), eval_dir, image, tok,
                                      all_layers=True)
-    return res, {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
-                 "train_seconds": seconds, "steps": s["end_step"]}
+    tr = {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
+          "train_seconds": seconds, "steps": s["end_step"]}
+    ocr = [(h["step"], h["loss_ocr"]) for h in s["history"] if "loss_ocr" in h]
+    if ocr:   # the test of the OCR half: its loss near step 100 against the end (means of windows)
+        tr["ocr_loss_100"] = float(np.mean([v for st, v in ocr if 50 <= st <= 150] or [ocr[0][1]]))
+        tr["ocr_loss_end"] = float(np.mean([v for _, v in ocr[-max(1, len(ocr) // 10):]]))
+    return res, tr
 
 
 def main(argv=None):
@@ -93,6 +98,7 @@ def main(argv=None):
     if a.smoke:
         a.steps, a.seeds, a.images, a.eval_images, a.clusters = 4, [0], 64, 64, 8
     runs = {m: [] for m in METHODS}
+    rec = None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.data_root or tmp)
         for seed in a.seeds:
@@ -102,6 +108,12 @@ def main(argv=None):
                 runs[m].append({"seed": seed, **res, **(tr or {})})
                 print(f"[ablation] seed {seed} {m}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)), flush=True)
+            # Written after every seed (the table of the seeds done so far): a run cut short keeps them.
+            rec = _write(a, runs)
+    return rec
+
+
+def _write(a, runs):
     skip = ("seed", "num_regions_test", "loss_start", "loss_end", "layer", "train_seconds", "steps", "per_layer")
     table = {m: {k: {"mean": float(np.mean([r[k] for r in runs[m]])), "std": float(np.std([r[k] for r in runs[m]]))}
                  for k in runs[m][0] if k not in skip} for m in METHODS}
@@ -111,7 +123,7 @@ def main(argv=None):
     c = _config("tiny")
     rec = report("ablation" if not a.smoke else "ablation_smoke",
                  {"steps": a.steps or sum(s[0] for s in c.stages), "image_size": c.stages[-1][1],
-                  "seeds": a.seeds, "images": a.images, "eval_images": a.eval_images, "clusters": a.clusters,
+                  "seeds": [r["seed"] for r in runs["rice"]], "images": a.images, "eval_images": a.eval_images, "clusters": a.clusters,
                   "probe_layer": runs["rice"][0].get("layer"), "table": table, "layers": layers, "runs": runs},
                  write=not a.smoke)
     if not a.smoke:
@@ -125,7 +137,7 @@ def _plot(table):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in table["rice"] if not k.startswith("region_token")]
+    metrics = [k for k in table["rice"] if not k.startswith(("region_token", "ocr_loss"))]
     fig, ax = plt.subplots(figsize=(11, 4.2))
     w = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):

@@ -146,10 +146,20 @@ def _put_centers(centers: np.ndarray, target: jax.Array) -> jax.Array:
 
 
 def apply_init_from(spec: str, state, model_cfg: RICEConfig):
-    """Overwrite the backbone parameters from a :mod:`rice_jax.backbones` spec (params only)."""
+    """Overwrite the backbone parameters from a :mod:`rice_jax.backbones` spec (params only).
+
+    From a ``ckpt:`` run whose model had the same region parameters (``region_seed="roi"``) those
+    are taken too, so a second labelling round continues the region tokens it re-clustered with;
+    the training head and the centres always start fresh (the labels changed)."""
     if spec:
         target = state["params"]["model"]["backbone"]
         state["params"]["model"]["backbone"] = backbones.load_params_into(spec, target)
+        scheme, where = backbones.parse(spec)
+        seed = state["params"]["model"].get("region_seed")
+        if scheme == "ckpt" and seed is not None and checkpoint.read_meta(where).get("region_seed") == "roi":
+            abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), seed)
+            state["params"]["model"]["region_seed"], _, _ = checkpoint.restore_subtree(
+                where, abstract, keys=("params", "model", "region_seed"))
     return state
 
 

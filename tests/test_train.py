@@ -152,6 +152,15 @@ def test_a_run_with_trained_region_parameters_is_read_back_as_its_rice_model(dat
     patches = next(clustering.make_extractor(f"ckpt:{tmp_path}", 32)(records.RecordSource(data_dir), 64))[1]
     assert feats.shape == patches.shape and feats.shape[1] == model.backbone.cfg.hidden_size
     assert np.isfinite(feats).all() and np.abs(feats - patches).max() > 1e-2
+    # ... and the round-2 run starts from round 1's backbone *and* region parameters (lr ~0: nothing moves).
+    c2 = small_config(data_dir, steps=1, every=1)
+    c2.model.region_seed, c2.model.region_rope = "roi", "box"
+    c2.init_from, c2.optim.lr, c2.optim.weight_decay = f"ckpt:{tmp_path}", 1e-12, 0.0
+    train.train(c2, tmp_path / "round2")
+    p2, _ = _final_params(tmp_path / "round2")
+    np.testing.assert_allclose(np.asarray(p2["model"]["region_seed"]["kernel"]), saved, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(p2["model"]["backbone"]["patch_kernel"]),
+                               np.asarray(params["model"]["backbone"]["patch_kernel"]), atol=1e-9)
 
 
 def _final_params(workdir):
