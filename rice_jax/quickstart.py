@@ -142,6 +142,7 @@ def main(argv=None):
 
     t = _stage("5. export to Hugging Face and reload with transformers")
 
+    vit = getattr(model, "backbone", model)   # what is exported: the plain ViT, without the region parameters
     out_dir = hf.save_hf(vit, workdir / "export_hf", torch_state_dict=True)
     x = np.random.default_rng(0).standard_normal((2, 64, 96, 3)).astype(np.float32)
     diffs = hf.compare_with_transformers(vit, out_dir, x)
