@@ -217,7 +217,7 @@ def test_resume_reads_with_the_checkpoints_worker_count(data_dir, tmp_path, caps
 
 
 # ----------------------------------------------------------------------------- partial restore (init_from)
-def test_init_from_ckpt_reads_only_the_backbone(data_dir, tmp_path, monkeypatch):
+def test_init_from_ckpt_reads_only_the_backbone_and_region_parameters(data_dir, tmp_path, monkeypatch):
     from orbax.checkpoint._src.serialization import jax_array_handlers
 
     c = small_config(data_dir, steps=2, every=100)
@@ -241,8 +241,13 @@ def test_init_from_ckpt_reads_only_the_backbone(data_dir, tmp_path, monkeypatch)
     targets = jax.tree.map(lambda x: x.sharding, state["params"]["model"]["backbone"])
     state = train.apply_init_from(c2.init_from, state, model_cfg)
 
-    assert read and all(n.startswith("params.model.backbone.") for n in read), sorted(set(read))[:5]
+    # The backbone and (tiny uses region_seed "roi") the region parameters; never head, centres or moments.
+    assert read and all(n.startswith(("params.model.backbone.", "params.model.region_seed.")) for n in read), \
+        sorted(set(read))[:5]
+    assert any(n.startswith("params.model.region_seed.") for n in read)
     assert not any("centers" in n or "opt_state" in n for n in read)
+    _assert_same_tree(jax.tree.map(np.asarray, state["params"]["model"]["region_seed"]),
+                      jax.tree.map(np.asarray, saved["params"]["model"]["region_seed"]))
     got = state["params"]["model"]["backbone"]
     for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(targets)):
         assert x.sharding == s, path    # restored straight into the target shardings (FSDP here)
