@@ -24,6 +24,9 @@ import numpy as np
 from benchmarks.common import RESULTS, add_synthetic_run_flags, report
 
 METHODS = ("rice", "mlcd", "rice_oracle", "random_init", "teacher")
+# The synthetic downstream tasks' images: generator seed S + this (neither training nor held-out data).
+DOWNSTREAM_SEED = 1000
+DOWNSTREAM_TASKS = ("refseg", "semseg", "regcls")
 LABELS = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
           "random_init": "random init", "teacher": "handcrafted teacher"}
 
@@ -34,12 +37,16 @@ def _config(arg):
     return get_config(arg)
 
 
-def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int):
-    """Training data with k-means labels, a copy with oracle labels, and held-out data."""
+def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int, n_down: int = 0):
+    """Training data with k-means labels, a copy with oracle labels, held-out data and (``n_down``
+    images) the synthetic downstream tasks' data."""
     from rice_jax import clustering
     from rice_jax.data import records, synthetic, tokenizer
 
-    dirs = {"train": root / f"train_s{seed}", "eval": root / f"eval_s{seed + 1}", "oracle": root / f"oracle_s{seed}"}
+    dirs = {"train": root / f"train_s{seed}", "eval": root / f"eval_s{seed + 1}", "oracle": root / f"oracle_s{seed}",
+            "downstream": root / f"downstream_s{seed + DOWNSTREAM_SEED}"}
+    if n_down and not (dirs["downstream"] / records.MANIFEST).exists():
+        synthetic.build(str(dirs["downstream"]), n_down, seed=seed + DOWNSTREAM_SEED)
     for name, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
         if not (dirs[name] / records.MANIFEST).exists():
             synthetic.build(str(dirs[name]), n, seed=s)
@@ -52,7 +59,23 @@ def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int):
     return dirs
 
 
-def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
+def downstream(model, seed: int, dirs: dict, steps: int | None = None) -> dict:
+    """The synthetic downstream tasks (rice_jax.downstream) on a frozen backbone: flat metrics."""
+    from rice_jax.downstream import table
+    from rice_jax.downstream.encoders import FrozenEncoder
+
+    if not (dirs["downstream"] / "manifest.json").exists():
+        return {}
+    enc, out = FrozenEncoder(model), {}
+    for task in DOWNSTREAM_TASKS:
+        res = table.run_task(enc, task, f"synthetic:{dirs['downstream']}", seed=seed, steps=steps, log=None)
+        for k, v in res["splits"]["test"].items():
+            if isinstance(v, float):
+                out[f"{task}_{k}"] = v
+    return out
+
+
+def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_steps: int | None = None):
     from flax import nnx
 
     from rice_jax import backbones, evaluate, train
@@ -67,7 +90,8 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
     tok = tokenizer.for_dataset(eval_dir)
     if method == "random_init":   # the RICE recipe's architecture (region settings included), untrained
         model = RICEModel(train.build_model_config(c), rngs=nnx.Rngs(seed))
-        return evaluate.evaluate_backbone(model, eval_dir, image, tok, all_layers=True), None
+        res = evaluate.evaluate_backbone(model, eval_dir, image, tok, all_layers=True)
+        return {**res, **downstream(model, seed, dirs, down_steps)}, None
     c.data.dir, c.seed = str(dirs["oracle" if method == "rice_oracle" else "train"]), seed
     if steps:
         c.stages = ((steps, image),)
@@ -78,8 +102,9 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int):
         raise SystemExit(f"[ablation] {method} seed {seed} stopped by SIGTERM")
     seconds = time.perf_counter() - t
     # A run that trained region tokens is read as its RICE model; global-only (mlcd) as its ViT.
-    res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}", regions=True), eval_dir, image, tok,
-                                     all_layers=True)
+    model = backbones.load(f"ckpt:{workdir}", regions=True)
+    res = evaluate.evaluate_backbone(model, eval_dir, image, tok, all_layers=True)
+    res.update(downstream(model, seed, dirs, down_steps))
     tr = {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
           "train_seconds": seconds, "steps": s["end_step"]}
     ocr = [(h["step"], h["loss_ocr"]) for h in s["history"] if "loss_ocr" in h]
@@ -94,17 +119,21 @@ def main(argv=None):
     add_synthetic_run_flags(ap, steps=3000, seeds=[0, 1, 2], images=8192,
                             steps_help="training steps of every method (0 = the tiny config's)")
     ap.add_argument("--clusters", type=int, default=48)
+    ap.add_argument("--downstream-images", type=int, default=1024,
+                    help="images of the synthetic downstream tasks (half train their heads; 0 = skip them)")
+    ap.add_argument("--downstream-steps", type=int, default=None, help="head training steps (default: each task's)")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.steps, a.seeds, a.images, a.eval_images, a.clusters = 4, [0], 64, 64, 8
+        a.steps, a.seeds, a.images, a.eval_images, a.clusters, a.downstream_images = 4, [0], 64, 64, 8, 32
+        a.downstream_steps = 3
     runs = {m: [] for m in METHODS}
     rec = None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.data_root or tmp)
         for seed in a.seeds:
-            dirs = prepare(root, seed, a.images, a.eval_images, a.clusters)
+            dirs = prepare(root, seed, a.images, a.eval_images, a.clusters, a.downstream_images)
             for m in METHODS:
-                res, tr = run_one(m, seed, dirs, Path(tmp) / f"{m}_{seed}", a.steps)
+                res, tr = run_one(m, seed, dirs, Path(tmp) / f"{m}_{seed}", a.steps, a.downstream_steps)
                 runs[m].append({"seed": seed, **res, **(tr or {})})
                 print(f"[ablation] seed {seed} {m}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)), flush=True)
@@ -121,6 +150,13 @@ def _write(a, runs):
     layers = {m: {l: {k: float(np.mean([r["per_layer"][l][k] for r in runs[m]])) for k in v}
                   for l, v in runs[m][0]["per_layer"].items()} for m in METHODS if "per_layer" in runs[m][0]}
     c = _config("tiny")
+    down = {m: {k: v for k, v in table[m].items() if k.split("_")[0] in DOWNSTREAM_TASKS} for m in METHODS}
+    if any(down.values()):   # the synthetic downstream comparison, on its own for the README table
+        report("downstream_synthetic" if not a.smoke else "downstream_synthetic_smoke",
+               {"seeds": [r["seed"] for r in runs["rice"]], "images": a.downstream_images,
+                "backbone_steps": a.steps or sum(s[0] for s in c.stages), "head_steps": a.downstream_steps,
+                "data_seed": f"S + {DOWNSTREAM_SEED}", "table": {m: v for m, v in down.items() if v}},
+               write=not a.smoke)
     rec = report("ablation" if not a.smoke else "ablation_smoke",
                  {"steps": a.steps or sum(s[0] for s in c.stages), "image_size": c.stages[-1][1],
                   "seeds": [r["seed"] for r in runs["rice"]], "images": a.images, "eval_images": a.eval_images, "clusters": a.clusters,

@@ -76,7 +76,7 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
                     area[int(r.category[k])] = area.get(int(r.category[k]), 0) + (b[2] - b[0]) * (b[3] - b[1])
             images.append({"image": i, "feat": pooled[j], "category": max(area, key=area.get) if area else -1})
             if "seed" in manifest and manifest.get("source") == "synthetic":
-                sem = synthetic.semantic_mask(manifest, int(r.image_id.rsplit("-", 1)[1]))
+                sem = synthetic.semantic_mask(manifest, synthetic.image_index(r.image_id))
                 lab = np.asarray(Image.fromarray((sem + 1).astype(np.uint8)).resize((gw, gh), Image.NEAREST)) - 1
                 lab = lab.reshape(-1).astype(int) + 1          # 0 = background
                 pick = rng.choice(gh * gw, min(max_patches_per_image, gh * gw), replace=False)

@@ -154,8 +154,8 @@ class TransformersRegionFeatures:
             std = np.asarray(p.get("image_std", std), np.float32)
         self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
-    def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """``x [B,S,S,3]`` uint8 pixels (as :func:`rice_jax.data.pipeline.image_input`) -> ``[B,N,D]``."""
+    def patch_tokens(self, x: np.ndarray) -> np.ndarray:
+        """``x [B,S,S,3]`` uint8 pixels -> the last hidden state's patch tokens ``[B, (S/p)^2, D]``."""
         import torch
 
         x = (_require_pixels(x).astype(np.float32) / 255.0 - self._mean) / self._std
@@ -163,7 +163,12 @@ class TransformersRegionFeatures:
             pix = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
             hidden = self.model(pixel_values=pix).last_hidden_state.float().cpu().numpy()
         gh, gw = x.shape[1] // self.patch, x.shape[2] // self.patch
-        tokens = hidden[:, hidden.shape[1] - gh * gw:]
+        return hidden[:, hidden.shape[1] - gh * gw:]
+
+    def __call__(self, x: np.ndarray, boxes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """``x [B,S,S,3]`` uint8 pixels (as :func:`rice_jax.data.pipeline.image_input`) -> ``[B,N,D]``."""
+        tokens = self.patch_tokens(x)
+        gh, gw = x.shape[1] // self.patch, x.shape[2] // self.patch
         vis = np.asarray(box_patch_visibility(np.asarray(boxes, np.float32), np.asarray(valid, bool), gh, gw),
                          np.float32)
         return np.einsum("bnt,btd->bnd", vis, tokens) / np.maximum(vis.sum(-1, keepdims=True), 1.0)

@@ -213,10 +213,21 @@ def generate(num_images: int, seed: int = 0, gen: GeneratorConfig = GeneratorCon
                                        boxes, kinds, text=texts, category=cats)
 
 
+def ground_truth(manifest: dict, index: int):
+    """Image ``index`` of a synthetic dataset re-rendered from its manifest (seed and generator):
+    ``(PIL image, boxes, kinds, texts, categories, semantic mask)`` as :func:`render_image` returns."""
+    gen = GeneratorConfig.from_dict(manifest.get("generator", {}))
+    return render_image(np.random.default_rng([manifest["seed"], index]), gen)
+
+
 def semantic_mask(manifest: dict, index: int) -> np.ndarray:
     """The per-pixel category map of image ``index`` of a synthetic dataset (re-rendered; -1 = background)."""
-    gen = GeneratorConfig.from_dict(manifest.get("generator", {}))
-    return render_image(np.random.default_rng([manifest["seed"], index]), gen)[5]
+    return ground_truth(manifest, index)[5]
+
+
+def image_index(image_id: str) -> int:
+    """The generator index of a synthetic record's ``image_id`` (``syn-SEED-INDEX``)."""
+    return int(image_id.rsplit("-", 1)[1])
 
 
 def build(out: str, num_images: int, seed: int = 0, gen: GeneratorConfig = GeneratorConfig(),
