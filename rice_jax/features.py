@@ -154,14 +154,17 @@ class TransformersRegionFeatures:
             std = np.asarray(p.get("image_std", std), np.float32)
         self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
-    def patch_tokens(self, x: np.ndarray) -> np.ndarray:
-        """``x [B,S,S,3]`` uint8 pixels -> the last hidden state's patch tokens ``[B, (S/p)^2, D]``."""
+    def patch_tokens(self, x: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """``x [B,S,S,3]`` uint8 pixels -> patch tokens ``[B, (S/p)^2, D]`` of the last hidden state,
+        or with ``layer`` of ``hidden_states[layer]`` (``0`` the embeddings, ``i`` block ``i``, negative
+        from the end: the indexing of :func:`resolve_layer`)."""
         import torch
 
         x = (_require_pixels(x).astype(np.float32) / 255.0 - self._mean) / self._std
         with torch.no_grad():
             pix = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
-            hidden = self.model(pixel_values=pix).last_hidden_state.float().cpu().numpy()
+            out = self.model(pixel_values=pix, output_hidden_states=layer is not None)
+            hidden = (out.last_hidden_state if layer is None else out.hidden_states[layer]).float().cpu().numpy()
         gh, gw = x.shape[1] // self.patch, x.shape[2] // self.patch
         return hidden[:, hidden.shape[1] - gh * gw:]
 

@@ -56,8 +56,8 @@ def train_head(head: nnx.Module, loss_fn, batch_of, n: int, cfg: HeadTraining, l
     """Fit ``head`` minimising ``loss_fn(head, batch) -> scalar`` over batches ``batch_of(indices)``
     (a dict of arrays) of ``n`` examples drawn with replacement by a seeded generator (features are
     looked up per batch, never duplicated per example). Returns the loss every 100 steps."""
-    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps // 2 + 1),
-                                               max(cfg.steps, 2))
+    warm = min(cfg.warmup_steps, max(1, cfg.steps // 10))
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warm, max(cfg.steps, warm + 1))
     opt = nnx.Optimizer(head, optax.adamw(sched, weight_decay=cfg.weight_decay), wrt=nnx.Param)
 
     graphdef, state = nnx.split((head, opt))

@@ -4,7 +4,8 @@
 ``ckpt:RUN`` (a RICE run is read as its RICE model, so its region tokens come too), ``hf:DIR``
 (MLCD / RICE weights, or a CLIP / SigLIP folder, which runs as our JAX teacher tower), ``hub:ID``;
 plus ``transformers:DIR`` for any other Hugging Face vision encoder in a local folder (DINOv2, ...)
-run in PyTorch. A model object (an untrained ``RICEModel`` for the random-init row) is accepted too.
+run in PyTorch (``layer`` indexes its ``hidden_states`` the same way: for an MLCD folder both paths
+give the same patch tokens, which the tests check). A model object (an untrained ``RICEModel`` for the random-init row) is accepted too.
 
 ``encoder(x [B,S,S,3] uint8, boxes [B,N,4] normalised xyxy, valid [B,N])`` returns numpy
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rice_jax import backbones, errors
+from rice_jax import backbones
 from rice_jax.evaluate import DEFAULT_LAYER
 from rice_jax.features import RegionFeatures, TransformersRegionFeatures, resolve_layer
 from rice_jax.models.region import box_patch_visibility
@@ -34,9 +35,6 @@ class FrozenEncoder:
         self.layer = layer
         if isinstance(spec, str) and spec.startswith(TRANSFORMERS):
             self._hf = TransformersRegionFeatures(spec[len(TRANSFORMERS):], image_size)
-            if layer not in (-1, DEFAULT_LAYER):
-                raise errors.InputError(f"{spec}: a transformers: encoder is read at its last hidden state only "
-                                        f"(got layer {layer})")
             self.image_size, self.patch = self._hf.image_size, self._hf.patch
             self.grid = (self.image_size // self.patch,) * 2
             self.dim = self._hf.dim
@@ -56,7 +54,7 @@ class FrozenEncoder:
         b = x.shape[0]
         gh, gw = self.grid
         if self._hf is not None:
-            tokens = self._hf.patch_tokens(x)
+            tokens = self._hf.patch_tokens(x, self.layer)
             vis = np.asarray(box_patch_visibility(np.asarray(boxes, np.float32), np.asarray(valid, bool), gh, gw),
                              np.float32)
             roi = np.einsum("bnt,btd->bnd", vis, tokens) / np.maximum(vis.sum(-1, keepdims=True), 1.0)
