@@ -102,6 +102,42 @@ def ablation() -> str:
     return "\n".join(rows)
 
 
+DOWNSTREAM_NAMES = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
+                    "random_init": "random init"}
+DOWNSTREAM_COLUMNS = (("refseg_ciou", "referring seg. cIoU"), ("refseg_giou", "referring seg. gIoU"),
+                      ("semseg_miou", "semantic seg. mIoU (linear)"), ("regcls_top1", "region cls. top-1 (ROI)"),
+                      ("regcls_region_token_top1", "region cls. top-1 (region token)"))
+
+
+def downstream_synthetic() -> str:
+    a = load_result("downstream_synthetic")
+    if not a:
+        return "(run `python -m benchmarks.ablation`: it runs the synthetic downstream tasks on every method)"
+    t = a["table"]
+    methods = [m for m in DOWNSTREAM_NAMES if m in t]
+    cols = [(k, n) for k, n in DOWNSTREAM_COLUMNS if any(k in t[m] for m in methods)]
+    n = len(a["seeds"])
+    rows = [f"Frozen backbones of the ablation ({a['backbone_steps']} training steps, seeds {a['seeds']}), light "
+            f"heads trained on {a['images'] // 2} synthetic images (generator seed {a['data_seed']}) and "
+            f"evaluated on {a['images'] // 2} others at their original resolution; mean ± std over seeds.\n",
+            "| backbone | " + " | ".join(name for _, name in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in methods:
+        rows.append(f"| {DOWNSTREAM_NAMES[m]} | " + " | ".join(
+            _mean_std(t[m][k]["mean"], t[m][k]["std"], n) if k in t[m] else "—" for k, _ in cols) + " |")
+    return "\n".join(rows)
+
+
+def downstream() -> str:
+    """The table command's results files (``python -m rice_jax.downstream --out benchmarks/results/downstream*.json``)."""
+    from rice_jax.downstream.table import markdown
+
+    files = sorted(p for p in RESULTS.glob("downstream*.json") if not p.stem.startswith("downstream_synthetic"))
+    if not files:
+        return ("(no results yet: run `python -m rice_jax.downstream ... --out benchmarks/results/downstream.json` "
+                "with the TFDS data prepared, then `python -m benchmarks.readme_tables`)")
+    return "\n\n".join(f"`{p.name}`:\n\n" + markdown(json.loads(p.read_text())["rows"]) for p in files)
+
+
 def layers() -> str:
     a = load_result("ablation")
     if not a or "layers" not in a:
@@ -478,7 +514,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -495,7 +531,7 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
+    build = {"downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
              "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}

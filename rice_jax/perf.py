@@ -63,6 +63,10 @@ def rice_train_flops(cfg, batch: int, image_hw: tuple[int, int], num_regions: in
     block = lambda s: block_flops(s, d, f)
     k = cfg.region_layers if num_regions else 0
     fwd = 2 * (t - 1) * p * p * v.num_channels * d + (v.num_layers - k) * block(t) + k * block(t + num_regions)
+    if k and getattr(cfg, "region_seed", "class") == "roi":   # the learned projection of the RoIAlign samples
+        from rice_jax.models.rice import ROI_SEED_GRID
+
+        fwd += 2 * num_regions * (ROI_SEED_GRID[0] * ROI_SEED_GRID[1] * d) * d
     e = cfg.embed_dim or d
     if e != d:
         fwd += 2 * (1 + num_regions) * d * e

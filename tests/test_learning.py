@@ -40,3 +40,16 @@ def test_short_run_lifts_region_probes_above_random_init(tmp_path):
     random = evaluate.evaluate_backbone(evaluate.random_like(model, 0), eval_dir, size)
     assert trained["region_token_linear_acc"] > random["region_token_linear_acc"] + 0.12, (trained, random)
     assert trained["region_linear_acc"] > random["region_linear_acc"] + 0.06, (trained, random)
+
+    # Downstream: the synthetic referring segmentation task (rice_jax.downstream), same head budget.
+    from rice_jax.downstream import common, refseg, sources
+    from rice_jax.downstream.encoders import FrozenEncoder
+
+    down = tmp_path / "down"
+    synthetic.build(str(down), 320, seed=9, num_shards=1)
+    cfg = refseg.RefSegConfig(train=common.HeadTraining(steps=400))
+    ciou = {name: refseg.run(FrozenEncoder(m), sources.open_source(f"synthetic:{down}"), cfg=cfg,
+                             log=None)["splits"]["test"]["ciou"]
+            for name, m in (("trained", model), ("random", evaluate.random_like(model, 0)))}
+    print("refseg cIoU", ciou)
+    assert ciou["trained"] > ciou["random"] + 0.04, ciou

@@ -218,8 +218,8 @@ def _dot_flops(jaxpr) -> float:
     return total
 
 
-@pytest.mark.parametrize("regions,embed_dim", [(0, 0), (3, 0), (3, 24)])
-def test_model_flops_equal_the_traced_matmuls(regions, embed_dim):
+@pytest.mark.parametrize("regions,embed_dim,seed", [(0, 0, "class"), (3, 0, "class"), (3, 24, "class"), (3, 0, "roi")])
+def test_model_flops_equal_the_traced_matmuls(regions, embed_dim, seed):
     """perf.rice_train_flops (the MFU numerator) against the matmuls actually traced in the model's
     forward, counted from its jaxpr: equal to the FLOP, for the plain ViT, region tokens and a head."""
     from flax import nnx
@@ -229,7 +229,8 @@ def test_model_flops_equal_the_traced_matmuls(regions, embed_dim):
     from rice_jax.models.rice import RICEConfig, RICEModel
 
     cfg = RICEConfig(backbone=ViTConfig(hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
-                                        patch_size=4, image_size=16), region_layers=2, embed_dim=embed_dim)
+                                        patch_size=4, image_size=16), region_layers=2, embed_dim=embed_dim,
+                     region_seed=seed)
     model = RICEModel(cfg, rngs=nnx.Rngs(0))
     b, px = 2, (16, 12)
     boxes = jnp.tile(jnp.asarray([[0.1, 0.1, 0.6, 0.7]]), (b, max(regions, 1), 1))[:, :regions]
