@@ -173,7 +173,7 @@ def _plot(table):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in table["rice"] if not k.startswith(("region_token", "ocr_loss"))]
+    metrics = [k for k in table["rice"] if not k.startswith(("region_token", "ocr_loss") + DOWNSTREAM_TASKS)]
     fig, ax = plt.subplots(figsize=(11, 4.2))
     w = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):

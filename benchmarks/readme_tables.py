@@ -90,7 +90,8 @@ def ablation() -> str:
     methods = [m for m in ("rice", "mlcd", "rice_oracle", "random_init", "teacher") if m in t]
     names = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels (upper bound)",
              "random_init": "random init", "teacher": "handcrafted teacher"}
-    metrics = list(dict.fromkeys(k for m in methods for k in t[m]))
+    # The downstream tasks' metrics have their own table (README, downstream_synthetic).
+    metrics = list(dict.fromkeys(k for m in methods for k in t[m] if not k.startswith(("refseg", "semseg", "regcls"))))
     rows = [f"{a['images']} synthetic training images (K = {a['clusters']} k-means clusters of handcrafted features), "
             f"{a['steps']} steps of the `tiny` config at {a.get('image_size', 64)} px, seeds {a['seeds']} "
             f"(mean ± std over seeds; held-out images; probes read layer {a.get('probe_layer', -1)}); "
@@ -136,6 +137,29 @@ def downstream() -> str:
         return ("(no results yet: run `python -m rice_jax.downstream ... --out benchmarks/results/downstream.json` "
                 "with the TFDS data prepared, then `python -m benchmarks.readme_tables`)")
     return "\n\n".join(f"`{p.name}`:\n\n" + markdown(json.loads(p.read_text())["rows"]) for p in files)
+
+
+def labelling_rounds() -> str:
+    a = load_result("labelling_rounds")
+    if not a:
+        return "(run `python -m benchmarks.labelling_rounds`)"
+    t = a["table"]
+    names = {"round1": "round 1 (handcrafted-feature clusters)", "round2_scratch": "round 2, from scratch",
+             "round2_continue": "round 2, continued from round 1", "round1_2x": "round 1, twice the steps",
+             "teacher": "handcrafted teacher"}
+    variants = [v for v in names if v in t]
+    steps = {"round1": a["steps"], "round2_scratch": a["steps"], "round2_continue": 2 * a["steps"],
+             "round1_2x": 2 * a["steps"]}
+    metrics = list(dict.fromkeys(k for v in variants for k in t[v]))
+    n = len(a["seeds"])
+    rows = [f"{a['images']} training images, K = {a['clusters']}, seeds {a['seeds']}; held-out probes as in the "
+            "ablation (total training steps in the header).\n",
+            "| metric | " + " | ".join(f"{names[v]}" + (f" ({steps[v]} steps)" if v in steps else "") for v in variants)
+            + " |", "|---" * (len(variants) + 1) + "|"]
+    for k in metrics:
+        rows.append(f"| {k} | " + " | ".join(_mean_std(t[v][k]["mean"], t[v][k]["std"], n) if k in t[v] else "—"
+                                            for v in variants) + " |")
+    return "\n".join(rows)
 
 
 def layers() -> str:
@@ -514,7 +538,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -531,7 +555,7 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
+    build = {"labelling_rounds": labelling_rounds, "downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
              "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}

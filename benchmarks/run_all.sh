@@ -9,5 +9,6 @@ python -m benchmarks.input_pipeline
 python -m benchmarks.clustering
 python -m benchmarks.kmeans   # faiss-cpu row needs `pip install faiss-cpu` (optional)
 python -m benchmarks.loss_scaling
-python -m benchmarks.ablation
+python -m benchmarks.ablation          # also the synthetic downstream tasks (downstream_synthetic.json)
+python -m benchmarks.labelling_rounds
 python -m benchmarks.readme_tables

@@ -202,3 +202,39 @@ def test_two_backbone_kinds_through_the_table_command(hf_dir, tmp_path, capsys):
     # The same weights through both paths: the same probe accuracy (features agree to ~1e-3).
     assert rows["jax", "regcls"]["top1"] == pytest.approx(rows["torch", "regcls"]["top1"], abs=0.05)
     assert "| jax |" in capsys.readouterr().out
+
+
+def test_coco_tfds_boxes_become_pixel_boxes_and_crowds_are_left_out():
+    """TFDS's COCO builder needs TensorFlow to construct, so its examples are fed to the reader
+    directly: normalised (ymin, xmin, ymax, xmax) -> pixel xyxy; crowd boxes excluded."""
+    src = sources.TFDSSource("coco/2017")
+    ex = {"image": np.zeros((50, 100, 3), np.uint8),
+          "objects": {"bbox": np.array([[0.1, 0.2, 0.5, 0.6], [0, 0, 1, 1], [0.2, 0.0, 0.4, 0.5]], np.float32),
+                      "label": np.array([3, 7, 79]), "is_crowd": np.array([False, True, False])}}
+    src._sources["validation"] = [ex]
+    (img, boxes, labels), = src.examples("regions", "validation")
+    np.testing.assert_allclose(boxes, [[20, 5, 60, 25], [0, 10, 50, 20]], atol=1e-4)
+    assert labels.tolist() == [3, 79] and img.size == (100, 50)
+
+
+def test_region_classification_from_imported_coco_records(hf_dir, tmp_path):
+    from PIL import Image
+
+    from rice_jax.data import coco
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    images, anns = [], []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "height": 40, "width": 60})
+        anns += [{"image_id": i, "bbox": [5, 5, 20, 20], "category_id": 1 + (i % 3)},
+                 {"image_id": i, "bbox": [30, 10, 25, 25], "category_id": 1 + ((i + 1) % 3)}]
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                   "categories": [{"id": c} for c in (1, 2, 3)]}))
+    stats = coco.ImportStats()
+    coco.import_to_records(coco.iter_coco(tmp_path / "ann.json", tmp_path / "img", stats=stats), tmp_path / "rec",
+                           stats, 1, {})
+    res = table.run_task(FrozenEncoder(f"hf:{hf_dir}"), "regcls", f"records:{tmp_path / 'rec'}", log=None)
+    assert res["train_regions"] == 8 and res["splits"]["test"]["regions"] == 8
+    assert 0 <= res["splits"]["test"]["top1"] <= 1 and res["skipped"] == {}
