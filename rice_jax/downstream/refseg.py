@@ -36,6 +36,7 @@ from rice_jax.downstream import common, metrics, sources
 from rice_jax.downstream.encoders import FrozenEncoder, encode_images
 
 PAD, UNK = 0, 1
+EVAL_BATCH = 64
 
 
 class WordVocab:
@@ -193,10 +194,13 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
         examples = source.examples("referring", split, eval_images)
         for chunk in _chunks(examples, 256):
             ev = encode_images(encoder, [sources.model_input(img, encoder.image_size) for img, _ in chunk])["patches"]
-            for i, (_, items) in enumerate(chunk):
-                w = np.stack([vocab.encode(e) for e, _ in items])
-                logits = np.asarray(predict(head, jnp.asarray(np.repeat(ev[i:i + 1], len(items), 0)), jnp.asarray(w)))
-                for (_, m), lg in zip(items, logits):
+            flat = [(i, e, m) for i, (_, items) in enumerate(chunk) for e, m in items]
+            for s in range(0, len(flat), EVAL_BATCH):   # fixed-size batches: one compiled shape
+                part = flat[s:s + EVAL_BATCH]
+                idx = np.asarray([i for i, _, _ in part] + [0] * (EVAL_BATCH - len(part)))
+                w = np.stack([vocab.encode(e) for _, e, _ in part] + [vocab.encode("")] * (EVAL_BATCH - len(part)))
+                logits = np.asarray(predict(head, jnp.asarray(ev[idx]), jnp.asarray(w)))
+                for (_, _, m), lg in zip(part, logits):
                     acc.update(common.upsample(lg, *m.shape)[None] > 0, m[None])
         if not acc.count:
             continue
