@@ -238,3 +238,23 @@ def test_region_classification_from_imported_coco_records(hf_dir, tmp_path):
     res = table.run_task(FrozenEncoder(f"hf:{hf_dir}"), "regcls", f"records:{tmp_path / 'rec'}", log=None)
     assert res["train_regions"] == 8 and res["splits"]["test"]["regions"] == 8
     assert 0 <= res["splits"]["test"]["top1"] <= 1 and res["skipped"] == {}
+
+
+def test_referring_head_with_a_local_hf_text_encoder(hf_dir, tmp_path):
+    """``text_encoder``: a frozen HF text encoder (a random tiny BERT and its word-piece vocabulary
+    saved here) feeds the same decoder end to end, in place of the trained word vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = sorted({w for w in " ".join(["the word", *sources.TEXTURE_WORDS.values(), *synthetic.SHAPES,
+                                         *sources.RELATIONS, *synthetic.WORDS]).split()})
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    BertTokenizer(str(tmp_path / "bert" / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(str(tmp_path / "bert"))
+    d = tmp_path / "syn"
+    synthetic.build(str(d), 16, seed=6, num_shards=1)
+    res = table.run_task(FrozenEncoder(f"hf:{hf_dir}"), "refseg", f"synthetic:{d}", steps=3,
+                         text_encoder=str(tmp_path / "bert"), log=None)
+    assert res["text"] == "text encoder BertModel" and res["splits"]["test"]["expressions"] > 10
+    assert 0 <= res["splits"]["test"]["ciou"] <= 1

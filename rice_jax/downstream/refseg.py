@@ -7,6 +7,8 @@ The protocol (the same for every backbone of a comparison):
 - Text: a word-level vocabulary built from the training expressions (lower-cased alphanumeric
   words; unseen words map to ``<unk>``), embedded and encoded by one self-attention block trained
   with the head -- no pretrained language model, so the comparison measures the image features.
+  Or (``text_encoder``, ``--text-encoder DIR``) a local Hugging Face text encoder, frozen, whose
+  last hidden states are projected into the same block.
 - Decoder: patch tokens projected to ``width`` with learned grid positions; ``depth`` blocks of
   image self-attention, image-to-text cross-attention and an MLP; the pooled expression then
   attends to the image once and becomes the mask query. Each patch predicts ``r x r`` sub-patch
@@ -69,7 +71,39 @@ class RefSegConfig:
     upsample: int = 4            # sub-patch logits per side: the output grid is (gh*r, gw*r)
     query_width: int = 32
     max_words: int = 20
+    # "" = the word-level vocabulary of the training expressions; "DIR" = a local Hugging Face text
+    # encoder folder (BERT, CLIP's text tower, ...), frozen: its last hidden states feed the head.
+    text_encoder: str = ""
     train: common.HeadTraining = common.HeadTraining()
+
+
+class HFTextEncoder:
+    """A frozen Hugging Face text encoder from a local folder: expression -> ``(states [L, Dt], valid [L])``
+    (its tokenizer, at most ``max_len`` tokens, last hidden state; PyTorch on the CPU or a GPU)."""
+
+    def __init__(self, path: str, max_len: int):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from rice_jax import storage
+
+        local = storage.download_dir(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(local)
+        model = AutoModel.from_pretrained(local)
+        model = getattr(model, "text_model", model) if not type(model).__name__.endswith("TextModel") else model
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.max_len = model.eval().to(self.device), max_len
+        self.dim = int(getattr(model.config, "hidden_size"))
+
+    def __call__(self, expressions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        tok = self.tokenizer(list(expressions), padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt")
+        with torch.no_grad():
+            out = self.model(**{k: v.to(self.device) for k, v in tok.items()})
+        return (out.last_hidden_state.float().cpu().numpy().astype(np.float16),
+                tok["attention_mask"].numpy().astype(bool))
 
 
 class _Block(nnx.Module):
@@ -91,11 +125,14 @@ class _Block(nnx.Module):
 class RefSegHead(nnx.Module):
     """Patch tokens ``[B, gh, gw, D]`` + word ids ``[B, L]`` -> mask logits ``[B, gh*r, gw*r]``."""
 
-    def __init__(self, dim: int, grid: tuple[int, int], vocab_size: int, cfg: RefSegConfig, rngs: nnx.Rngs):
+    def __init__(self, dim: int, grid: tuple[int, int], vocab_size: int, cfg: RefSegConfig, rngs: nnx.Rngs,
+                 text_dim: int = 0):
         d, self.cfg, self.grid = cfg.width, cfg, grid
         self.in_norm, self.in_proj = nnx.LayerNorm(dim, rngs=rngs), nnx.Linear(dim, d, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (grid[0] * grid[1], d)))
-        self.embed = nnx.Embed(vocab_size, d, rngs=rngs)
+        # Words: a trained embedding of the vocabulary; or a projection of a frozen encoder's states.
+        self.embed = nnx.Embed(vocab_size, d, rngs=rngs) if not text_dim else None
+        self.text_proj = nnx.Linear(text_dim, d, rngs=rngs) if text_dim else None
         self.word_pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.max_words, d)))
         self.text = _Block(d, cfg.heads, cfg.mlp_ratio, False, rngs)
         self.blocks = nnx.List([_Block(d, cfg.heads, cfg.mlp_ratio, True, rngs) for _ in range(cfg.depth)])
@@ -107,13 +144,19 @@ class RefSegHead(nnx.Module):
         self.query = nnx.Linear(d, e, rngs=rngs)
         self.bias = nnx.Param(jnp.zeros(()))
 
-    def __call__(self, patches, words):
+    def __call__(self, patches, words=None, states=None, valid=None):
+        """``words [B, L]`` ids of the vocabulary, or ``states [B, L, Dt]`` + ``valid [B, L]`` of a
+        frozen text encoder."""
         b = patches.shape[0]
         gh, gw = self.grid
         r, e = self.cfg.upsample, self.cfg.query_width
         img = self.in_proj(self.in_norm(patches.astype(jnp.float32).reshape(b, gh * gw, -1))) + self.pos[...]
-        valid = words != PAD
-        txt = self.embed(words) + self.word_pos[...][: words.shape[1]]
+        if states is None:
+            valid = words != PAD
+            txt = self.embed(words)
+        else:
+            txt = self.text_proj(states.astype(jnp.float32))
+        txt = txt + self.word_pos[...][: txt.shape[1]]
         txt_mask = valid[:, None, None, :]
         txt = self.text(txt, self_mask=txt_mask)
         for blk in self.blocks:
@@ -125,8 +168,31 @@ class RefSegHead(nnx.Module):
         return logits.reshape(b, gh * r, gw * r)
 
 
+class _TextInputs:
+    """Expressions -> the head's text inputs: ``{"words"}`` ids of the training vocabulary, or
+    ``{"states", "valid"}`` of a frozen HF text encoder (``cfg.text_encoder``)."""
+
+    def __init__(self, train_expressions: list[str], cfg: RefSegConfig):
+        self.hf = HFTextEncoder(cfg.text_encoder, cfg.max_words) if cfg.text_encoder else None
+        self.vocab = None if self.hf else WordVocab(train_expressions, max_len=cfg.max_words)
+        self.vocab_size = len(self.vocab) if self.vocab else 0
+        self.dim = self.hf.dim if self.hf else 0
+
+    def describe(self) -> str:
+        return f"text encoder {self.hf.model.__class__.__name__}" if self.hf else f"vocabulary {self.vocab_size} words"
+
+    def __call__(self, expressions: list[str]) -> dict:
+        if self.hf is None:
+            return {"words": np.stack([self.vocab.encode(e) for e in expressions])}
+        states, valid = [], []
+        for s in range(0, len(expressions), 256):
+            st, va = self.hf(expressions[s:s + 256])
+            states.append(st), valid.append(va)
+        return {"states": np.concatenate(states), "valid": np.concatenate(valid)}
+
+
 def loss_fn(head: RefSegHead, batch) -> jax.Array:
-    logits = head(batch["patches"], batch["words"])
+    logits = head(batch["patches"], **{k: batch[k] for k in ("words", "states", "valid") if k in batch})
     t = batch["target"].astype(jnp.float32)
     bce = jnp.mean(jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits))))
     p = jax.nn.sigmoid(logits)
@@ -171,22 +237,20 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
     if not images:
         raise errors.InputError(f"{source.__class__.__name__}: split {train_split!r} has no referring expression")
     feats = encode_images(encoder, images, progress=None if quiet else "encoding (train)")["patches"]
-    vocab = WordVocab([e for items in exprs for e, _ in items], max_len=cfg.max_words)
-    index, words, targets = [], [], []
-    for i, items in enumerate(exprs):
-        for e, m in items:
-            index.append(i)
-            words.append(vocab.encode(e))
-            targets.append(m)
-    index, words, targets = np.asarray(index), np.stack(words), np.stack(targets)
-    batch_of = lambda idx: {"patches": feats[index[idx]], "words": words[idx], "target": targets[idx]}
-    log(f"refseg: {len(images)} train images, {len(index)} expressions, vocabulary {len(vocab)} words, "
+    texts = [e for items in exprs for e, _ in items]
+    text = _TextInputs(texts, cfg)
+    index = np.asarray([i for i, items in enumerate(exprs) for _ in items])
+    targets = np.stack([m for items in exprs for _, m in items])
+    train_text = text(texts)
+    batch_of = lambda idx: {"patches": feats[index[idx]], "target": targets[idx],
+                            **{k: v[idx] for k, v in train_text.items()}}
+    log(f"refseg: {len(images)} train images, {len(index)} expressions, {text.describe()}, "
         f"features {feats.shape[1:]} -> masks {oh}x{ow}")
-    head = RefSegHead(encoder.dim, (gh, gw), len(vocab), cfg, nnx.Rngs(cfg.train.seed))
+    head = RefSegHead(encoder.dim, (gh, gw), text.vocab_size, cfg, nnx.Rngs(cfg.train.seed), text.dim)
     t1 = time.perf_counter()
     losses = common.train_head(head, loss_fn, batch_of, len(index), cfg.train, log=None if quiet else log)
     log(f"refseg: head trained in {time.perf_counter() - t1:.0f} s")
-    predict = nnx.jit(lambda head, p, w: head(p, w))
+    predict = nnx.jit(lambda head, p, t: head(p, **t))
     results = {}
     for split in eval_splits or [s for s in source.splits if s != train_split]:
         acc = metrics.ReferringIoU()
@@ -198,8 +262,8 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
             for s in range(0, len(flat), EVAL_BATCH):   # fixed-size batches: one compiled shape
                 part = flat[s:s + EVAL_BATCH]
                 idx = np.asarray([i for i, _, _ in part] + [0] * (EVAL_BATCH - len(part)))
-                w = np.stack([vocab.encode(e) for _, e, _ in part] + [vocab.encode("")] * (EVAL_BATCH - len(part)))
-                logits = np.asarray(predict(head, jnp.asarray(ev[idx]), jnp.asarray(w)))
+                t = text([e for _, e, _ in part] + [""] * (EVAL_BATCH - len(part)))
+                logits = np.asarray(predict(head, jnp.asarray(ev[idx]), jax.tree.map(jnp.asarray, t)))
                 for (_, _, m), lg in zip(part, logits):
                     acc.update(common.upsample(lg, *m.shape)[None] > 0, m[None])
         if not acc.count:
@@ -208,5 +272,5 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
         log(f"refseg {split}: cIoU {results[split]['ciou']:.4f}, gIoU {results[split]['giou']:.4f} "
             f"({results[split]['expressions']} expressions)")
     return {"task": "refseg", "splits": results, "train_expressions": int(len(index)), "train_images": len(images),
-            "vocabulary": len(vocab), "head_loss": losses, "skipped": dict(source.skipped),
+            "text": text.describe(), "head_loss": losses, "skipped": dict(source.skipped),
             "seconds": time.perf_counter() - t0, "config": dataclasses.asdict(cfg)}

@@ -28,15 +28,17 @@ HEADLINE = {"refseg": "ciou", "semseg": "miou", "regcls": "top1"}
 
 def run_task(encoder: FrozenEncoder, task: str, data, *, steps: int | None = None, seed: int = 0,
              train_images: int | None = None, eval_images: int | None = None, tfds_data_dir: str | None = None,
-             log=print) -> dict:
-    """One task on one encoder. ``data``: a spec string or an opened source."""
+             text_encoder: str = "", log=print) -> dict:
+    """One task on one encoder. ``data``: a spec string or an opened source; ``text_encoder``: a
+    local HF text-encoder folder for referring segmentation ("" = the word-level vocabulary)."""
     source = sources.open_source(data, tfds_data_dir) if isinstance(data, str) else data
     kw = dict(train_images=train_images, eval_images=eval_images, log=log)
     if task == "regcls":
         return regcls.run(encoder, source, **kw)
     if task not in TASKS:
         raise errors.InputError(f"--task {task}: choose from {', '.join(TASKS)}")
-    mod, cfg = (refseg, refseg.RefSegConfig()) if task == "refseg" else (semseg, semseg.SemSegConfig())
+    mod, cfg = ((refseg, refseg.RefSegConfig(text_encoder=text_encoder)) if task == "refseg"
+                else (semseg, semseg.SemSegConfig()))
     train = dataclasses.replace(cfg.train, seed=seed, **({"steps": steps} if steps else {}))
     return mod.run(encoder, source, cfg=dataclasses.replace(cfg, train=train), **kw)
 
@@ -97,6 +99,8 @@ def main(argv=None):
     ap.add_argument("--train-images", type=int, default=None, help="first N training images (default: all)")
     ap.add_argument("--eval-images", type=int, default=None, help="first N images of each evaluation split")
     ap.add_argument("--tfds-data-dir", default=None)
+    ap.add_argument("--text-encoder", default="", help="referring segmentation: a local HF text-encoder folder, "
+                                                        "frozen (default: a word vocabulary trained with the head)")
     ap.add_argument("--out", default=None, help="results JSON (default: print only)")
     a = ap.parse_args(argv)
     tasks = _pairs(a.task, "task")
@@ -106,8 +110,9 @@ def main(argv=None):
     t0 = time.time()
     rows = run_table(dict(_pairs(a.backbone, "backbone")), tasks, image_size=a.image_size, layer=a.layer,
                      steps=a.steps, seed=a.seed, train_images=a.train_images, eval_images=a.eval_images,
-                     tfds_data_dir=a.tfds_data_dir)
+                     tfds_data_dir=a.tfds_data_dir, text_encoder=a.text_encoder)
     rec = {"benchmark": "downstream", "layer": a.layer, "image_size": a.image_size, "seed": a.seed,
+           "text_encoder": a.text_encoder,
            "rows": rows, "seconds": time.time() - t0}
     if a.out:
         with open(a.out, "w") as f:
