@@ -113,14 +113,31 @@ def hf_dir(tmp_path_factory):
     return d
 
 
-def test_the_jax_and_pytorch_encoders_of_one_mlcd_folder_agree(hf_dir):
-    """``hf:`` (our JAX ViT) and ``transformers:`` (PyTorch) read the same probe layer."""
-    x = np.random.default_rng(0).integers(0, 256, (2, 56, 56, 3), dtype=np.uint8)
+def _teacher_dir(kind, path):
+    import transformers as T
+
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    model = {"clip": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**kw)),
+             "siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**kw))}[kind]()
+    model.save_pretrained(str(path))
+    if kind == "siglip":   # SigLIP's own pixel statistics, for the PyTorch side (the JAX tower knows them)
+        (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mlcd", "clip", "siglip"])
+def test_the_jax_and_pytorch_encoders_of_one_folder_agree(kind, hf_dir, tmp_path):
+    """``hf:`` (our JAX ViT or teacher tower) and ``transformers:`` (PyTorch) of the same weights
+    give the same patch tokens at the probe layer (the penultimate block) and the same ROI features."""
+    folder = hf_dir if kind == "mlcd" else _teacher_dir(kind, tmp_path / kind)
+    side, grid, dim = (56, 4, 64) if kind == "mlcd" else (32, 4, 32)
+    x = np.random.default_rng(0).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
     boxes = np.array([[[0.1, 0.1, 0.6, 0.5]]] * 2, np.float32)
     valid = np.ones((2, 1), bool)
-    a = FrozenEncoder(f"hf:{hf_dir}")(x, boxes, valid)
-    b = FrozenEncoder(f"transformers:{hf_dir}")(x, boxes, valid)
-    assert a["patches"].shape == b["patches"].shape == (2, 4, 4, 64)
+    a = FrozenEncoder(f"hf:{folder}")(x, boxes, valid)
+    b = FrozenEncoder(f"transformers:{folder}")(x, boxes, valid)
+    assert a["patches"].shape == b["patches"].shape == (2, grid, grid, dim)
     np.testing.assert_allclose(a["patches"], b["patches"], rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(a["roi"], b["roi"], rtol=2e-3, atol=2e-3)
 
