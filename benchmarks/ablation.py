@@ -75,7 +75,8 @@ def downstream(model, seed: int, dirs: dict, steps: int | None = None) -> dict:
     return out
 
 
-def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_steps: int | None = None):
+def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_steps: int | None = None,
+            with_downstream: bool = True):
     from flax import nnx
 
     from rice_jax import backbones, evaluate, train
@@ -91,7 +92,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_
     if method == "random_init":   # the RICE recipe's architecture (region settings included), untrained
         model = RICEModel(train.build_model_config(c), rngs=nnx.Rngs(seed))
         res = evaluate.evaluate_backbone(model, eval_dir, image, tok, all_layers=True)
-        return {**res, **downstream(model, seed, dirs, down_steps)}, None
+        return {**res, **(downstream(model, seed, dirs, down_steps) if with_downstream else {})}, None
     c.data.dir, c.seed = str(dirs["oracle" if method == "rice_oracle" else "train"]), seed
     if steps:
         c.stages = ((steps, image),)
@@ -104,7 +105,8 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_
     # A run that trained region tokens is read as its RICE model; global-only (mlcd) as its ViT.
     model = backbones.load(f"ckpt:{workdir}", regions=True)
     res = evaluate.evaluate_backbone(model, eval_dir, image, tok, all_layers=True)
-    res.update(downstream(model, seed, dirs, down_steps))
+    if with_downstream:
+        res.update(downstream(model, seed, dirs, down_steps))
     tr = {"loss_start": s["history"][0]["loss"], "loss_end": s["history"][-1]["loss"],
           "train_seconds": seconds, "steps": s["end_step"]}
     ocr = [(h["step"], h["loss_ocr"]) for h in s["history"] if "loss_ocr" in h]
@@ -133,7 +135,8 @@ def main(argv=None):
         for seed in a.seeds:
             dirs = prepare(root, seed, a.images, a.eval_images, a.clusters, a.downstream_images)
             for m in METHODS:
-                res, tr = run_one(m, seed, dirs, Path(tmp) / f"{m}_{seed}", a.steps, a.downstream_steps)
+                res, tr = run_one(m, seed, dirs, Path(tmp) / f"{m}_{seed}", a.steps, a.downstream_steps,
+                                  with_downstream=not a.smoke or m == "rice")   # smoke: one method is enough
                 runs[m].append({"seed": seed, **res, **(tr or {})})
                 print(f"[ablation] seed {seed} {m}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)), flush=True)
