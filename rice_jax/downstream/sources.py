@@ -227,8 +227,9 @@ class TFDSSource:
             except Exception as e:  # noqa: BLE001 - the one-line answer a user needs
                 raise errors.InputError(f"tfds:{self.name} split {split!r} is not readable in "
                                         f"{self.data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: "
-                                        f"{str(e).splitlines()[0][:200]}): prepare it with tfds build "
-                                        f"{self.name} (manual downloads: see the TFDS catalogue)") from e
+                                        f"{str(e).splitlines()[0][:200]}): prepare it with `tfds build {self.name} "
+                                        "--file_format=array_record` (random access needs ArrayRecord; manual "
+                                        "downloads: see the TFDS catalogue)") from e
         return self._sources[split]
 
     def examples(self, kind: str, split: str, limit: int | None = None) -> Iterator:
