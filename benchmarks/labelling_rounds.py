@@ -66,7 +66,12 @@ def run_seed(seed: int, root: Path, work: Path, a) -> dict:
     out = {"teacher": evaluate.evaluate_handcrafted(dirs["eval"], get_config("tiny").stages[-1][1])}
     r1 = work / f"round1_{seed}"
     s1, t1 = _train(dirs["train"], r1, seed, a.steps)
-    out["round1"] = {**_evaluate(r1, dirs["eval"]), "train_seconds": t1, "loss_end": s1["history"][-1]["loss"]}
+    from rice_jax.data import records
+
+    # How good each round's labels are: NMI of the clusters against the generator's categories.
+    nmi1 = (records.read_manifest(dirs["train"]).get("clustering") or {}).get("nmi")
+    out["round1"] = {**_evaluate(r1, dirs["eval"]), "train_seconds": t1, "loss_end": s1["history"][-1]["loss"],
+                     "label_nmi": nmi1}
     # Round 2's labels: the same images clustered with round 1's own region tokens (a copy of the
     # data, so the ablation's handcrafted labels stay where they are).
     relabelled = root / f"round2_s{seed}"
@@ -81,7 +86,8 @@ def run_seed(seed: int, root: Path, work: Path, a) -> dict:
         wd = work / f"{name}_{seed}"
         s, secs = _train(relabelled, wd, seed, a.steps, init)
         out[name] = {**_evaluate(wd, dirs["eval"]), "train_seconds": secs, "loss_end": s["history"][-1]["loss"],
-                     "cluster_seconds": cluster_seconds, "clusters_used": rep.get("clusters_used")}
+                     "cluster_seconds": cluster_seconds, "clusters_used": rep.get("clusters_used"),
+                     "label_nmi": rep.get("nmi")}
     if not a.no_2x:
         wd = work / f"round1_2x_{seed}"
         s, secs = _train(dirs["train"], wd, seed, 2 * a.steps)
@@ -108,10 +114,10 @@ def main(argv=None):
         for seed in a.seeds:
             for name, res in run_seed(seed, root, Path(tmp), a).items():
                 runs[name].append({"seed": seed, **res})
-            keep = ("region_linear_acc", "region_knn_acc", "region_token_linear_acc", "region_token_knn_acc",
+            keep = ("label_nmi", "region_linear_acc", "region_knn_acc", "region_token_linear_acc", "region_token_knn_acc",
                     "dense_miou", "ocr_token_recall@5", "region_token_ocr_recall@5")
             table = {v: {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-                         for k in keep if rs and k in rs[0]} for v, rs in runs.items() if rs}
+                         for k in keep if rs and rs[0].get(k) is not None} for v, rs in runs.items() if rs}
             rec = report("labelling_rounds" if not a.smoke else "labelling_rounds_smoke",
                          {"steps": a.steps, "seeds": [r["seed"] for r in runs["round1"]], "images": a.images,
                           "eval_images": a.eval_images, "clusters": a.clusters, "table": table, "runs": runs},
