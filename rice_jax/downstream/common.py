@@ -33,6 +33,19 @@ def upsample(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.einsum("Hh,...hw,Ww->...HW", rh, np.asarray(x, np.float32), rw, optimize=True)
 
 
+def chunks(it, n: int):
+    """Lists of ``n`` consecutive items of ``it`` (the last one shorter): evaluation streams a split
+    in chunks of images, so a split's full-resolution masks or labels are never held at once."""
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def area_resize(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """A full-resolution mask ``[H, W]`` -> the share of each target cell it covers (soft target)."""
     from PIL import Image

@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from rice_jax import errors
-from rice_jax.downstream import common, metrics, sources
+from rice_jax.data.pipeline import image_input
+from rice_jax.downstream import common, metrics
 from rice_jax.downstream.encoders import FrozenEncoder, encode_images
 
 PAD, UNK = 0, 1
@@ -200,26 +201,14 @@ def loss_fn(head: RefSegHead, batch) -> jax.Array:
     return bce + dice.mean()
 
 
-def _gather(source, split, size, limit, target_hw=None):
-    """Model inputs and per-image ``(expression, mask)`` lists of one split; with ``target_hw`` each
-    mask is replaced at once by its training target (the full-resolution masks are not kept)."""
+def _gather(source, split, size, limit, target_hw):
+    """Model inputs and per-image ``(expression, training target at target_hw)`` lists of one split
+    (each mask becomes its target at once: the full-resolution masks are not kept)."""
     images, exprs = [], []
     for img, items in source.examples("referring", split, limit):
-        images.append(sources.model_input(img, size))
-        exprs.append([(e, common.area_resize(m, *target_hw).astype(np.float16)) if target_hw else (e, m)
-                      for e, m in items])
+        images.append(image_input(img, size))
+        exprs.append([(e, common.area_resize(m, *target_hw).astype(np.float16)) for e, m in items])
     return images, exprs
-
-
-def _chunks(it, n: int):
-    chunk = []
-    for x in it:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_splits=None,
@@ -254,10 +243,9 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
     results = {}
     for split in eval_splits or [s for s in source.splits if s != train_split]:
         acc = metrics.ReferringIoU()
-        # Streamed in chunks of images: full-resolution masks of a whole split are never held.
         examples = source.examples("referring", split, eval_images)
-        for chunk in _chunks(examples, 256):
-            ev = encode_images(encoder, [sources.model_input(img, encoder.image_size) for img, _ in chunk])["patches"]
+        for chunk in common.chunks(examples, 256):
+            ev = encode_images(encoder, [image_input(img, encoder.image_size) for img, _ in chunk])["patches"]
             flat = [(i, e, m) for i, (_, items) in enumerate(chunk) for e, m in items]
             for s in range(0, len(flat), EVAL_BATCH):   # fixed-size batches: one compiled shape
                 part = flat[s:s + EVAL_BATCH]

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from rice_jax import errors
-from rice_jax.downstream import sources
+from rice_jax.data.pipeline import image_input
 from rice_jax.downstream.encoders import FrozenEncoder, encode_images
 from rice_jax.evaluate import _linear_probe
 
@@ -21,7 +21,7 @@ from rice_jax.evaluate import _linear_probe
 def _features(encoder, source, split, limit):
     images, boxes, labels = [], [], []
     for img, b, c in source.examples("regions", split, limit):
-        images.append(sources.model_input(img, encoder.image_size))
+        images.append(image_input(img, encoder.image_size))
         boxes.append(np.clip(b / np.array([img.width, img.height] * 2, np.float32), 0, 1))
         labels.append(c)
     if not images:

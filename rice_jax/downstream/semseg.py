@@ -25,7 +25,8 @@ from flax import nnx
 from PIL import Image
 
 from rice_jax import errors
-from rice_jax.downstream import common, metrics, sources
+from rice_jax.data.pipeline import image_input
+from rice_jax.downstream import common, metrics
 from rice_jax.downstream.encoders import FrozenEncoder, encode_images
 
 
@@ -77,7 +78,7 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
     oh, ow = gh * cfg.upsample, gw * cfg.upsample
     images, labels = [], []
     for img, lab in source.examples("semantic", train_split, train_images):
-        images.append(sources.model_input(img, encoder.image_size))
+        images.append(image_input(img, encoder.image_size))
         labels.append(_labels_at(lab, oh, ow).astype(np.int16))
     if not images:
         raise errors.InputError(f"{type(source).__name__}: split {train_split!r} has no labelled image")
@@ -94,21 +95,11 @@ def run(encoder: FrozenEncoder, source, *, train_split: str = "train", eval_spli
     results = {}
     for split in eval_splits or [s for s in source.splits if s != train_split]:
         acc = metrics.SemanticIoU(source.num_classes, ignore_index=-1)
-        chunk = []
-
-        def flush():
-            ev = encode_images(encoder, [sources.model_input(img, encoder.image_size) for img, _ in chunk])["patches"]
+        for chunk in common.chunks(source.examples("semantic", split, eval_images), 64):
+            ev = encode_images(encoder, [image_input(img, encoder.image_size) for img, _ in chunk])["patches"]
             logits = np.asarray(predict(*params, jnp.asarray(ev)))
             for lg, (_, lab) in zip(logits, chunk):      # at the original resolution
                 acc.update(common.upsample(lg, *lab.shape).argmax(0)[None], lab[None])
-            chunk.clear()
-
-        for img, lab in source.examples("semantic", split, eval_images):
-            chunk.append((img, lab))
-            if len(chunk) == 64:
-                flush()
-        if chunk:
-            flush()
         if acc.confusion.sum():
             res = acc.result()
             results[split] = {k: res[k] for k in ("miou", "pixel_acc", "classes_present")}

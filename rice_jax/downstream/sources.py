@@ -304,9 +304,3 @@ def open_source(spec: str, tfds_data_dir: str | None = None):
         return TFDSSource(where, tfds_data_dir)
     raise errors.InputError(f"--data {spec!r}: use synthetic:DIR, records:DIR or tfds:NAME[/CONFIG]")
 
-
-def model_input(img: Image.Image, size: int) -> np.ndarray:
-    """The whole image resized to ``size x size`` (no crop: every referred object stays in view)."""
-    from rice_jax.data.pipeline import image_input
-
-    return image_input(img, size)
