@@ -12,7 +12,11 @@ On a held-out synthetic dataset (images split 50/50 into probe-train/test):
 - dense: per-patch logistic-regression probe of the generator's semantic mask
   (12 categories + background) -> mIoU;
 - OCR: per text region, one-vs-rest probe over its transcript's token ids ->
-  recall@5;
+  recall@5, from the ROI mean-pooled patch tokens (``ocr_token_recall@5``), from the
+  box's 2 x 4 RoIAlign layout of the same patch tokens (``ocr_layout_recall@5``: a word
+  is its letters in order, which a mean pool cannot keep; benchmarks/reading.py measured
+  an end-to-end-trained mean-pooled box token at chance where the layout reads 0.88) and,
+  with region layers, from the region tokens;
 - global: image-level probe of the dominant (largest-area) category from
   ``pooler_output``.
 """
@@ -33,7 +37,7 @@ from rice_jax.features import RegionFeatures, resolve_layer
 
 
 def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_per_image: int = 24, seed: int = 0,
-            layers=(-1,), region_layers: int = 0):
+            layers=(-1,), region_layers: int = 0, layout_layers=()):
     """Per-region, per-patch (subsampled) and per-image features of a dataset.
 
     Region and patch features are read at every probe layer in ``layers``
@@ -41,11 +45,13 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     ``{str(resolved layer index): vector}`` (``-2`` and ``L-1`` are one entry). With ``region_layers`` = k > 0 the backbone is also run
     as a RICE model (its last k blocks carrying one region token per box) and
     each region item gets ``feat["region_token"]``: the post-normed region
-    token, i.e. the model's own region embedding (no training head).
+    token, i.e. the model's own region embedding (no training head). Text regions also get
+    ``feat["layout<i>"]``, their box's RoIAlign layout at each of ``layout_layers``.
     """
     src = records.RecordSource(data_dir)
     manifest = records.read_manifest(data_dir)
-    feats = RegionFeatures(vit, image_size, layers=layers, region_layers=region_layers, keep_tokens=True)
+    feats = RegionFeatures(vit, image_size, layers=layers, region_layers=region_layers, keep_tokens=True,
+                           layout_layers=layout_layers)
     vit = getattr(vit, "backbone", vit)
     gh, gw = vit.grid(image_size, image_size)
 
@@ -63,11 +69,14 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
             inputs.append(inp)
         x, boxes, valid = pipeline.stack_inputs(inputs, batch_size)
         out = feats(x, boxes, valid)
-        roi, tokens, pooled = out["roi"], out["tokens"], out["pooled"]
+        roi, tokens, pooled, layout = out["roi"], out["tokens"], out["pooled"], out.get("layout", {})
         for j, r in enumerate(recs):
             i = idx[s + j]
             for k in range(r.num_regions):
-                regions.append({"image": i, "feat": {l: v[j, k] for l, v in roi.items()}, "kind": int(r.kind[k]),
+                feat = {l: v[j, k] for l, v in roi.items()}
+                if r.kind[k] == records.KIND_TEXT:   # the layout is for reading: text regions only
+                    feat.update({f"layout{l}": v[j, k] for l, v in layout.items()})
+                regions.append({"image": i, "feat": feat, "kind": int(r.kind[k]),
                                 "category": int(r.category[k]), "text": r.text[k]})
             area = {}
             for k in range(r.num_regions):
@@ -146,7 +155,8 @@ def evaluate_backbone(vit, data_dir, image_size: int | None = None, tokenizer=No
     num_layers = backbone.cfg.num_layers
     key = str(resolve_layer(layer, num_layers))
     layers = tuple(range(num_layers + 1)) if all_layers else (layer,)
-    regions, patches, images = extract(vit, data_dir, image_size, layers=layers, region_layers=region_layers)
+    regions, patches, images = extract(vit, data_dir, image_size, layers=layers, region_layers=region_layers,
+                                       layout_layers=(layer,))
     tokens = region_layers > 0 or backbone is not vit
     res = {"layer": layer}
     res.update(region_probe(regions, key, num_layers if all_layers else None, tokens))
@@ -186,11 +196,14 @@ def dense_probe(patches, key: str) -> dict:
 
 
 def ocr_probe(regions, tokenizer, key: str, region_tokens: bool = False) -> dict:
-    """Token ids of text regions from their features: recall@5 (and from region tokens)."""
-    txt = [r for r in regions if r["kind"] == 1]
+    """Token ids of text regions from their features: recall@5 from the mean-pooled patch tokens,
+    from their box layout (when extracted) and from region tokens."""
+    txt = [r for r in regions if r["kind"] == records.KIND_TEXT]
     if tokenizer is None or len(txt) <= 10:
         return {}
     res = {"ocr_token_recall@5": _ocr_recall(txt, tokenizer, key)}
+    if f"layout{key}" in txt[0]["feat"]:
+        res["ocr_layout_recall@5"] = _ocr_recall(txt, tokenizer, f"layout{key}")
     if region_tokens:
         res["region_token_ocr_recall@5"] = _ocr_recall(txt, tokenizer, "region_token")
     return res

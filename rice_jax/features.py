@@ -17,8 +17,8 @@ from flax import nnx
 
 from rice_jax import errors, sharding, storage
 from rice_jax.batch import CLIP_MEAN, CLIP_STD, model_pixels
-from rice_jax.models.region import box_patch_visibility, roi_mean_pool
-from rice_jax.models.rice import RICEConfig, RICEModel
+from rice_jax.models.region import box_patch_visibility, roi_align, roi_mean_pool
+from rice_jax.models.rice import ROI_SEED_GRID, RICEConfig, RICEModel
 from rice_jax.models.vit import ViT
 
 
@@ -48,7 +48,11 @@ class RegionFeatures:
 
     ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` for a RICE model or with
     ``region_layers``),
-    ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``pooled``: ``[B, D]``
+    ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``layout``:
+    ``{str(layer index): [B, N, 8·D]}`` for each of ``layout_layers`` (the box's 2 x 4 RoIAlign
+    samples, ``ROI_SEED_GRID``, the layout a ``region_seed='roi'`` token starts from, of the
+    patch tokens, concatenated row-major: where in the box each feature sits, which
+    the mean pool loses and reading a word needs), ``pooled``: ``[B, D]``
     (the model's ``pooler_output``: MLCD/CLIP's post-LN class token, SigLIP's attention-pooled
     head; the mean last token when a model has neither). Any B: batches are padded to a multiple
     of the device count. ``vit``: our MLCD ViT, a :mod:`rice_jax.models.teachers` tower, or a
@@ -57,7 +61,7 @@ class RegionFeatures:
     """
 
     def __init__(self, vit, image_size: int, *, layers: Sequence[int] = (-1,), region_layers: int = 0,
-                 keep_tokens: bool = False):
+                 keep_tokens: bool = False, layout_layers: Sequence[int] = ()):
         rice = None
         if isinstance(vit, RICEModel):   # a trained RICE model: its own region settings and parameters
             rice, vit = vit, vit.backbone
@@ -68,6 +72,7 @@ class RegionFeatures:
             rice = RICEModel(RICEConfig(backbone=vit.cfg, region_layers=region_layers), rngs=nnx.Rngs(0), backbone=vit)
         self.num_layers = num_layers = vit.cfg.num_layers
         self.layers = sorted({resolve_layer(l, num_layers) for l in layers})
+        layout_idxs = sorted({resolve_layer(l, num_layers) for l in layout_layers})
         self.image_size = image_size
         graphdef, state = nnx.split(rice if rice is not None else vit)
         # This process's devices: extraction is per-process work (each process reads its own records).
@@ -96,6 +101,10 @@ class RegionFeatures:
             out = {"roi": {str(i): roi_mean_pool(hidden[i][:, n:], vis) for i in idxs}, "pooled": pooled}
             if keep_tokens:
                 out["tokens"] = {str(i): hidden[i][:, n:] for i in idxs}
+            if layout_idxs:
+                b, nb = boxes.shape[:2]
+                out["layout"] = {str(i): roi_align(hidden[i][:, n:], boxes, gh, gw, *ROI_SEED_GRID).reshape(b, nb, -1)
+                                 for i in layout_idxs}
             if rice is not None:  # no head, no batch-standardising: the post-LN region tokens
                 out["roi"]["region_token"] = model.backbone.post_norm(model(x, boxes, valid).region_hidden)
             return out

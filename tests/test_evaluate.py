@@ -32,6 +32,33 @@ def test_probe_above_chance_on_informative_features_and_chance_when_shuffled(eva
 def test_evaluate_backbone_reports_every_metric(eval_dir):
     vit = ViT(get_preset("vit_tiny"), rngs=nnx.Rngs(0))
     res = evaluate.evaluate_backbone(vit, eval_dir, 64, tokenizer.OCRTokenizer(eval_dir))
-    for k in ("region_linear_acc", "region_knn_acc", "dense_miou", "ocr_token_recall@5", "global_linear_acc"):
+    for k in ("region_linear_acc", "region_knn_acc", "dense_miou", "ocr_token_recall@5", "ocr_layout_recall@5",
+              "global_linear_acc"):
         assert 0.0 <= res[k] <= 1.0, k
     assert res["num_regions_test"] > 50
+
+
+def test_box_layout_is_the_roi_align_of_the_probe_layer():
+    """The OCR layout feature is the 2 x 4 RoIAlign of the probe layer's patch tokens, row-major,
+    beside the mean pool of the same tokens (tests/test_region checks roi_align itself)."""
+    import jax.numpy as jnp
+
+    from rice_jax.features import RegionFeatures
+    from rice_jax.models.region import box_patch_visibility, roi_align, roi_mean_pool
+
+    vit = ViT(get_preset("vit_tiny"), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    boxes = np.array([[[0.1, 0.2, 0.9, 0.5], [0.0, 0.0, 1.0, 1.0]]] * 2, np.float32)
+    valid = np.ones((2, 2), bool)
+    out = RegionFeatures(vit, 64, layers=(-2,), keep_tokens=True, layout_layers=(-2,))(x, boxes, valid)
+    key = str(vit.cfg.num_layers - 1)
+    gh, gw = vit.grid(64, 64)
+    ref = np.asarray(roi_align(jnp.asarray(out["tokens"][key]), jnp.asarray(boxes), gh, gw, 2, 4))
+    d = out["tokens"][key].shape[-1]
+    np.testing.assert_allclose(out["layout"][key], ref.reshape(2, 2, 8 * d), atol=1e-5)
+    # The mean pool is what the layout loses: the visible patches' average, not their places.
+    vis = box_patch_visibility(jnp.asarray(boxes), jnp.asarray(valid), gh, gw)
+    mean = np.asarray(roi_mean_pool(jnp.asarray(out["tokens"][key]), vis))
+    np.testing.assert_allclose(out["roi"][key], mean, atol=1e-5)
+    assert np.abs(ref[:, 1, :, 0] - ref[:, 1, :, -1]).mean() > 0.1 * np.abs(ref).mean()
