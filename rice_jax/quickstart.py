@@ -135,7 +135,8 @@ def main(argv=None):
         "random_init": evaluate.evaluate_backbone(evaluate.random_like(model, s), eval_dir, image_size, tok,
                                                   all_layers=True)}
     (workdir / "eval.json").write_text(json.dumps(summary["eval"], indent=2) + "\n")
-    print(f"  probes read layer {summary['eval']['trained']['layer']} (patch tokens, ROI mean-pooled) and the region tokens")
+    print(f"  probes read layer {summary['eval']['trained']['layer']} (patch tokens: ROI mean-pooled, and "
+          "for OCR also their box's 2x4 RoIAlign layout) and the region tokens")
     for k, v in summary["eval"]["trained"].items():
         if k not in ("layer", "num_regions_test", "per_layer"):
             print(f"  {k:26s} trained {v:.3f}   random init {summary['eval']['random_init'].get(k, float('nan')):.3f}")
@@ -158,7 +159,8 @@ def main(argv=None):
           f"steps ({tr['images_per_s']:.0f} img/s). outputs: {workdir} (train_s{s}/ checkpoints + metrics + "
           "curves.png, eval.json, export_hf/, summary.json)")
     cols = (("region_linear_acc", "region linear"), ("region_knn_acc", "region kNN"), ("dense_miou", "dense mIoU"),
-            ("ocr_token_recall@5", "OCR recall@5"), ("region_token_linear_acc", "region-token linear"),
+            ("ocr_token_recall@5", "OCR recall@5 (mean-pooled)"), ("ocr_layout_recall@5", "OCR recall@5 (box layout)"),
+            ("region_token_linear_acc", "region-token linear"),
             ("region_token_ocr_recall@5", "region-token OCR recall@5"))
     # Patch-feature probes (the exported ViT) first, then the model's own region tokens.
     print("held-out probes, trained vs random init: " + "   ".join(
