@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["benchmarks.vit_forward", "benchmarks.loss_scaling", "benchmarks.input_pipeline", "benchmarks.clustering", "benchmarks.train_step", "benchmarks.ablation", "benchmarks.kmeans", "benchmarks.mining", "benchmarks.gpu", "benchmarks.step_profile", "benchmarks.teacher_extraction", "benchmarks.clustering_scale", "benchmarks.reading", "benchmarks.labelling_rounds"])
+@pytest.mark.parametrize("module", ["benchmarks.vit_forward", "benchmarks.loss_scaling", "benchmarks.input_pipeline", "benchmarks.clustering", "benchmarks.train_step", "benchmarks.ablation", "benchmarks.kmeans", "benchmarks.mining", "benchmarks.gpu", "benchmarks.step_profile", "benchmarks.teacher_extraction", "benchmarks.clustering_scale", "benchmarks.reading", "benchmarks.labelling_rounds", "benchmarks.teacher_gap"])
 def test_benchmark_smoke(module):
     res = subprocess.run([sys.executable, "-m", module, "--smoke"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
