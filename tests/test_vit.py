@@ -326,3 +326,19 @@ def test_sharded_forward_matches_unsharded(hf_dir, mesh):
     assert len(last.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(last), np.asarray(ref.last_hidden_state), atol=1e-5)
     np.testing.assert_allclose(np.asarray(pool), np.asarray(ref.pooler_output), atol=1e-5)
+
+
+def test_auto_attention_on_gpu_sends_fp32_to_xla_not_cudnn(monkeypatch):
+    """cuDNN's fused attention has no fp32 kernel (jax raises ValueError at trace time): on a GPU,
+    "auto" sends fp32 inputs (the `tiny` config) to XLA's path, which gives the einsum's result."""
+    from rice_jax.models import vit as vit_mod
+
+    calls = []
+    real = vit_mod._fused_attention
+    monkeypatch.setattr(vit_mod.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(vit_mod, "_fused_attention", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 2, 17, 8), jnp.float32) for i in range(3))
+    mask = jnp.ones((2, 1, 17, 17), bool).at[:, :, :, 5:].set(False)
+    out = vit_mod.attention(q, k, v, mask, impl="auto")
+    assert calls == ["xla"]
+    np.testing.assert_allclose(out, vit_mod.attention(q, k, v, mask, impl="einsum"), atol=1e-5)

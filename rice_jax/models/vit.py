@@ -55,7 +55,9 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
     which always see themselves).
     """
     if impl == "auto" and _resolve_attention_impl(impl) == "cudnn":
-        try:  # cuDNN refuses some shapes/dtypes at trace time; "auto" then takes XLA's fused path
+        if q.dtype not in CUDNN_DTYPES:   # fp32 compute (the `tiny` config): cuDNN has no fp32 kernel
+            return attention(q, k, v, mask, impl="xla")
+        try:  # cuDNN refuses some shapes at trace time; "auto" then takes XLA's fused path
             return attention(q, k, v, mask, impl="cudnn")
         except NotImplementedError:
             return attention(q, k, v, mask, impl="xla")
@@ -88,6 +90,8 @@ def attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None, *, imp
 # (jax's check_is_flash_attention), and the ViT's 1 + h*w tokens are odd for every even grid: cuDNN
 # calls pad the tokens to this multiple and mask the padding out.
 CUDNN_SEQ_MULTIPLE = 2
+# What cuDNN's fused attention computes in (jax raises ValueError, not NotImplementedError, for fp32).
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _fused_attention(q, k, v, mask, scale, impl, kv_lengths=None):
