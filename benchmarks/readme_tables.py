@@ -162,6 +162,29 @@ def labelling_rounds() -> str:
     return "\n".join(rows)
 
 
+def teacher_gap() -> str:
+    a = load_result("teacher_gap")
+    if not a:
+        return "(run `python -m benchmarks.teacher_gap`)"
+    t = a["table"]
+    cells = [v for k, v in t.items() if k != "teacher"]
+    cols = (("label_nmi", "label NMI"), ("region_token_linear_acc", "region-token linear"),
+            ("region_token_knn_acc", "region-token kNN"), ("region_linear_acc", "region linear (patches)"),
+            ("region_knn_acc", "region kNN (patches)"), ("ocr_layout_recall@5", "OCR recall@5 (box layout)"))
+    m = a["machine"]
+    rows = [f"{a['images']} training images a seed, held-out probes as in the ablation, `tiny` at "
+            f"{a.get('image_size', 64)} px; mean ± std over the seeds each row names (measured on "
+            f"{m['backend']}, jax {m['jax']}, {m['cpu_count']} cores). The teacher's own probe: region linear "
+            f"{t['teacher']['region_linear_acc']['mean']:.3f} ± {t['teacher']['region_linear_acc']['std']:.3f}, "
+            f"kNN {t['teacher']['region_knn_acc']['mean']:.3f} ± {t['teacher']['region_knn_acc']['std']:.3f}.\n",
+            "| K | steps | seeds | " + " | ".join(n for _, n in cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for c in cells:
+        n = len(c["seeds"])
+        rows.append(f"| {c['clusters']} | {c['steps']} | {', '.join(map(str, c['seeds']))} | " + " | ".join(
+            _mean_std(c[k]["mean"], c[k]["std"], n) if k in c else "—" for k, _ in cols) + " |")
+    return "\n".join(rows)
+
+
 def layers() -> str:
     a = load_result("ablation")
     if not a or "layers" not in a:
@@ -538,7 +561,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("teacher_gap", "labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -555,7 +578,7 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"labelling_rounds": labelling_rounds, "downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
+    build = {"teacher_gap": teacher_gap, "labelling_rounds": labelling_rounds, "downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
              "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
