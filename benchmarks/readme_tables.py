@@ -171,16 +171,18 @@ def teacher_gap() -> str:
     cols = (("label_nmi", "label NMI"), ("region_token_linear_acc", "region-token linear"),
             ("region_token_knn_acc", "region-token kNN"), ("region_linear_acc", "region linear (patches)"),
             ("region_knn_acc", "region kNN (patches)"), ("ocr_layout_recall@5", "OCR recall@5 (box layout)"))
-    m = a["machine"]
+    kinds = "; ".join(f"`{b}`: jax {', '.join(sorted({r['jax'] for r in a['runs'] if r['backend'] == b}))}"
+                      for b in sorted({r["backend"] for r in a["runs"]}))
     rows = [f"{a['images']} training images a seed, held-out probes as in the ablation, `tiny` at "
-            f"{a.get('image_size', 64)} px; mean ± std over the seeds each row names (measured on "
-            f"{m['backend']}, jax {m['jax']}, {m['cpu_count']} cores). The teacher's own probe: region linear "
+            f"{a.get('image_size', 64)} px; mean ± std over the seeds each row names; each row is one machine "
+            f"kind ({kinds}). "
+            f"The teacher's own probe (seeds {sorted(t_['seed'] for t_ in a['teacher'])}): region linear "
             f"{t['teacher']['region_linear_acc']['mean']:.3f} ± {t['teacher']['region_linear_acc']['std']:.3f}, "
             f"kNN {t['teacher']['region_knn_acc']['mean']:.3f} ± {t['teacher']['region_knn_acc']['std']:.3f}.\n",
-            "| K | steps | seeds | " + " | ".join(n for _, n in cols) + " |", "|---" * (len(cols) + 3) + "|"]
+            "| K | steps | machine | seeds | " + " | ".join(n for _, n in cols) + " |", "|---" * (len(cols) + 4) + "|"]
     for c in cells:
         n = len(c["seeds"])
-        rows.append(f"| {c['clusters']} | {c['steps']} | {', '.join(map(str, c['seeds']))} | " + " | ".join(
+        rows.append(f"| {c['clusters']} | {c['steps']} | {c['backend']} | {', '.join(map(str, c['seeds']))} | " + " | ".join(
             _mean_std(c[k]["mean"], c[k]["std"], n) if k in c else "—" for k, _ in cols) + " |")
     return "\n".join(rows)
 

@@ -11,7 +11,8 @@ ablation's held-out probes (rice_jax.evaluate) beside the teacher's own probe.
 
 Runs go to a process pool (``--parallel``; each run is one process with its own devices view),
 so one accelerator host runs the whole grid at once; on 2 CPU cores keep ``--parallel 1``. The
-result is rewritten after every finished run. Writes benchmarks/results/teacher_gap.json and
+result is rewritten after every finished run, and rows accumulate across invocations (each row is
+one K, budget and machine kind; ``--fresh`` starts over). Writes benchmarks/results/teacher_gap.json and
 teacher_gap.png.
 
     python -m benchmarks.teacher_gap [--seeds 0 1 2] [--clusters 48 192 768] [--steps 1000 4000] [--parallel 1]
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, report
+from benchmarks.common import RESULTS, load_result, report
 
 KEEP = ("label_nmi", "region_linear_acc", "region_knn_acc", "region_token_linear_acc", "region_token_knn_acc",
         "dense_miou", "ocr_layout_recall@5", "region_token_ocr_recall@5")
@@ -62,6 +63,8 @@ def _prepare(seed: int, root: str, images: int, eval_images: int, clusters: tupl
 
 def _run(job: dict) -> dict:
     """One training run and its held-out probes (a pool worker: imports stay inside)."""
+    import jax
+
     from rice_jax import backbones, evaluate, train
     from rice_jax.configs.rice import get_config
     from rice_jax.data import tokenizer
@@ -80,20 +83,26 @@ def _run(job: dict) -> dict:
     res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{job['workdir']}", regions=True), job["eval"], image,
                                      tokenizer.for_dataset(job["eval"]))
     shutil.rmtree(job["workdir"], ignore_errors=True)
-    return {"seed": job["seed"], "clusters": job["clusters"], "steps": job["steps"], "train_seconds": seconds,
+    return {"seed": job["seed"], "clusters": job["clusters"], "steps": job["steps"], "backend": jax.default_backend(),
+            "jax": jax.__version__, "train_seconds": seconds,
             "loss_end": s["history"][-1]["loss"], **{k: v for k, v in res.items() if isinstance(v, float)}}
 
 
-def _table(runs: list[dict], preps: list[dict]) -> dict:
+def _key(r: dict) -> tuple:
+    """A table row: runs of one K, budget and machine kind (figures of a GPU and a CPU run differ)."""
+    return r["clusters"], r["steps"], r["backend"]
+
+
+def _table(runs: list[dict], teacher: list[dict]) -> dict:
     cells = {}
     for r in runs:
-        cells.setdefault(f"k{r['clusters']}_steps{r['steps']}", []).append(r)
+        cells.setdefault(_key(r), []).append(r)
     table = {}
-    for name, rs in sorted(cells.items(), key=lambda kv: (kv[1][0]["clusters"], kv[1][0]["steps"])):
-        table[name] = {"clusters": rs[0]["clusters"], "steps": rs[0]["steps"], "seeds": sorted(r["seed"] for r in rs),
+    for key, rs in sorted(cells.items()):
+        table["k{}_steps{}_{}".format(*key)] = {
+            "clusters": key[0], "steps": key[1], "backend": key[2], "seeds": sorted(r["seed"] for r in rs),
                        **{k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
                           for k in KEEP if all(r.get(k) is not None for r in rs)}}
-    teacher = [p["teacher"] for p in preps]
     table["teacher"] = {k: {"mean": float(np.mean([t[k] for t in teacher])), "std": float(np.std([t[k] for t in teacher]))}
                         for k in ("region_linear_acc", "region_knn_acc")}
     return table
@@ -110,11 +119,12 @@ def _plot(table: dict):
     rows = [v for k, v in table.items() if k != "teacher"]
     for ax, metric, title in ((axes[0], "region_token_linear_acc", "region tokens"),
                               (axes[1], "region_linear_acc", "patch features (ROI mean)")):
-        for n in sorted({r["steps"] for r in rows}):
-            pts = sorted((r["clusters"], r[metric]["mean"], r[metric]["std"]) for r in rows if r["steps"] == n and metric in r)
+        for n, backend in sorted({(r["steps"], r["backend"]) for r in rows}):
+            pts = sorted((r["clusters"], r[metric]["mean"], r[metric]["std"]) for r in rows
+                         if (r["steps"], r["backend"]) == (n, backend) and metric in r)
             if pts:
                 xs, ms, ss = zip(*pts)
-                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=f"{n} steps")
+                ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=f"{n} steps ({backend})")
         t = table["teacher"]["region_linear_acc"]
         ax.axhline(t["mean"], color="k", ls="--", lw=1, label="teacher's own probe")
         ax.set_xscale("log")
@@ -137,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--data-root", default=None, help="keep the generated data here between runs")
     ap.add_argument("--clusters", type=int, nargs="+", default=[48, 192, 768])
     ap.add_argument("--steps", type=int, nargs="+", default=[1000, 4000], help="training budgets (one run each)")
+    ap.add_argument("--fresh", action="store_true", help="drop the runs benchmarks/results/teacher_gap.json holds")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--parallel", type=int, default=1, help="runs at once (processes)")
     ap.add_argument("--workers", default="auto", help="data.workers of each run (with --parallel N > 1 on a "
@@ -145,7 +156,7 @@ def main(argv=None):
     if a.smoke:
         a.steps, a.seeds, a.images, a.eval_images, a.clusters, a.parallel = [4], [0], 64, 64, [8, 12], 1
     ctx = mp.get_context("spawn")   # each worker initialises its own jax backend
-    runs, preps, rec = [], [], None
+    mine, preps, rec = [], [], None
     with tempfile.TemporaryDirectory() as tmp, cf.ProcessPoolExecutor(max(a.parallel, 1), mp_context=ctx) as pool:
         root = a.data_root or tmp
         preps = list(pool.map(_prepare, a.seeds, [root] * len(a.seeds), [a.images] * len(a.seeds),
@@ -156,14 +167,21 @@ def main(argv=None):
         for fut in cf.as_completed([pool.submit(_run, j) for j in jobs]):
             r = fut.result()
             r["label_nmi"] = next(p["nmi"][r["clusters"]] for p in preps if p["seed"] == r["seed"])
-            runs.append(r)
+            mine.append(r)
             print(f"[teacher_gap] seed {r['seed']} K {r['clusters']} {r['steps']} steps: region-token linear "
                   f"{r.get('region_token_linear_acc', float('nan')):.3f}, region linear {r['region_linear_acc']:.3f} "
                   f"({r['train_seconds']:.0f} s)", flush=True)
+            # Rows accumulate across invocations (a GPU host's grid, then CPU runs of other K): the
+            # file's runs are kept but for the (seed, K, budget, machine) this invocation re-ran.
+            old = {} if a.fresh or a.smoke else (load_result("teacher_gap") or {})
+            done = {(r["seed"], *_key(r)) for r in mine}
+            runs = [r for r in old.get("runs", []) if (r["seed"], *_key(r)) not in done] + mine
+            teacher = {t["seed"]: t for t in old.get("teacher", []) if "seed" in t}
+            teacher.update({p["seed"]: {"seed": p["seed"], **p["teacher"]} for p in preps})
             rec = report("teacher_gap" if not a.smoke else "teacher_gap_smoke",
-                         {"seeds": a.seeds, "images": a.images, "eval_images": a.eval_images, "clusters": a.clusters,
-                          "steps": a.steps, "image_size": 64, "table": _table(runs, preps),
-                          "teacher": [p["teacher"] for p in preps], "runs": runs}, write=not a.smoke)
+                         {"images": a.images, "eval_images": a.eval_images, "image_size": 64,
+                          "table": _table(runs, list(teacher.values())), "teacher": list(teacher.values()),
+                          "runs": runs}, write=not a.smoke)
             if not a.smoke:   # the plot too, so a grid cut short keeps both
                 _plot(rec["table"])
     return rec
