@@ -103,6 +103,28 @@ def ablation() -> str:
     return "\n".join(rows)
 
 
+def ablation_summary() -> str:
+    """The README's view of the ablation: the headline probes per method (docs/results.md has all)."""
+    a = load_result("ablation")
+    if not a:
+        return "(run `python -m benchmarks.ablation`)"
+    t, n = a["table"], len(a["seeds"])
+    names = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
+             "random_init": "random init", "teacher": "handcrafted teacher"}
+    cols = (("region_linear_acc", "region linear"), ("region_token_linear_acc", "region-token linear"),
+            ("dense_miou", "dense mIoU"), ("ocr_layout_recall@5", "OCR recall@5 (box layout)"),
+            ("region_token_ocr_recall@5", "region-token OCR recall@5"))
+    rows = [f"{a['steps']} steps of `tiny` at {a.get('image_size', 64)} px per method, seeds {a['seeds']}, "
+            "held-out synthetic images; OCR loss (near step 100 → last 10 %) where the method has one.\n",
+            "| method | " + " | ".join(c for _, c in cols) + " | OCR loss |", "|---" * (len(cols) + 2) + "|"]
+    for m in (m for m in names if m in t):
+        loss = (f"{t[m]['ocr_loss_100']['mean']:.2f} → {t[m]['ocr_loss_end']['mean']:.2f}"
+                if "ocr_loss_end" in t[m] else "—")
+        rows.append(f"| {names[m]} | " + " | ".join(_mean_std(t[m][k]["mean"], t[m][k]["std"], n) if k in t[m] else "—"
+                                                  for k, _ in cols) + f" | {loss} |")
+    return "\n".join(rows)
+
+
 DOWNSTREAM_NAMES = {"rice": "RICE", "mlcd": "global-only (MLCD-style)", "rice_oracle": "RICE, oracle labels",
                     "random_init": "random init"}
 DOWNSTREAM_COLUMNS = (("refseg_ciou", "referring seg. cIoU"), ("refseg_giou", "referring seg. gIoU"),
@@ -563,7 +585,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("teacher_gap", "labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("ablation_summary", "teacher_gap", "labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -580,7 +602,7 @@ def page_of(name: str) -> Path:
 
 
 def main():
-    build = {"teacher_gap": teacher_gap, "labelling_rounds": labelling_rounds, "downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
+    build = {"ablation_summary": ablation_summary, "teacher_gap": teacher_gap, "labelling_rounds": labelling_rounds, "downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
              "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
