@@ -113,7 +113,9 @@ def main(argv=None):
     if args.steps:
         c.stages = ((args.steps, c.stages[0][1]),)
     image_size = c.stages[-1][1]
-    train_dir_run = workdir / f"train_s{s}"
+    # Its own run folder per data kind: `--mine` after a plain quickstart (or the other way round)
+    # must train afresh, not resume the other data's finished checkpoint and report its figures.
+    train_dir_run = workdir / (f"train_mined_s{s}" if args.mine else f"train_s{s}")
     if train.train(c, train_dir_run)["preempted"]:
         # SIGTERM: train wrote a checkpoint; evaluating a half-trained model would mislead.
         raise SystemExit("[quickstart] stopped by SIGTERM; run the same command again to resume")
@@ -156,7 +158,7 @@ def main(argv=None):
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     tr, ev = summary["train"], summary["eval"]
     print(f"\nDone in {summary['seconds']:.0f}s. loss {tr['loss_start']:.2f} -> {tr['loss_end']:.2f} over {tr['steps']} "
-          f"steps ({tr['images_per_s']:.0f} img/s). outputs: {workdir} (train_s{s}/ checkpoints + metrics + "
+          f"steps ({tr['images_per_s']:.0f} img/s). outputs: {workdir} ({train_dir_run.name}/ checkpoints + metrics + "
           "curves.png, eval.json, export_hf/, summary.json)")
     cols = (("region_linear_acc", "region linear"), ("region_knn_acc", "region kNN"), ("dense_miou", "dense mIoU"),
             ("ocr_token_recall@5", "OCR recall@5 (mean-pooled)"), ("ocr_layout_recall@5", "OCR recall@5 (box layout)"),
