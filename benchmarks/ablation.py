@@ -116,6 +116,35 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_
     return res, tr
 
 
+def train_tiny(data_dir, workdir, seed: int, steps: int, init_from: str = "", workers="auto") -> tuple[dict, float]:
+    """The `tiny` RICE recipe on ``data_dir`` for ``steps`` (one stage, no checkpoints on the way):
+    (train's summary, seconds). ``workers``: its ``data.workers``."""
+    from rice_jax import train
+    from rice_jax.configs.rice import get_config
+
+    c = get_config("tiny")
+    c.data.dir, c.seed, c.init_from = str(data_dir), seed, init_from
+    c.stages = ((steps, c.stages[-1][1]),)
+    c.progress_bar, c.checkpoint_every = False, 10**9
+    c.data.workers = workers
+    t = time.perf_counter()
+    s = train.train(c, workdir)
+    if s["preempted"]:
+        raise SystemExit(f"[benchmarks] {workdir} stopped by SIGTERM")
+    return s, time.perf_counter() - t
+
+
+def evaluate_run(workdir, eval_dir) -> dict:
+    """A run's RICE model (region tokens as trained) through the held-out probes of rice_jax.evaluate."""
+    from rice_jax import backbones, evaluate
+    from rice_jax.configs.rice import get_config
+    from rice_jax.data import tokenizer
+
+    image = get_config("tiny").stages[-1][1]
+    return evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}", regions=True), eval_dir, image,
+                                      tokenizer.for_dataset(eval_dir))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     add_synthetic_run_flags(ap, steps=3000, seeds=[0, 1, 2], images=8192,

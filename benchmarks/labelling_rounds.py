@@ -27,35 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ablation import prepare
+from benchmarks.ablation import evaluate_run, prepare, train_tiny
 from benchmarks.common import add_synthetic_run_flags, report
 
 VARIANTS = ("round1", "round2_scratch", "round2_continue", "round1_2x", "teacher")
-
-
-def _train(data_dir, workdir, seed: int, steps: int, init_from: str = "") -> tuple[dict, float]:
-    from rice_jax import train
-    from rice_jax.configs.rice import get_config
-
-    c = get_config("tiny")
-    c.data.dir, c.seed, c.init_from = str(data_dir), seed, init_from
-    c.stages = ((steps, c.stages[-1][1]),)
-    c.progress_bar, c.checkpoint_every = False, 10**9
-    t = time.perf_counter()
-    s = train.train(c, workdir)
-    if s["preempted"]:
-        raise SystemExit(f"[rounds] {workdir} stopped by SIGTERM")
-    return s, time.perf_counter() - t
-
-
-def _evaluate(workdir, eval_dir) -> dict:
-    from rice_jax import backbones, evaluate
-    from rice_jax.configs.rice import get_config
-    from rice_jax.data import tokenizer
-
-    image = get_config("tiny").stages[-1][1]
-    return evaluate.evaluate_backbone(backbones.load(f"ckpt:{workdir}", regions=True), eval_dir, image,
-                                      tokenizer.for_dataset(eval_dir))
 
 
 def run_seed(seed: int, root: Path, work: Path, a) -> dict:
@@ -65,12 +40,12 @@ def run_seed(seed: int, root: Path, work: Path, a) -> dict:
     dirs = prepare(root, seed, a.images, a.eval_images, a.clusters)
     out = {"teacher": evaluate.evaluate_handcrafted(dirs["eval"], get_config("tiny").stages[-1][1])}
     r1 = work / f"round1_{seed}"
-    s1, t1 = _train(dirs["train"], r1, seed, a.steps)
+    s1, t1 = train_tiny(dirs["train"], r1, seed, a.steps)
     from rice_jax.data import records
 
     # How good each round's labels are: NMI of the clusters against the generator's categories.
     nmi1 = (records.read_manifest(dirs["train"]).get("clustering") or {}).get("nmi")
-    out["round1"] = {**_evaluate(r1, dirs["eval"]), "train_seconds": t1, "loss_end": s1["history"][-1]["loss"],
+    out["round1"] = {**evaluate_run(r1, dirs["eval"]), "train_seconds": t1, "loss_end": s1["history"][-1]["loss"],
                      "label_nmi": nmi1}
     # Round 2's labels: the same images clustered with round 1's own region tokens (a copy of the
     # data, so the ablation's handcrafted labels stay where they are).
@@ -84,14 +59,14 @@ def run_seed(seed: int, root: Path, work: Path, a) -> dict:
     cluster_seconds = time.perf_counter() - t
     for name, init in (("round2_scratch", ""), ("round2_continue", f"ckpt:{r1}")):
         wd = work / f"{name}_{seed}"
-        s, secs = _train(relabelled, wd, seed, a.steps, init)
-        out[name] = {**_evaluate(wd, dirs["eval"]), "train_seconds": secs, "loss_end": s["history"][-1]["loss"],
+        s, secs = train_tiny(relabelled, wd, seed, a.steps, init)
+        out[name] = {**evaluate_run(wd, dirs["eval"]), "train_seconds": secs, "loss_end": s["history"][-1]["loss"],
                      "cluster_seconds": cluster_seconds, "clusters_used": rep.get("clusters_used"),
                      "label_nmi": rep.get("nmi")}
     if not a.no_2x:
         wd = work / f"round1_2x_{seed}"
-        s, secs = _train(dirs["train"], wd, seed, 2 * a.steps)
-        out["round1_2x"] = {**_evaluate(wd, dirs["eval"]), "train_seconds": secs, "loss_end": s["history"][-1]["loss"]}
+        s, secs = train_tiny(dirs["train"], wd, seed, 2 * a.steps)
+        out["round1_2x"] = {**evaluate_run(wd, dirs["eval"]), "train_seconds": secs, "loss_end": s["history"][-1]["loss"]}
     for name, res in out.items():
         print(f"[rounds] seed {seed} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()
                                                           if isinstance(v, float) and not k.endswith("seconds")),

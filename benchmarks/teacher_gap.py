@@ -27,7 +27,6 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,26 +62,13 @@ def _prepare(seed: int, root: str, images: int, eval_images: int, clusters: tupl
 
 
 def _run(job: dict) -> dict:
-    """One training run and its held-out probes (a pool worker: imports stay inside)."""
+    """One training run and its held-out probes (a pool worker)."""
     import jax
 
-    from rice_jax import backbones, evaluate, train
-    from rice_jax.configs.rice import get_config
-    from rice_jax.data import tokenizer
+    from benchmarks.ablation import evaluate_run, train_tiny
 
-    c = get_config("tiny")
-    image = c.stages[-1][1]
-    c.data.dir, c.seed = job["train"], job["seed"]
-    c.stages = ((job["steps"], image),)
-    c.progress_bar, c.checkpoint_every = False, 10**9
-    c.data.workers = job["workers"]
-    t = time.perf_counter()
-    s = train.train(c, job["workdir"])
-    if s["preempted"]:
-        raise SystemExit(f"[teacher_gap] {job['workdir']} stopped by SIGTERM")
-    seconds = time.perf_counter() - t
-    res = evaluate.evaluate_backbone(backbones.load(f"ckpt:{job['workdir']}", regions=True), job["eval"], image,
-                                     tokenizer.for_dataset(job["eval"]))
+    s, seconds = train_tiny(job["train"], job["workdir"], job["seed"], job["steps"], workers=job["workers"])
+    res = evaluate_run(job["workdir"], job["eval"])
     shutil.rmtree(job["workdir"], ignore_errors=True)
     return {"seed": job["seed"], "clusters": job["clusters"], "steps": job["steps"], "backend": jax.default_backend(),
             "jax": jax.__version__, "train_seconds": seconds,
@@ -102,8 +88,8 @@ def _table(runs: list[dict], teacher: list[dict]) -> dict:
     for key, rs in sorted(cells.items()):
         table["k{}_steps{}_{}".format(*key)] = {
             "clusters": key[0], "steps": key[1], "backend": key[2], "seeds": sorted(r["seed"] for r in rs),
-                       **{k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-                          for k in KEEP if all(r.get(k) is not None for r in rs)}}
+            **{k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
+               for k in KEEP if all(r.get(k) is not None for r in rs)}}
     table["teacher"] = {k: {"mean": float(np.mean([t[k] for t in teacher])), "std": float(np.std([t[k] for t in teacher]))}
                         for k in ("region_linear_acc", "region_knn_acc")}
     return table
