@@ -112,8 +112,8 @@ class HandcraftedExtractor:
 
 
 class ViTExtractor:
-    """ROI mean-pool of a backbone's last-block patch tokens inside each box (or, given a trained
-    RICE model, its post-LN region tokens). Our JAX ViT
+    """ROI mean-pool inside each box of a backbone's ``last_hidden_state`` as transformers defines it
+    (or, given a trained RICE model, its post-LN region tokens). Our JAX ViT
     (``hf:``/``ckpt:``/``hub:`` specs) runs through :class:`rice_jax.features.RegionFeatures`
     (jitted, batch-sharded over every device); any other Hugging Face vision encoder
     (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
@@ -133,7 +133,9 @@ class ViTExtractor:
             self.image_size = image_size or backbone.cfg.image_size
             self.dim = backbone.cfg.hidden_size
             ours = RegionFeatures(vit, self.image_size, layers=(-1,))
-            key = "region_token" if backbone is not vit else str(backbone.cfg.num_layers)
+            # The backbone's last_hidden_state as transformers defines it (a SigLIP teacher's is
+            # after its post-LN), so hf:DIR and transformers:DIR cluster the same features.
+            key = "region_token" if backbone is not vit else "last"
             self._features = lambda x, b, v: ours(x, b, v)["roi"][key]
 
     def __call__(self, src: records.RecordSource, chunk: int):

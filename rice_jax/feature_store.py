@@ -10,7 +10,8 @@ At 2B regions and D = 1024 the features are 4 TB in fp16: each process of a clus
 only the shards it owns (:func:`rice_jax.data.records.owned_shards`) into its own local scratch
 directory, and the k-means streams them back through :class:`FeatureShards` (memory-mapped, read a
 batch at a time). Files are written whole or not at all; a rerun with the same settings skips every
-shard whose mark matches, so a killed extraction resumes at shard granularity.
+shard whose mark matches (settings, record count and the shard file's fingerprint: a dataset rebuilt
+in place is extracted anew), so a killed extraction resumes at shard granularity.
 """
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def extract_shards(src: records.RecordSource, shards: Sequence[int], extractor, 
         name = Path(src.paths[s]).name
         start, stop = src.shard_range(s)
         p = _paths(d, name)
-        want = dict(mark, shard=name, num_records=stop - start)
+        want = dict(mark, shard=name, num_records=stop - start, source=records.shard_fingerprint(src.paths[s]))
         if _mark_matches(p["mark"], want):
             done += 1
             continue

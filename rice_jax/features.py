@@ -17,6 +17,7 @@ from flax import nnx
 
 from rice_jax import errors, sharding, storage
 from rice_jax.batch import CLIP_MEAN, CLIP_STD, model_pixels
+from rice_jax.models import teachers
 from rice_jax.models.region import box_patch_visibility, roi_align, roi_mean_pool
 from rice_jax.models.rice import ROI_SEED_GRID, RICEConfig, RICEModel
 from rice_jax.models.vit import ViT
@@ -46,8 +47,10 @@ def _require_pixels(x) -> np.ndarray:
 class RegionFeatures:
     """``features(x [B,H,W,3] uint8 pixels, boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
 
-    ``roi``: ``{str(layer index): [B, N, D]}`` (plus ``"region_token"`` for a RICE model or with
-    ``region_layers``),
+    ``roi``: ``{str(layer index): [B, N, D]}``, plus ``"last"``, the model's ``last_hidden_state``
+    as ``transformers`` defines it for its family (MLCD, CLIP: the last block's output, the same as
+    ``str(num_layers)``; SigLIP: after ``post_layernorm``), which is what clustering reads, and
+    ``"region_token"`` for a RICE model or with ``region_layers``,
     ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``layout``:
     ``{str(layer index): [B, N, 8·D]}`` for each of ``layout_layers`` (the box's 2 x 4 RoIAlign
     samples, ``ROI_SEED_GRID``, the layout a ``region_seed='roi'`` token starts from, of the
@@ -99,6 +102,7 @@ class RegionFeatures:
             vis = box_patch_visibility(boxes, valid, gh, gw)
             pooled = res.pooler_output if res.pooler_output is not None else jnp.mean(res.last_hidden_state[:, n:], 1)
             out = {"roi": {str(i): roi_mean_pool(hidden[i][:, n:], vis) for i in idxs}, "pooled": pooled}
+            out["roi"]["last"] = roi_mean_pool(res.last_hidden_state[:, n:], vis)
             if keep_tokens:
                 out["tokens"] = {str(i): hidden[i][:, n:] for i in idxs}
             if layout_idxs:
@@ -135,6 +139,7 @@ class TransformersRegionFeatures:
     """
 
     def __init__(self, path: str, image_size: int | None = None, device: str | None = None):
+        import inspect
         import json
         import os
 
@@ -155,13 +160,22 @@ class TransformersRegionFeatures:
         if self.image_size % self.patch:
             raise errors.InputError(f"{path}: image size {self.image_size} is not a multiple of the patch size {self.patch}")
         self.dim = int(cfg.hidden_size)
-        mean, std = CLIP_MEAN, CLIP_STD
         pre = os.path.join(local, "preprocessor_config.json")
+        with open(os.path.join(local, "config.json")) as f:
+            config = json.load(f)
+        preprocessor = None
         if os.path.exists(pre):
-            p = json.load(open(pre))
-            mean = np.asarray(p.get("image_mean", mean), np.float32)
-            std = np.asarray(p.get("image_std", std), np.float32)
+            with open(pre) as f:
+                preprocessor = json.load(f)
+        mean, std = teachers.pixel_statistics(config, preprocessor)   # the JAX teacher's rule
+        mean, std = (CLIP_MEAN, CLIP_STD) if mean is None else (mean, std)
         self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        # At a size other than the one its position embeddings were trained at, CLIP and SigLIP
+        # interpolate them only when asked (bicubic, as the JAX tower does); DINOv2 always does.
+        native = int(cfg.image_size if not isinstance(cfg.image_size, (list, tuple)) else cfg.image_size[0])
+        self._forward_kwargs = {}
+        if self.image_size != native and "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters:
+            self._forward_kwargs["interpolate_pos_encoding"] = True
 
     def patch_tokens(self, x: np.ndarray, layer: int | None = None) -> np.ndarray:
         """``x [B,S,S,3]`` uint8 pixels -> patch tokens ``[B, (S/p)^2, D]`` of the last hidden state,
@@ -172,7 +186,7 @@ class TransformersRegionFeatures:
         x = (_require_pixels(x).astype(np.float32) / 255.0 - self._mean) / self._std
         with torch.no_grad():
             pix = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.device)
-            out = self.model(pixel_values=pix, output_hidden_states=layer is not None)
+            out = self.model(pixel_values=pix, output_hidden_states=layer is not None, **self._forward_kwargs)
             hidden = (out.last_hidden_state if layer is None else out.hidden_states[layer]).float().cpu().numpy()
         gh, gw = x.shape[1] // self.patch, x.shape[2] // self.patch
         return hidden[:, hidden.shape[1] - gh * gw:]

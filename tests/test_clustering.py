@@ -122,8 +122,11 @@ def test_transformers_encoder_roi_features_match_a_direct_computation(kind, tmp_
     boxes = np.concatenate([lo, lo + r.uniform(0.05, 0.4, (3, 4, 2))], -1).clip(0, 1).astype(np.float32)
     valid = np.ones((3, 4), bool)
     got = ext(x, boxes, valid)
-    with torch.no_grad():   # CLIP statistics on both sides (no preprocessor_config.json saved)
-        pix = (x / np.float32(255) - pipeline.CLIP_MEAN) / pipeline.CLIP_STD
+    # No preprocessor_config.json saved: the family's image-processor defaults (SigLIP 0.5 / 0.5),
+    # CLIP's statistics otherwise.
+    mean, std = (np.float32(0.5), np.float32(0.5)) if kind == "siglip" else (pipeline.CLIP_MEAN, pipeline.CLIP_STD)
+    with torch.no_grad():
+        pix = (x / np.float32(255) - mean) / std
         hidden = vision(pixel_values=torch.from_numpy(pix.transpose(0, 3, 1, 2).astype(np.float32).copy())
                         ).last_hidden_state.numpy()
     patches = hidden[:, -16:]

@@ -241,3 +241,20 @@ def test_labelling_interrupted_between_shards_resumes(tmp_path):
     got = labels_store.read_all(data)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_features_of_a_dataset_rebuilt_in_place_are_not_reused(tmp_path):
+    """Same shard names and record counts, other images: the feature marks carry the shard file's
+    fingerprint, so the second run extracts anew and gets the labels a fresh features dir gives."""
+    data = tmp_path / "data"
+    kw = dict(chunk=64, log=lambda s: None)
+    synthetic.build(str(data), 40, seed=1, num_shards=2)
+    clustering.run(data, 5, features_dir=tmp_path / "f", **kw)
+    shutil.rmtree(data)
+    synthetic.build(str(data), 40, seed=2, num_shards=2)
+    lines = []
+    clustering.run(data, 5, features_dir=tmp_path / "f", chunk=64, log=lines.append)
+    assert not any("already extracted" in s for s in lines)
+    reused = labels_store.read_all(data)[1]
+    clustering.run(data, 5, features_dir=tmp_path / "fresh", **kw)
+    np.testing.assert_array_equal(reused, labels_store.read_all(data)[1])

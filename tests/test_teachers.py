@@ -109,6 +109,82 @@ def test_roi_features_equal_the_pytorch_reference_path(tmp_path):
         RegionFeatures(backbones.load(f"hf:{tmp_path}"), 32)(x.astype(np.float32), boxes, valid)
 
 
+# The extractor path on configs the tower tests do not cover: head dim 12 with 5 heads (the config a
+# check found SigLIP to disagree on: 0.5/0.5 statistics not applied by the PyTorch path, and the
+# JAX path reading the pre-post-LN block output), 3 heads, extraction at a size the position
+# embeddings were not trained at (both sides interpolate), and a preprocessor file's own statistics.
+EXTRACTOR_CASES = {
+    "siglip_h60x5_48": ("siglip", dict(hidden_size=60, intermediate_size=100, num_hidden_layers=2,
+                                       num_attention_heads=5, image_size=48, patch_size=8), 48, None),
+    "siglip_h36x3_40_at_56": ("siglip", dict(hidden_size=36, intermediate_size=72, num_hidden_layers=3,
+                                             num_attention_heads=3, image_size=40, patch_size=8), 56, None),
+    "siglip_nohead_preproc": ("siglip", dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=16,
+                                             vision_use_head=False), 48, ([0.4, 0.5, 0.6], [0.2, 0.3, 0.25])),
+    "clip_h60x5_48_at_64": ("clip", dict(hidden_size=60, intermediate_size=100, num_hidden_layers=2,
+                                         num_attention_heads=5, image_size=48, patch_size=8), 64, None),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory):
+    from rice_jax.data import synthetic
+
+    d = tmp_path_factory.mktemp("teacher_records")
+    synthetic.build(str(d), 12, seed=4, num_shards=1)
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(EXTRACTOR_CASES))
+def test_extractor_paths_agree_per_hidden_state(case, tmp_path, tiny_records):
+    """hf:DIR (JAX) and transformers:DIR (PyTorch) give the same ROI features at every hidden state
+    and at last_hidden_state, from the same uint8 pixels; and clustering's two extractors built
+    from those specs give the same rows on the same records (decode, resize, batching included)."""
+    import json
+
+    import transformers as tf
+
+    from rice_jax import clustering
+    from rice_jax.data import records
+    from rice_jax.models.region import box_patch_visibility
+
+    family, arch, size, stats = EXTRACTOR_CASES[case]
+    torch.manual_seed(0)
+    cls, cfg_cls = (tf.SiglipVisionModel, tf.SiglipVisionConfig) if family == "siglip" else \
+        (tf.CLIPVisionModel, tf.CLIPVisionConfig)
+    _randomise(cls(cfg_cls(**arch)).eval(), 7).save_pretrained(str(tmp_path))
+    if stats:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": stats[0], "image_std": stats[1]}))
+    teacher = backbones.load(f"hf:{tmp_path}")
+    want_mean = stats[0] if stats else (teachers.SIGLIP_MEAN_STD[0] if family == "siglip" else None)
+    assert teacher.cfg.pixel_mean == (tuple(want_mean) if want_mean else None)
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    p0 = rng.uniform(0, 0.5, (3, 4, 2))
+    boxes = np.concatenate([p0, p0 + rng.uniform(0.2, 0.5, (3, 4, 2))], -1).clip(0, 1).astype(np.float32)
+    valid = np.ones((3, 4), bool)
+    layers = arch["num_hidden_layers"]
+    ours = RegionFeatures(teacher, size, layers=tuple(range(layers + 1)))(x, boxes, valid)["roi"]
+    theirs = TransformersRegionFeatures(str(tmp_path), size, device="cpu")
+    g = size // arch["patch_size"]
+    vis = np.asarray(box_patch_visibility(boxes, valid, g, g), np.float32)
+    for layer in range(layers + 1):
+        ref = np.einsum("bnt,btd->bnd", vis, theirs.patch_tokens(x, layer=layer)) / vis.sum(-1, keepdims=True)
+        np.testing.assert_allclose(ours[str(layer)], ref, atol=2e-4, rtol=0, err_msg=f"hidden state {layer}")
+    np.testing.assert_allclose(ours["last"], theirs(x, boxes, valid), atol=2e-4, rtol=0, err_msg="last_hidden_state")
+
+    src = records.RecordSource(tiny_records)
+    rows = {}
+    for spec in (f"hf:{tmp_path}", f"transformers:{tmp_path}"):
+        ext = clustering.make_extractor(spec, size)
+        assert ext.dim == arch["hidden_size"] and ext.image_size == size
+        ids, feats = zip(*ext(src, 64))
+        rows[spec.partition(":")[0]] = (np.concatenate(ids), np.concatenate(feats))
+    np.testing.assert_array_equal(rows["hf"][0], rows["transformers"][0])
+    np.testing.assert_allclose(rows["hf"][1], rows["transformers"][1], atol=2e-4, rtol=0)
+
+
 def test_bad_teacher_folders_are_one_line_errors(tmp_path):
     import json
 

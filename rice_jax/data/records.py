@@ -27,6 +27,7 @@ with labels already inside its records.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -293,6 +294,21 @@ def check_shard(path: str, expected: int) -> ShardStatus:
     if found != expected:
         return ShardStatus(path, expected, found, size, f"holds {found} records, the manifest says {expected}")
     return ShardStatus(path, expected, found, size)
+
+
+def shard_fingerprint(path: str | os.PathLike, window: int = 1 << 16) -> str:
+    """``"<bytes>:<sha1 of the first and last 64 KiB>"``: what a per-shard product (features, labels)
+    records of the shard it was made from, so a dataset rebuilt in place under the same shard names
+    is not taken for the old one (two reads, whatever the shard's size)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        h.update(f.read(window))
+        if size > window:
+            f.seek(max(window, size - window))
+            h.update(f.read(window))
+    return f"{size}:{h.hexdigest()[:16]}"
 
 
 def owned_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:

@@ -38,6 +38,18 @@ MODEL_TYPES = {"clip_vision_model": ("clip", False), "clip": ("clip", True),
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))   # SiglipImageProcessor's defaults
 
 
+def pixel_statistics(config: dict, preprocessor: Optional[dict]) -> tuple[Optional[tuple], Optional[tuple]]:
+    """``(mean, std)`` a folder's pixels are normalised with: its ``preprocessor_config.json``'s when it
+    has one, else its family's image-processor defaults (SigLIP: 0.5 / 0.5); ``(None, None)`` means
+    CLIP's, the input pipeline's own. The one rule both teacher paths follow (the JAX tower and
+    :class:`rice_jax.features.TransformersRegionFeatures`): a folder saved by ``save_pretrained``
+    has no preprocessor file, and reading it with CLIP's statistics gives a SigLIP tower other inputs."""
+    if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
+        return tuple(preprocessor["image_mean"]), tuple(preprocessor["image_std"])
+    family = MODEL_TYPES.get(config.get("model_type"), (None,))[0]
+    return SIGLIP_MEAN_STD if family == "siglip" else (None, None)
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
     family: str                      # "clip" or "siglip"
@@ -83,11 +95,7 @@ class TeacherConfig:
         v = d.get("vision_config") or {} if nested else d
         defaults = _HF_VISION_DEFAULTS[family]
         g = lambda k: v.get(k, defaults[k])
-        mean = std = None
-        if preprocessor and "image_mean" in preprocessor:
-            mean, std = tuple(preprocessor["image_mean"]), tuple(preprocessor["image_std"])
-        elif family == "siglip":
-            mean, std = SIGLIP_MEAN_STD
+        mean, std = pixel_statistics(d, preprocessor)
         return cls(family=family, hidden_size=g("hidden_size"), intermediate_size=g("intermediate_size"),
                    num_layers=g("num_hidden_layers"), num_heads=g("num_attention_heads"), patch_size=g("patch_size"),
                    image_size=g("image_size"), layer_norm_eps=g("layer_norm_eps"), hidden_act=g("hidden_act"),
