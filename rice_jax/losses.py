@@ -314,20 +314,65 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
     if all(not isinstance(a, jax.core.Tracer) for a in (features, centers, labels)):
         with jax.set_mesh(mesh):
             return _margin_softmax_on_mesh(features, centers, labels, *args)
+    staged = lambda f, c, l, key: _margin_softmax_on_mesh(f, c, l, scale, margin, margin_type, sample_rate, key,
+                                                          mesh, num_classes, max_positives_per_shard)
     if not any(isinstance(a, jax.core.Tracer) and _under_jit(a) for a in (features, centers, labels)):
-        rep = NamedSharding(mesh, P())  # eager autodiff: commit the inputs to the mesh's devices
-        features, centers, labels = (jax.device_put(a, rep) for a in (features, centers, labels))
+        return _eager_autodiff_on_mesh(mesh, staged, features, centers, labels, rng)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        staged = lambda f, c, l, key: _margin_softmax_on_mesh(f, c, l, scale, margin, margin_type, sample_rate, key,
-                                                              mesh, num_classes, max_positives_per_shard)
         return jax.jit(staged)(features, centers, labels, rng)
 
 
+def _eager_autodiff_on_mesh(mesh: Mesh, loss_fn, features, centers, labels, rng):
+    """``loss_fn(features, centers, labels, rng)`` under eager autodiff (``jax.grad`` outside any jit
+    and mesh context) on an Explicit mesh: forward and backward each run inside ``jax.set_mesh``
+    on concrete arrays committed to the mesh, and values and gradients come back to the devices the
+    inputs were on. (Staging the call into a jit under the abstract mesh instead leaves the
+    backward pass without devices: grad seeds a one-device cotangent for a mesh-typed loss.)"""
+    rep = NamedSharding(mesh, P())
+    homes = (_home_sharding(features), _home_sharding(centers))
+    put = lambda tree, where: jax.tree.map(
+        lambda x: x if getattr(x, "dtype", None) == jax.dtypes.float0 else jax.device_put(x, where), tree)
+    labels, rng = jax.device_put(labels, rep), None if rng is None else jax.device_put(rng, rep)
+    run = lambda f, c: loss_fn(f, c, labels, rng)
+
+    @jax.custom_vjp
+    def call(f, c):
+        with jax.set_mesh(mesh):
+            return put(run(put(f, rep), put(c, rep)), homes[0])
+
+    def fwd(f, c):
+        with jax.set_mesh(mesh):
+            out, vjp = jax.vjp(run, put(f, rep), put(c, rep))
+        return put(out, homes[0]), vjp
+
+    def bwd(vjp, ct):
+        with jax.set_mesh(mesh):
+            gf, gc = vjp(put(ct, rep))
+        return put(gf, homes[0]), put(gc, homes[1])
+
+    call.defvjp(fwd, bwd)
+    return call(features, centers)
+
+
+def _home_sharding(x) -> jax.sharding.Sharding:
+    """Where a value lives: the sharding of a concrete array, or of the primal under an eager autodiff
+    tracer; device 0 when it has none (a numpy array)."""
+    while isinstance(x, jax.core.Tracer):
+        x = getattr(x, "primal", getattr(x, "val", None))
+    sh = getattr(x, "sharding", None)
+    return sh if sh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def _under_jit(x) -> bool:
-    """``x`` is being staged into a jaxpr (jit, scan, shard_map), not evaluated eagerly."""
+    """``x`` is being staged into a jaxpr (jit, scan, shard_map), not evaluated eagerly: it is, or an
+    autodiff / batching tracer wraps (``primal``, ``val``), a jaxpr tracer."""
     from jax.interpreters import partial_eval as pe
 
-    return isinstance(x, pe.DynamicJaxprTracer)
+    while isinstance(x, jax.core.Tracer):
+        if isinstance(x, pe.DynamicJaxprTracer):
+            return True
+        x = getattr(x, "primal", getattr(x, "val", None))
+    return False
 
 
 def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_type, sample_rate, rng, mesh, num_classes,

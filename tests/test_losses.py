@@ -91,10 +91,19 @@ def test_explicit_mesh_any_k_with_or_without_set_mesh(context, rate):
         eager_loss, _ = fn(jnp.asarray(f), jnp.asarray(c), explicit)
         grads = jax.jit(jax.value_and_grad(lambda f, c: fn(f, c, explicit)[0], argnums=(0, 1)))
         loss, (gf, gc) = grads(jnp.asarray(f), jnp.asarray(c))
-        if context:  # eager autodiff on an Explicit mesh needs the context mesh (JAX's rule)
-            eager_grad = jax.grad(lambda c: fn(jnp.asarray(f), c, explicit)[0])(jnp.asarray(c))
-            assert_close(eager_grad, ref_gc)
-    for value in (eager_loss, loss):
+        # Eager autodiff, with the context mesh and without it (its own branch in the loss), both
+        # arguments, aux carried out (integer counts among it).
+        (eager_vg, eager_aux), (eager_gf, eager_gc) = jax.value_and_grad(
+            lambda f, c: fn(f, c, explicit), argnums=(0, 1), has_aux=True)(jnp.asarray(f), jnp.asarray(c))
+        assert_close(eager_gf, ref_gf)
+        assert_close(eager_gc, ref_gc)
+        assert int(eager_aux["num_rows"]) == int((labels >= 0).any(1).sum())
+        eager_grad = jax.grad(lambda c: fn(jnp.asarray(f), c, explicit)[0])(jnp.asarray(c))
+        assert_close(eager_grad, ref_gc)
+        if not context:   # the gradients live where the inputs did (one device), usable by the caller
+            assert eager_gc.sharding.device_set == jnp.asarray(c).sharding.device_set
+            _ = np.asarray(eager_gc - jnp.asarray(c))
+    for value in (eager_loss, loss, eager_vg):
         assert abs(float(value) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     assert gc.shape == c.shape
     assert_close(gf, ref_gf)
