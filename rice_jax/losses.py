@@ -7,7 +7,16 @@ PartialFC sample), with L2-normalised features and centres and ``c = cos θ``::
 
 ``φ(c) = cos(arccos(c) + m)`` (ArcFace) or ``c − m`` (CosFace). Objects have one
 positive (their cluster), OCR regions up to M (their token ids); this is the
-unified multi-label form of MLCD/RICE (docs/design.md §1).
+unified multi-label form of MLCD/RICE (docs/design.md §1), ``form="mlcd"``, the
+paper's and the default.
+
+``form="softmax"`` is the insightface / unicom PartialFC convention that users
+migrating from those codebases have: per positive ``p`` a softmax cross-entropy
+over ``{p} ∪ N`` with the margin on ``p``'s logit, ``−s·φ(c_p) + log(exp(s·φ(c_p))
++ Σ_{n∈N} exp(s·c_n))``, averaged over the row's positives (a single-label row is
+their loss exactly). ``margin_grad="straight_through"`` is how they apply the
+ArcFace margin (in place, under ``no_grad``): the value is ``φ(c)``, the gradient
+that of ``c`` (none through ``arccos``); ``"exact"`` differentiates ``φ``.
 
 Class-parallel (``mesh`` given): the centre matrix is sharded along K over
 every mesh axis. Inside one ``jax.shard_map`` each device all-gathers the
@@ -45,6 +54,8 @@ from rice_jax.sharding import ALL_AXES, conform, has_explicit_axes
 
 _COS_EPS = 1e-6  # clip cos away from ±1 so d/dc arccos(c) stays finite
 MARGIN_TYPES = ("arcface", "cosface")
+FORMS = ("mlcd", "softmax")                       # the loss's form (module docstring)
+MARGIN_GRADS = ("exact", "straight_through")      # how the margin is differentiated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +70,8 @@ class LossConfig:
     scale: float = 64.0
     margin: float = 0.3
     margin_type: str = "arcface"     # or "cosface"
+    form: str = "mlcd"               # "mlcd" (the paper's multi-label form) | "softmax" (insightface PartialFC)
+    margin_grad: str = "exact"       # "exact" (through arccos) | "straight_through" (insightface's ArcFace)
     sample_rate: float = 0.1         # PartialFC rho (1.0 = all classes)
     object_weight: float = 1.0
     ocr_weight: float = 1.0
@@ -73,6 +86,10 @@ class LossConfig:
             raise errors.InputError(f"loss.margin_type must be one of {MARGIN_TYPES}, got {self.margin_type!r}")
         if not 0.0 < self.sample_rate <= 1.0:
             raise errors.InputError(f"loss.sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.form not in FORMS:
+            raise errors.InputError(f"loss.form must be one of {FORMS}, got {self.form!r}")
+        if self.margin_grad not in MARGIN_GRADS:
+            raise errors.InputError(f"loss.margin_grad must be one of {MARGIN_GRADS}, got {self.margin_grad!r}")
         weights = (self.object_weight, self.ocr_weight, self.global_weight)
         if min(weights) < 0 or not any(weights):
             raise errors.InputError(f"loss weights (object, ocr, global) = {weights}: all >= 0 and one > 0")
@@ -88,7 +105,8 @@ class LossConfig:
     def rice_loss_kwargs(self) -> dict:
         """The keyword arguments of :func:`rice_loss` this config sets (class counts come from the data)."""
         return dict(object_weight=self.object_weight, ocr_weight=self.ocr_weight, global_weight=self.global_weight,
-                    scale=self.scale, margin=self.margin, margin_type=self.margin_type, sample_rate=self.sample_rate)
+                    scale=self.scale, margin=self.margin, margin_type=self.margin_type, sample_rate=self.sample_rate,
+                    form=self.form, margin_grad=self.margin_grad)
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
@@ -113,7 +131,12 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
 
 
-def margin_positive(cos: jax.Array, margin: float, margin_type: str) -> jax.Array:
+def margin_positive(cos: jax.Array, margin: float, margin_type: str, margin_grad: str = "exact") -> jax.Array:
+    """``φ(cos)``; with ``margin_grad="straight_through"`` its value with the gradient of ``cos``."""
+    if margin_grad == "straight_through":
+        return cos + jax.lax.stop_gradient(margin_positive(cos, margin, margin_type) - cos)
+    if margin_grad != "exact":
+        raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
     if margin_type == "arcface":
         c = jnp.clip(cos, -1.0 + _COS_EPS, 1.0 - _COS_EPS)
         return jnp.cos(jnp.arccos(c) + margin)
@@ -144,6 +167,18 @@ def _log1p_sum_exp(z: jax.Array, mask: jax.Array, reduce_max=None, reduce_sum=No
     if reduce_sum is not None:
         s = reduce_sum(s)
     return m + jnp.log(jnp.exp(-m) + s)
+
+
+def _log_sum_exp_masked(z: jax.Array, mask: jax.Array, reduce_max=None, reduce_sum=None) -> jax.Array:
+    """Per row ``log Σ_{mask} exp(z)`` (−inf for an empty mask), stable, optionally across shards."""
+    local_max = jax.lax.stop_gradient(jnp.max(jnp.where(mask, z, -jnp.inf), axis=-1))
+    if reduce_max is not None:
+        local_max = reduce_max(local_max)
+    m = jnp.where(jnp.isfinite(local_max), local_max, 0.0)
+    s = jnp.sum(jnp.exp(jnp.where(mask, z - m[:, None], -jnp.inf)), axis=-1)
+    if reduce_sum is not None:
+        s = reduce_sum(s)
+    return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
 
 
 def sample_classes(labels_local: jax.Array, valid_rows: jax.Array, rng: jax.Array, n_sample: int, capacity: int):
@@ -207,7 +242,7 @@ def _diagnostics(cos, neg_mask, pos_cos, pos_valid, has_pos, n_active, pmax, psu
 
 
 def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, capacity,
-                scale, margin, margin_type):
+                scale, margin, margin_type, form="mlcd", margin_grad="exact"):
     """Loss on one centre shard (or on all centres when ``axis`` is None)."""
     if axis is not None:
         features = jax.lax.all_gather(features, axis, tiled=True)
@@ -240,15 +275,19 @@ def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, 
     cos = f @ c_s.T  # [B, width]: the only B x classes array, and only for this shard's subset
     is_pos_bj = jnp.zeros((b, width), bool).at[jnp.arange(b)[:, None], pos_slot].set(True, mode="drop")
     neg_mask = active[None, :] & ~is_pos_bj
-    neg_term = _log1p_sum_exp(scale * cos, neg_mask, reduce_max=pmax, reduce_sum=psum)
-
     pos_valid = labels >= 0
     if capacity is not None:  # a dropped positive cannot be scored consistently: leave it out
         pos_valid = pos_valid & psum(jnp.where(in_shard, (pos_slot < capacity).astype(jnp.int32), 0)).astype(bool)
-    z_pos = scale * margin_positive(pos_cos, margin, margin_type)
-    pos_term = _log1p_sum_exp(-z_pos, pos_valid)
-
-    per_row = jnp.where(has_pos, pos_term + neg_term, 0.0)
+    z_pos = scale * margin_positive(pos_cos, margin, margin_type, margin_grad)
+    if form == "mlcd":
+        neg_term = _log1p_sum_exp(scale * cos, neg_mask, reduce_max=pmax, reduce_sum=psum)
+        per_row = _log1p_sum_exp(-z_pos, pos_valid) + neg_term
+    else:   # softmax cross-entropy per positive over {p} ∪ negatives, averaged over the row's positives
+        lse_neg = _log_sum_exp_masked(scale * cos, neg_mask, reduce_max=pmax, reduce_sum=psum)
+        ce = jnp.logaddexp(z_pos, lse_neg[:, None]) - z_pos
+        n_pos = jnp.sum(pos_valid, axis=-1)
+        per_row = jnp.sum(jnp.where(pos_valid, ce, 0.0), axis=-1) / jnp.maximum(n_pos, 1)
+    per_row = jnp.where(has_pos, per_row, 0.0)
     n_rows = jnp.sum(has_pos)
     loss = jnp.sum(per_row) / jnp.maximum(n_rows, 1)
     aux = _diagnostics(cos, neg_mask, pos_cos, pos_valid, has_pos, n_active, pmax, psum)
@@ -262,6 +301,7 @@ def _shard_loss(features, labels, centers, rng, *, axis, num_classes, n_sample, 
 
 def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *,
                         scale: float = 64.0, margin: float = 0.3, margin_type: str = "arcface",
+                        form: str = "mlcd", margin_grad: str = "exact",
                         sample_rate: float = 1.0, rng: Optional[jax.Array] = None,
                         mesh: Optional[Mesh] = None, num_classes: Optional[int] = None,
                         max_positives_per_shard: Optional[int] = None, check_labels: bool = False):
@@ -273,6 +313,9 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
         to a multiple of the device count (pass ``num_classes`` = the real K).
       labels: ``[B, M]`` int32 class ids, −1 = padding. Rows without any
         positive are ignored; the loss is the mean over the others.
+      form: ``"mlcd"`` (the paper's multi-label form) or ``"softmax"`` (insightface PartialFC's
+        cross-entropy; module docstring).
+      margin_grad: ``"exact"`` or ``"straight_through"`` (the margin's value, ``cos``'s gradient).
       sample_rate: PartialFC ρ; 1.0 = exact (all classes). Needs ``rng`` if < 1.
       mesh: class-parallel over all mesh axes when given, dense otherwise.
       num_classes: number of real classes (rows ≥ it are padding); default K.
@@ -295,6 +338,8 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
         raise ValueError(f"shape mismatch: features {features.shape}, centers {centers.shape}, labels {labels.shape}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if form not in FORMS or margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"form {form!r} / margin_grad {margin_grad!r}: choose from {FORMS} / {MARGIN_GRADS}")
     num_classes = int(num_classes if num_classes is not None else centers.shape[0])
     if num_classes > centers.shape[0]:
         raise ValueError(f"num_classes {num_classes} > centre rows {centers.shape[0]}")
@@ -304,18 +349,18 @@ def margin_softmax_loss(features: jax.Array, centers: jax.Array, labels: jax.Arr
         else:
             validate_labels(labels, num_classes)
 
-    args = (scale, margin, margin_type, sample_rate, rng, mesh, num_classes, max_positives_per_shard)
+    staged = functools.partial(_margin_softmax_on_mesh, scale=scale, margin=margin, margin_type=margin_type,
+                               form=form, margin_grad=margin_grad, sample_rate=sample_rate, mesh=mesh,
+                               num_classes=num_classes, max_positives_per_shard=max_positives_per_shard)
     if mesh is None or not has_explicit_axes(mesh) or jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
-        return _margin_softmax_on_mesh(features, centers, labels, *args)
+        return staged(features, centers, labels, rng)
     # Explicit axes and no (or another) context mesh: shardings are part of the types and reshard /
     # shard_map read the mesh from the context, which ``jax.set_mesh`` sets only outside any trace.
     # Inside a trace (a jit, or a grad) the abstract mesh is enough once the inputs are placed on the
     # mesh, so the same call works with or without ``jax.set_mesh``.
     if all(not isinstance(a, jax.core.Tracer) for a in (features, centers, labels)):
         with jax.set_mesh(mesh):
-            return _margin_softmax_on_mesh(features, centers, labels, *args)
-    staged = lambda f, c, l, key: _margin_softmax_on_mesh(f, c, l, scale, margin, margin_type, sample_rate, key,
-                                                          mesh, num_classes, max_positives_per_shard)
+            return staged(features, centers, labels, rng)
     if not any(isinstance(a, jax.core.Tracer) and _under_jit(a) for a in (features, centers, labels)):
         return _eager_autodiff_on_mesh(mesh, staged, features, centers, labels, rng)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -375,8 +420,8 @@ def _under_jit(x) -> bool:
     return False
 
 
-def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_type, sample_rate, rng, mesh, num_classes,
-                            max_positives_per_shard):
+def _margin_softmax_on_mesh(features, centers, labels, rng, *, scale, margin, margin_type, form, margin_grad,
+                            sample_rate, mesh, num_classes, max_positives_per_shard):
     num_shards = 1 if mesh is None else mesh.size
     k_pad = padded_num_classes(centers.shape[0], num_shards)
     if k_pad != centers.shape[0]:
@@ -400,7 +445,7 @@ def _margin_softmax_on_mesh(features, centers, labels, scale, margin, margin_typ
         rng = jax.random.key(0) if rng is None else rng
 
     kw = dict(num_classes=num_classes, n_sample=n_sample, capacity=capacity,
-              scale=float(scale), margin=float(margin), margin_type=margin_type)
+              scale=float(scale), margin=float(margin), margin_type=margin_type, form=form, margin_grad=margin_grad)
     if mesh is None:
         return _shard_loss(features, labels, centers, rng, axis=None, **kw)
 

@@ -63,3 +63,51 @@ def reference_loss(features, centers, labels, *, scale=64.0, margin=0.3, margin_
         return (g - xn * np.sum(xn * g, axis=1, keepdims=True)) / nrm
 
     return total / n, back(f, fn, g_fn), back(c, cn, g_cn)
+
+
+def partial_fc_reference(features, centers, labels, *, scale=64.0, margin=0.3, sampled=None):
+    """insightface / unicom PartialFC with ArcFace, as their papers and README describe it, in float64:
+    returns (loss, dloss/dfeatures, dloss/dcenters).
+
+    Single-label rows (``labels [B]`` or ``[B, 1]``, −1 = ignored row). Logits are the cosines of
+    the normalised features and the *sampled* centres (``sampled``: class ids; all classes when None;
+    every row's label is in it, as PartialFC guarantees), clamped to [-1, 1]. The target logit is
+    replaced by cos(arccos(c_y) + m) in place under ``no_grad``, so the margin changes the value but
+    not the gradient; then all logits are multiplied by s and the loss is the softmax cross-entropy at
+    the label, averaged over the rows that have one.
+    """
+    f = np.asarray(features, np.float64)
+    c = np.asarray(centers, np.float64)
+    y = np.asarray(labels).reshape(len(f), -1)[:, 0]
+    cls = np.arange(len(c)) if sampled is None else np.asarray(sorted({int(j) for j in sampled}))
+    fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    logits = np.clip(fn @ cn[cls].T, -1.0, 1.0)
+    rows = np.flatnonzero(y >= 0)
+    col = {int(j): i for i, j in enumerate(cls)}
+    z = logits.copy()
+    for i in rows:
+        j = col[int(y[i])]
+        z[i, j] = np.cos(np.arccos(logits[i, j]) + margin)   # value only
+    z *= scale
+    g_logits = np.zeros_like(z)
+    total = 0.0
+    for i in rows:
+        j = col[int(y[i])]
+        mx = z[i].max()
+        p = np.exp(z[i] - mx)
+        p /= p.sum()
+        total += -np.log(p[j])
+        onehot = np.zeros_like(p)
+        onehot[j] = 1.0
+        g_logits[i] = scale * (p - onehot)                    # straight through the margin
+    n = max(len(rows), 1)
+    g_cos = np.zeros((len(f), len(c)))
+    g_cos[:, cls] = g_logits / n
+    g_fn, g_cn = g_cos @ cn, g_cos.T @ fn
+
+    def back(x, xn, g):
+        nrm = np.linalg.norm(x, axis=1, keepdims=True)
+        return (g - xn * np.sum(xn * g, axis=1, keepdims=True)) / nrm
+
+    return total / n, back(f, fn, g_fn), back(c, cn, g_cn)

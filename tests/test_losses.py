@@ -285,3 +285,81 @@ def test_global_only_objective_needs_no_region_embedding():
     with pytest.raises(ValueError, match="need region_embed"):
         losses.rice_loss(None, jnp.asarray(g), jnp.asarray(valid), jnp.asarray(kind), jnp.asarray(labels),
                          jnp.asarray(c_obj), jnp.zeros((4, e)))
+
+
+def _partial_fc_sample(labels, k, rate, rng, shards):
+    """The class ids the loss scores at ``rate`` on ``shards`` centre shards: each shard's positives
+    plus its draw (``sample_classes`` with the shard's key), as ``margin_softmax_loss`` makes them."""
+    import math
+
+    k_shard = -(-k // shards)
+    n_sample = max(1, math.ceil(rate * k / shards))
+    capacity = min(k_shard, max(n_sample, labels.size))
+    chosen = []
+    for s in range(shards):
+        local = np.where((labels >= s * k_shard) & (labels < (s + 1) * k_shard), labels - s * k_shard, k_shard)
+        valid = np.arange(k_shard) + s * k_shard < k
+        idx, active, _ = losses.sample_classes(jnp.asarray(local), jnp.asarray(valid), jax.random.fold_in(rng, s),
+                                               n_sample, capacity)
+        chosen += (np.asarray(idx)[np.asarray(active)] + s * k_shard).tolist()
+    return chosen
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.2])
+@pytest.mark.parametrize("use_mesh", [False, "auto", "explicit"])
+def test_softmax_straight_through_is_insightface_partial_fc(use_mesh, rate):
+    """``form="softmax"`` + ``margin_grad="straight_through"`` on single-label rows is the
+    insightface / unicom PartialFC loss (an independent reference written from their description):
+    loss and both gradients, dense and class-parallel, at rho = 1 and on the same sampled set at rho < 1."""
+    from tests.loss_reference import partial_fc_reference
+
+    mesh = make_mesh(2, 4, axis_type=use_mesh) if use_mesh else None
+    f, c, labels = make_problem(b=16, k=203, d=24, m=1, seed=11, multi=False)
+    rng = jax.random.key(5)
+    kw = dict(form="softmax", margin_grad="straight_through", sample_rate=rate, rng=rng, mesh=mesh, scale=64.0,
+              margin=0.3)
+    loss, (gf, gc) = _grads(losses.margin_softmax_loss, f, c, labels, **kw)
+    sampled = None if rate == 1.0 else _partial_fc_sample(labels, 203, rate, rng, mesh.size if mesh else 1)
+    ref, rgf, rgc = partial_fc_reference(f, c, labels, scale=64.0, margin=0.3, sampled=sampled)
+    assert abs(float(loss) - ref) <= 1e-5 * abs(ref)
+    assert_close(gf, rgf, rel=2e-5)
+    assert_close(gc, rgc, rel=2e-5)
+
+
+def test_loss_forms_differ_as_documented():
+    """The two forms and margin gradients on the same single-label rows: straight-through changes
+    only the gradient; each form equals its own numpy reference and they differ from each other; a
+    multi-label row in the softmax form averages its positives' cross-entropies."""
+    from tests.loss_reference import partial_fc_reference
+
+    f, c, labels = make_problem(b=8, k=31, d=16, m=1, seed=2, multi=False)
+    run = lambda **kw: _grads(losses.margin_softmax_loss, f, c, labels, **kw)
+    exact, (gf_exact, _) = run(form="softmax")
+    st, (gf_st, _) = run(form="softmax", margin_grad="straight_through")
+    assert abs(float(exact) - float(st)) <= 1e-6 * abs(float(st))
+    assert np.abs(np.asarray(gf_exact) - np.asarray(gf_st)).max() > 1e-3
+    mlcd, _ = run()
+    assert abs(float(mlcd) - float(exact)) > 1e-3 * abs(float(exact))
+    assert abs(float(mlcd) - reference_loss(f, c, labels)[0]) <= 1e-5 * abs(float(mlcd))
+    assert abs(float(st) - partial_fc_reference(f, c, labels)[0]) <= 1e-5 * abs(float(st))
+    # Two positives in one row: the mean of each positive's cross-entropy over {p} ∪ negatives.
+    two = np.full((8, 2), -1, np.int32)
+    two[:, 0], two[0, 1] = labels[:, 0], (labels[0, 0] + 1) % 31
+    got, _ = losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(two), form="softmax")
+    fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    cos = fn @ cn.T
+    rows = []
+    for i in range(8):
+        pos = sorted({int(x) for x in two[i] if x >= 0})
+        if not pos:           # a row without a label is left out
+            continue
+        neg = [j for j in range(31) if j not in pos]
+        ces = []
+        for p in pos:
+            z = 64.0 * np.cos(np.arccos(cos[i, p]) + 0.3)
+            ces.append(np.logaddexp(z, np.log(np.exp(64.0 * cos[i, neg]).sum())) - z)
+        rows.append(np.mean(ces))
+    assert abs(float(got) - np.mean(rows)) <= 1e-5 * abs(np.mean(rows))
+    with pytest.raises(ValueError, match="form"):
+        losses.margin_softmax_loss(jnp.asarray(f), jnp.asarray(c), jnp.asarray(two), form="arcface")
