@@ -36,7 +36,7 @@ def _config(variant: str, batch: int, impl: str, num_classes: int, smoke: bool):
 
 
 def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
-    from rice_jax import sharding, train
+    from rice_jax import perf, sharding, train
 
     mesh = sharding.make_mesh(-1, 1)
     state, setup = train.init_state(c, mesh, train.build_model_config(c), num_classes, vocab)
@@ -65,7 +65,7 @@ def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
     except Exception:  # noqa: BLE001 - a diagnostic only
         pass
     return {"step_s": t["median_s"], "step_min_s": t["min_s"], "images_per_s": b / t["median_s"],
-            "model_flops_per_step": train.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, b, (c.stages[-1][1],) * 2),
+            "model_flops_per_step": perf.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, b, (c.stages[-1][1],) * 2),
             "xla_cost_flops_per_step": train.xla_cost_flops(compiled),
             "compile_s": compile_s, **mem}
 

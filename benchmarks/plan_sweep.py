@@ -1,4 +1,4 @@
-"""Size the paper's configurations on TPU slices with ``rice_jax.plan`` (ahead-of-time compiles on
+"""Size the paper's configurations on TPU slices with ``rice_jax.preflight.plan`` (ahead-of-time compiles on
 this CPU machine; run in the planner's environment):
 
     source launch/_venv_plan.sh && .venv-plan/bin/python -m benchmarks.plan_sweep
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from rice_jax import plan  # first: sets the no-metadata-server / CPU-platform environment
+from rice_jax.preflight import plan  # first: sets the no-metadata-server / CPU-platform environment
 
 from benchmarks.common import report  # noqa: E402
 
@@ -68,7 +68,7 @@ def accumulation_rows():
 
 
 def reproject():
-    """Re-derive each fitting row's projection from its configuration with ``plan.project``
+    """Re-derive each fitting row's projection from its configuration with ``perf.project``
     (memory figures are the compiler's and stay as they are)."""
     import json
 
@@ -82,7 +82,7 @@ def reproject():
             continue
         c = _config(r["variant"], r["policy"], rec["global_batch"], r.get("grad_accum_steps", 1))
         chip = perf.chip(r["topology"].partition(":")[0])
-        r.update(plan.project(c, rec["K"], rec["V"], r["image_size"], r["devices"], chip["bf16_flops"],
+        r.update(perf.project(c, rec["K"], rec["V"], r["image_size"], r["devices"], chip["bf16_flops"],
                               r.get("mfu_assumed", 0.4)))
     return report("plan", {k: v for k, v in rec.items() if k not in ("benchmark", "machine", "time")})
 
@@ -91,7 +91,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--reproject", action="store_true",
-                    help="recompute every row's step-time projection (plan.project) without recompiling")
+                    help="recompute every row's step-time projection (perf.project) without recompiling")
     ap.add_argument("--accumulation", action="store_true",
                     help=f"add gradient-accumulation rows on {ACCUM_TOPOLOGY} to results/plan.json")
     a = ap.parse_args(argv)

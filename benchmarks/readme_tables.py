@@ -465,7 +465,7 @@ def plan() -> str:
         return "(run `.venv-plan/bin/python -m benchmarks.plan_sweep`)"
     rows = [f"Global batch {r['global_batch']:,}, K = {r['K']:,} object centres, V = {r['V']:,} OCR token centres, "
             "ρ = 0.1, N = 10 regions, bf16, AdamW; per-device figures of the compiled step (ahead of time, on "
-            "this CPU machine); step time = model FLOPs (`train.model_flops`) / (chips × datasheet bf16 peak × an "
+            "this CPU machine); step time = model FLOPs (`perf.model_flops`) / (chips × datasheet bf16 peak × an "
             "assumed 40% MFU). Rows with micro-batches > 1 run the 32K batch as gradient-accumulation microbatches.", "",
             "| config | px | slice | remat policy | micro-batches | per-device HBM (of) | fits | model FLOPs / step | "
             "s / step @40% | images / s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -572,10 +572,10 @@ def plan_fit() -> str:
 
 
 def preflight() -> str:
-    """``python -m rice_jax.data.bench ... --out benchmarks/results/preflight_*.json`` runs on this machine."""
+    """``python -m rice_jax.preflight.bench ... --out benchmarks/results/preflight_*.json`` runs on this machine."""
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("preflight_*.json"))]
     if not runs:
-        return "(run `python -m rice_jax.data.bench ... --out benchmarks/results/preflight_NAME.json`)"
+        return "(run `python -m rice_jax.preflight.bench ... --out benchmarks/results/preflight_NAME.json`)"
     rows = ["| target | px | batch per host | this host reads | chips take per host | verdict |", "|---|---|---|---|---|---|"]
     for r in runs:
         s = r["supply"]

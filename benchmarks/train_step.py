@@ -49,7 +49,7 @@ def peak_flops(n: int = 2048) -> dict:
 
 def build_jax_step(objective, preset, batch, image, n_regions, k, v):
     """``(run, compiled)``: one call of ``run()`` is one real train step (blocking) on one device."""
-    from rice_jax import sharding, train
+    from rice_jax import perf, sharding, train
 
     c = _config(objective, preset, batch, image, k, v)
     c.data.num_regions = n_regions
@@ -65,7 +65,7 @@ def build_jax_step(objective, preset, batch, image, n_regions, k, v):
         holder["s"], m = compiled(holder["s"], b)
         jax.block_until_ready(m["loss"])
 
-    run.model_flops = train.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, batch, (image, image))
+    run.model_flops = perf.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, batch, (image, image))
     return run, compiled
 
 

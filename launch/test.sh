@@ -2,7 +2,7 @@
 # Create/update .venv and run the whole test suite (slow tests included).
 # Extra arguments go to pytest, e.g. `bash launch/test.sh -k loss -x`.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
-# The planner's environment (jax[tpu]); tests/test_plan.py runs `rice_jax.plan` in it.
+# The planner's environment (jax[tpu]); tests/test_plan.py runs `rice_jax.preflight.plan` in it.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv_plan.sh"
 export RICE_JAX_PLAN_PYTHON="$ROOT/.venv-plan/bin/python"
 set +e

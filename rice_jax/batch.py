@@ -76,7 +76,7 @@ def empty_example(image_size: int, num_regions: int, max_labels: int, index: int
 
 def abstract_batch(batch: int, image_size: int, num_regions: int, max_labels: int, shardings: dict) -> dict:
     """The :data:`TRAIN_KEYS` as ``jax.ShapeDtypeStruct`` with ``shardings[key]``: what ahead-of-time
-    compilation (``rice_jax.plan``) lowers the train step with, instead of a real batch."""
+    compilation (``rice_jax.preflight.plan``) lowers the train step with, instead of a real batch."""
     import jax
 
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=shardings[k])

@@ -8,6 +8,7 @@ wrong under power caps; measuring it where the step runs makes an MFU in
 """
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -89,10 +90,10 @@ def mfu(flops_per_step: float, step_time_s: float, peak_per_device: float) -> fl
     return flops_per_step / step_time_s / machine_peak(peak_per_device)
 
 
-# Datasheet figures of accelerators a plan targets (``rice_jax.plan``), where nothing can be
+# Datasheet figures of accelerators a plan targets (``rice_jax.preflight.plan``), where nothing can be
 # measured because the chip is not here: bf16 dense peak per chip (FLOP/s), HBM per chip (bytes)
 # and the chips one host drives in a multi-host slice or node (the input pipeline's unit of demand,
-# ``rice_jax.data.bench``). Sources: Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e
+# ``rice_jax.preflight.bench``). Sources: Google Cloud TPU system-architecture pages (v4, v5e, v5p, v6e
 # Trillium, Ironwood tpu7x; multi-host slices use 4-chip hosts) and NVIDIA's H100 / H200 SXM
 # datasheets (dense, no sparsity; 8 GPUs per HGX node).
 CHIPS = {
@@ -112,3 +113,45 @@ def chip(name: str) -> dict:
     if key not in CHIPS:
         raise errors.InputError(f"unknown chip {name!r}: known {sorted(CHIPS)}")
     return CHIPS[key]
+
+
+# ----------------------------------------------------------------------------- a training config's cost
+CLIP_VOCAB = 49408   # V when neither a flag nor the config sets it: a CLIP-sized BPE vocabulary
+
+
+def ocr_classes(c, given: int = 0) -> int:
+    """V for a projection: ``given`` (a flag), else the config's ``loss.num_ocr_classes``, else :data:`CLIP_VOCAB`."""
+    return given or c.loss.num_ocr_classes or CLIP_VOCAB
+
+
+def model_flops(c, num_obj_classes: int, num_ocr_classes: int, batch_size: int, image_hw: tuple[int, int]) -> float:
+    """The MFU numerator of one step of training config ``c``: :func:`rice_train_flops` for its model
+    and batch. Region tokens only when the loss uses them (the global-only objective runs the plain
+    ViT); each margin-softmax term scores ⌈ρ·K⌉ centres per row (PartialFC), K of its own bank.
+    Built from the config alone (no model, no compile): the trainer, the planner and the input
+    bench all count with it."""
+    from rice_jax.losses import LossConfig
+    from rice_jax.models.rice import config_from_settings
+
+    lc = LossConfig(**c.loss.to_dict())
+    rho = min(float(lc.sample_rate), 1.0)
+    regions = c.data.num_regions if lc.uses_regions else 0
+    terms = []
+    if lc.object_weight:
+        terms.append((regions, math.ceil(rho * num_obj_classes)))
+    if lc.ocr_weight:
+        terms.append((regions, math.ceil(rho * num_ocr_classes)))
+    if lc.global_weight:
+        terms.append((1, math.ceil(rho * num_obj_classes)))
+    return rice_train_flops(config_from_settings(c.model), batch_size, image_hw, regions, tuple(terms))
+
+
+def project(c, num_obj_classes: int, num_ocr_classes: int, image_size: int, devices: int, peak_per_device: float,
+            mfu: float) -> dict:
+    """Step time and throughput at an assumed MFU: :func:`model_flops` (the numerator every MFU in
+    this project uses) over ``devices x peak x mfu``. Not the compiler's FLOP count: that includes
+    remat recomputation, and with gradient accumulation it counts one microbatch (the cost analysis
+    sees a scan body once)."""
+    model = model_flops(c, num_obj_classes, num_ocr_classes, c.batch_size, (image_size, image_size))
+    step = model / (devices * peak_per_device * mfu)
+    return {"mfu_assumed": mfu, "model_flops_per_step": model, "step_time_s": step, "images_per_s": c.batch_size / step}

@@ -97,7 +97,7 @@ class Setup:
 
 def abstract_setup(c, mesh, model_cfg: RICEConfig, num_obj_classes: int, num_ocr_classes: int):
     """The train state's shapes, dtypes and shardings and how to create it, without allocating
-    anything: what :func:`init_state` materialises and what ``rice_jax.plan`` compiles for a
+    anything: what :func:`init_state` materialises and what ``rice_jax.preflight.plan`` compiles for a
     TPU topology. Returns ``(create, setup)``."""
     tx, sched = optim.make_optimizer(optim_config(c), c.stages)
     e = model_cfg.embed_dim or model_cfg.backbone.hidden_size
@@ -368,7 +368,7 @@ def compile_step(train_step, state, batch):
 
 def xla_cost_flops(compiled, num_devices: Optional[int] = None) -> float:
     """XLA's own FLOP count of a compiled step, over ``num_devices`` (default: this process's
-    devices; the planner passes its topology's): a diagnostic beside :func:`model_flops`. It counts
+    devices; the planner passes its topology's): a diagnostic beside :func:`rice_jax.perf.model_flops`. It counts
     remat recomputation and elementwise work, sees a scan body once, and on GPU misses the matmuls
     handed to cuBLAS/cuDNN, so it is not the MFU numerator."""
     try:
@@ -378,24 +378,6 @@ def xla_cost_flops(compiled, num_devices: Optional[int] = None) -> float:
     except Exception:  # noqa: BLE001 - a diagnostic, never a reason to stop
         return 0.0
     return per_device * (num_devices or jax.device_count())
-
-
-def model_flops(c, num_obj_classes: int, num_ocr_classes: int, batch_size: int, image_hw: tuple[int, int]) -> float:
-    """The MFU numerator of one step: :func:`perf.rice_train_flops` for this config and batch.
-
-    Region tokens only when the loss uses them (the global-only objective runs the plain ViT);
-    each margin-softmax term scores ⌈ρ·K⌉ centres per row (PartialFC), K of its own bank."""
-    lc = loss_config(c)
-    rho = min(float(lc.sample_rate), 1.0)
-    regions = c.data.num_regions if lc.uses_regions else 0
-    terms = []
-    if lc.object_weight:
-        terms.append((regions, math.ceil(rho * num_obj_classes)))
-    if lc.ocr_weight:
-        terms.append((regions, math.ceil(rho * num_ocr_classes)))
-    if lc.global_weight:
-        terms.append((1, math.ceil(rho * num_obj_classes)))
-    return perf.rice_train_flops(build_model_config(c), batch_size, image_hw, regions, tuple(terms))
 
 
 def restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log):
@@ -510,7 +492,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         data_wait += time.perf_counter() - t0
         if compiled is None:
             compiled = compile_step(train_step, state, batch)
-            flops_per_step = model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, c.batch_size,
+            flops_per_step = perf.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, c.batch_size,
                                          tuple(batch["image"].shape[1:3]))
         state, metrics = compiled(state, batch)
         step += 1

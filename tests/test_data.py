@@ -272,16 +272,16 @@ def test_jpeg_draft_decoding_keeps_the_crop_and_its_pixels(tmp_path):
 
 
 def test_preflight_puts_this_hosts_input_rate_beside_the_chips_demand(syn_dir, tmp_path):
-    """``python -m rice_jax.data.bench``: supply measured on the records, demand from the planner's
+    """``python -m rice_jax.preflight.bench``: supply measured on the records, demand from the planner's
     projection per host, and a verdict that follows their ratio."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    from rice_jax import perf, plan
+    from rice_jax import perf
     from rice_jax.configs.rice import get_config
-    from rice_jax.data import bench
+    from rice_jax.preflight import bench
 
     assert bench.topology_hosts("v5p:8x8x8") == ("v5p", 512, 128)
     assert bench.topology_hosts("v6e:16x16") == ("v6e", 256, 64)
@@ -299,7 +299,7 @@ def test_preflight_puts_this_hosts_input_rate_beside_the_chips_demand(syn_dir, t
 
     out = tmp_path / "bench.json"
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "rice_jax.data.bench", "--data", str(syn_dir), "--config",
+    r = subprocess.run([sys.executable, "-m", "rice_jax.preflight.bench", "--data", str(syn_dir), "--config",
                         "rice_jax/configs/rice.py:tiny", "--config.batch_size=16", "--topology", "v5e:2x2",
                         "--num_obj_classes=4096", "--seconds=1", "--out", str(out)],
                        cwd=root, capture_output=True, text=True, timeout=300)
@@ -307,7 +307,7 @@ def test_preflight_puts_this_hosts_input_rate_beside_the_chips_demand(syn_dir, t
     got = json.loads(out.read_text())
     c = get_config("tiny")
     c.batch_size = 16
-    want = plan.project(c, 4096, c.loss.num_ocr_classes or 49408, 64, 4, perf.CHIPS["v5e"]["bf16_flops"], 0.4)
+    want = perf.project(c, 4096, c.loss.num_ocr_classes or 49408, 64, 4, perf.CHIPS["v5e"]["bf16_flops"], 0.4)
     assert got["hosts"] == 1 and got["demand_per_host"] == pytest.approx(want["images_per_s"])
     s = got["supply"]
     assert s["images_per_s"] > 0 and s["images"] >= 3 * 16 and s["per_host_batch"] == 16 and s["image_size"] == 64
@@ -315,3 +315,53 @@ def test_preflight_puts_this_hosts_input_rate_beside_the_chips_demand(syn_dir, t
     assert got["ratio"] == pytest.approx(s["images_per_s"] / got["demand_per_host"])
     assert got["verdict"].startswith("input keeps up" if got["ratio"] >= 1 else "input-bound by")
     assert got["verdict"] in r.stdout
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """600 one-record shards: more than a process may keep open under the limits below."""
+    d = tmp_path_factory.mktemp("many_shards")
+    synthetic.build(str(d), 600, seed=5, num_shards=600)
+    return d
+
+
+def test_open_shard_readers_stay_bounded(many_shards):
+    """Reading every shard in a shuffled order keeps at most ``max_open`` readers (file descriptors)
+    open and returns the same bytes as the shards read one by one."""
+    import os
+
+    want = [records.encode(r) for name in records.read_manifest(many_shards)["shards"]
+            for r in records.read_shard(many_shards / name)]
+    src = records.RecordSource(many_shards, max_open=8)
+    fds = lambda: len(os.listdir("/proc/self/fd"))
+    before, peak = fds(), 0
+    order = np.random.default_rng(0).permutation(len(src))
+    for i in order:
+        assert src.raw(int(i)) == want[i]
+        peak = max(peak, fds() - before)
+    assert src._src.num_open <= 8 and peak <= 8, (src._src.num_open, peak)
+    assert src._src.opens >= 600   # every shard was opened, most more than once
+
+
+def test_many_shards_read_by_workers_under_a_low_descriptor_limit(many_shards):
+    """2 Grain workers over 600 shards with the hard RLIMIT_NOFILE at 256 per process: unbounded
+    readers would need 600 descriptors in each worker; bounded, the batches come and equal
+    in-process reading."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys, numpy as np\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+        "from rice_jax.data import pipeline\n"
+        "cfg = lambda w: pipeline.PipelineConfig(image_size=32, num_regions=4, max_labels=2, batch_size=60, seed=1, "
+        "workers=w)\n"
+        f"d = {str(many_shards)!r}\n"
+        "a = iter(pipeline.make_dataset(d, cfg(0), process_index=0, process_count=1))\n"
+        "b = iter(pipeline.make_dataset(d, cfg(2), process_index=0, process_count=1))\n"
+        "for _ in range(12):\n"
+        "    x, y = next(a), next(b)\n"
+        "    assert sorted(x['image_index'].tolist()) == sorted(y['image_index'].tolist())\n"
+        "print('ok', resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ok (256, 256)" in r.stdout, r.stderr[-3000:]

@@ -101,3 +101,49 @@ def test_config_path_from_the_repository_root_works():
     res = subprocess.run([sys.executable, "-m", "rice_jax.train", "--config", "configs/tiny.py", "--workdir",
                           "/tmp/rice_jax_unused"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "config.data.dir is empty" in res.stderr.strip().splitlines()[-1], res.stderr
+
+
+# Floors, bottom up: a module imports only modules on its own floor or below, and the libraries of
+# floor 1 import only floor 0 and their own package (data knows nothing of models, nor models of data).
+FLOORS = [
+    {"rice_jax", "errors", "batch", "storage", "cli", "distributed", "sharding", "data", "models", "downstream",
+     "configs", "preflight"},
+    {"data.*", "models.*", "losses", "optim", "checkpoint"},
+    {"perf", "backbones", "features", "feature_store", "kmeans", "configs.rice"},
+    {"clustering", "train", "evaluate", "export", "plot", "downstream.*"},
+    {"preflight.*", "quickstart"},
+]
+
+
+def floor_of(module: str) -> tuple[int, str]:
+    """``(floor, package)`` of a module named as in :func:`import_graph` (package = its subpackage, or
+    the module itself at the top level)."""
+    short = module.removeprefix("rice_jax.") if module != "rice_jax" else module
+    pkg = short.split(".")[0]
+    for i, names in enumerate(FLOORS):
+        if short in names or ("." in short and f"{pkg}.*" in names):
+            return i, pkg
+    raise AssertionError(f"{module} has no floor: add it to tests/test_layout.py FLOORS (and docs/design.md)")
+
+
+def upward_imports(graph) -> list[str]:
+    bad = []
+    for mod, deps in graph.items():
+        f, pkg = floor_of(mod)
+        for dep in deps:
+            g, dep_pkg = floor_of(dep)
+            if g > f or (f == 1 and g == 1 and dep_pkg != pkg):
+                bad.append(f"{mod} (floor {f}) imports {dep} (floor {g})")
+    return sorted(bad)
+
+
+def test_no_upward_import():
+    bad = upward_imports(import_graph())
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def test_the_floor_rule_catches_an_upward_import():
+    graph = {"rice_jax.data.pipeline": {"rice_jax.models.vit"}, "rice_jax.models.vit": set(),
+             "rice_jax.perf": {"rice_jax.train"}, "rice_jax.train": {"rice_jax.perf"}}
+    assert upward_imports(graph) == ["rice_jax.data.pipeline (floor 1) imports rice_jax.models.vit (floor 1)",
+                                     "rice_jax.perf (floor 2) imports rice_jax.train (floor 3)"]

@@ -1,4 +1,4 @@
-"""rice_jax.plan: the real train step compiled ahead of time — its arithmetic on the CPU devices
+"""rice_jax.preflight.plan: the real train step compiled ahead of time — its arithmetic on the CPU devices
 here, and end to end for a TPU topology in the planner's own environment (.venv-plan)."""
 import importlib.util
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from rice_jax import batch as batch_contract, errors, perf, plan, train
+from rice_jax import batch as batch_contract, errors, perf, train
+from rice_jax.preflight import plan
 from rice_jax.configs.rice import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_plan_arithmetic_on_cpu_devices(monkeypatch):
     monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": p["total_bytes"]})
     r2 = plan.plan(c, "cpu:8", num_obj_classes=1000, num_ocr_classes=256, mfu=0.5)
     assert r2["fits"] is True
-    assert r2["model_flops_per_step"] == pytest.approx(train.model_flops(c, 1000, 256, 16, (r2["image_size"],) * 2))
+    assert r2["model_flops_per_step"] == pytest.approx(perf.model_flops(c, 1000, 256, 16, (r2["image_size"],) * 2))
     assert r2["step_time_s"] == pytest.approx(r2["model_flops_per_step"] / (8 * 0.5e12))
     assert r2["images_per_s"] == pytest.approx(16 / r2["step_time_s"])
     monkeypatch.setitem(perf.CHIPS, "cpu", {"bf16_flops": 1e12, "hbm_bytes": p["total_bytes"] - 1})
@@ -99,7 +100,7 @@ def test_plan_rejects_what_it_cannot_plan():
 
 
 def test_libtpu_stays_out_of_the_main_environment():
-    assert importlib.util.find_spec("libtpu") is None, "libtpu belongs in .venv-plan only (rice_jax/plan.py)"
+    assert importlib.util.find_spec("libtpu") is None, "libtpu belongs in .venv-plan only (rice_jax/preflight/plan.py)"
 
 
 PLAN_PY = os.environ.get("RICE_JAX_PLAN_PYTHON")
@@ -111,7 +112,7 @@ def test_plan_compiles_for_tpu_topologies_in_its_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
 
     def run(*args):
-        r = subprocess.run([PLAN_PY, "-m", "rice_jax.plan", "--config", "rice_jax/configs/rice.py:tiny",
+        r = subprocess.run([PLAN_PY, "-m", "rice_jax.preflight.plan", "--config", "rice_jax/configs/rice.py:tiny",
                             "--config.batch_size=32", "--num_ocr_classes=512", *args], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]

@@ -137,7 +137,7 @@ def get_config(arg=None):
         c.log_every = 10
     elif variant == "b16":
         c.model.backbone = "vit_b16_224"
-        # Sized with rice_jax.plan (README "Sizing for TPU slices"): at the paper's global batch of
+        # Sized with rice_jax.preflight.plan (README "Sizing for TPU slices"): at the paper's global batch of
         # 32K, K = 1M, bf16 with this remat policy fits a v5p-1024 slice (512 chips) at 224 px
         # (55 GiB of 95 per chip) and 512 px (64 GiB); 256 v5e chips do not fit it at all.
         c.model.dtype = "bfloat16"
@@ -145,7 +145,7 @@ def get_config(arg=None):
         c.stages = ((400_000, 224), (30_000, 512))
     elif variant in ("l14_336", "l14_560"):
         c.model.backbone = "vit_l14_336" if variant == "l14_336" else "vit_l14_560"
-        # Sized with rice_jax.plan: batch 32K, K = 1M on 512 v5p chips fits at 224 px (56 GiB),
+        # Sized with rice_jax.preflight.plan: batch 32K, K = 1M on 512 v5p chips fits at 224 px (56 GiB),
         # 336 px (88 GiB) and 560 px (94.6 of 95 GiB: no headroom; prefer a larger slice there).
         c.model.dtype = "bfloat16"
         c.model.remat_policy = "dots_with_no_batch_dims_saveable"

@@ -21,9 +21,11 @@ naming the shard and the command to rerun.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -94,25 +96,35 @@ class ClusterLabels:
     ``shards``/``counts``: every shard of the manifest in order (damaged ones included, so dataset
     indices line up); only the shards actually read are opened."""
 
-    def __init__(self, data_dir, shards: Sequence[str], counts: Sequence[int], run: str):
+    def __init__(self, data_dir, shards: Sequence[str], counts: Sequence[int], run: str,
+                 max_open: int = records.MAX_OPEN_SHARDS):
         self.data_dir = str(data_dir)
         self.shards = list(shards)
         self.starts = np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))])
         self.run = run
-        self._open: dict = {}
+        self.max_open = int(max_open)   # label maps mapped at once (a map holds a file descriptor)
+        self._open: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def __getstate__(self):  # a Grain worker gets paths, never mapped arrays
-        return {k: v for k, v in self.__dict__.items() if k != "_open"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_lock")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _open={})
+        self.__dict__.update(state, _open=collections.OrderedDict(), _lock=threading.Lock())
 
     def _shard(self, s: int) -> np.ndarray:
-        arr = self._open.get(s)
-        if arr is None:
-            data, _ = _paths(self.data_dir, self.shards[s])
-            arr = self._open[s] = np.load(data, mmap_mode="r")
-        return arr
+        """Shard ``s``'s label map; the least recently used beyond ``max_open`` are dropped (a map is
+        unmapped once no batch still holds a view of it)."""
+        with self._lock:
+            arr = self._open.get(s)
+            if arr is None:
+                data, _ = _paths(self.data_dir, self.shards[s])
+                arr = self._open[s] = np.load(data, mmap_mode="r")
+                while len(self._open) > self.max_open:
+                    self._open.popitem(last=False)
+            else:
+                self._open.move_to_end(s)
+            return arr
 
     def of(self, dataset_index: int, num_regions: int) -> np.ndarray:
         s = int(np.searchsorted(self.starts, dataset_index, side="right") - 1)

@@ -26,13 +26,15 @@ with labels already inside its records.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import os
 import sys
+import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
@@ -360,6 +362,109 @@ def check_shards(data_dir: str | os.PathLike) -> list[ShardStatus]:
     return [check_shard(str(Path(data_dir) / name), int(n)) for name, n in zip(m["shards"], m["shard_counts"])]
 
 
+# Readers one process (a trainer, a Grain worker) keeps open at once. A reader costs a file
+# descriptor and its chunk index (~37 KiB + 6.6 B a record, measured), and a global shuffle touches
+# every shard: unbounded, 40k shards would take 40k descriptors and ~4 GB per worker.
+MAX_OPEN_SHARDS = 64
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit (the usual soft 1,024 is far
+    below what a many-shard run with worker processes may need); returns ``(soft, hard)`` after.
+    Called where shards are opened, in the trainer and in every Grain worker."""
+    try:
+        import resource
+    except ImportError:   # not POSIX
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    # The hard limit, or (when it is unlimited, which the kernel does not accept as a soft limit
+    # for open files) the largest of these that it takes.
+    for target in ([hard] if hard != inf else []) + [1 << 20, 65536]:
+        if soft == inf or soft >= target:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+            break
+        except (ValueError, OSError):
+            continue
+    return soft, hard
+
+
+class ShardReaders:
+    """Random access by index over the records of several ArrayRecord shards with at most
+    ``max_open`` readers open (least recently used closed first; one in use by another thread is
+    never closed). Pickles as paths and counts: each Grain worker opens its own readers."""
+
+    def __init__(self, paths: Sequence[str], counts: Sequence[int], max_open: int = MAX_OPEN_SHARDS):
+        if max_open < 1:
+            raise errors.InputError(f"max_open {max_open}: at least one reader must be open")
+        self.paths, self.max_open = list(paths), int(max_open)
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(counts, np.int64))]).astype(np.int64)
+        self._start_runtime()
+
+    def _start_runtime(self):
+        raise_open_file_limit()
+        self._open: "collections.OrderedDict[int, Any]" = collections.OrderedDict()
+        self._busy: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.opens = 0   # readers opened so far (a shard re-opened after eviction counts again)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_open", "_busy", "_lock", "opens")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._start_runtime()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_open(self) -> int:
+        return len(self._open)
+
+    def _acquire(self, s: int):
+        with self._lock:
+            reader = self._open.get(s)
+            if reader is None:
+                from array_record.python.array_record_module import ArrayRecordReader
+
+                reader = ArrayRecordReader(self.paths[s], options="readahead_buffer_size:0",
+                                           file_reader_buffer_size=32768)
+                self._open[s] = reader
+                self.opens += 1
+            self._open.move_to_end(s)
+            self._busy[s] = self._busy.get(s, 0) + 1
+            return reader
+
+    def _release(self, s: int):
+        with self._lock:
+            self._busy[s] -= 1
+            if not self._busy[s]:
+                del self._busy[s]
+            idle = [k for k in self._open if k not in self._busy]   # least recently used first
+            for k in idle[:max(0, len(self._open) - self.max_open)]:
+                self._open.pop(k).close()
+
+    def __getitem__(self, index: int) -> bytes:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} outside [0, {len(self)})")
+        s = int(np.searchsorted(self.starts, index, side="right") - 1)
+        reader = self._acquire(s)
+        try:
+            return reader.read([index - int(self.starts[s])])[0]
+        finally:
+            self._release(s)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._open:
+                self._open.popitem()[1].close()
+
+
 class RecordSource:
     """Random access over all shards (a Grain ``RandomAccessDataSource``), decoding on read.
 
@@ -370,9 +475,8 @@ class RecordSource:
     and errors name ``file:local_index``.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, *, skip_damaged: bool = False):
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
+    def __init__(self, data_dir: str | os.PathLike, *, skip_damaged: bool = False,
+                 max_open: int = MAX_OPEN_SHARDS):
         self.data_dir = Path(storage.require_local(
             data_dir, "a region dataset's ArrayRecord shards",
             "ArrayRecord reads local files only: mount the bucket, e.g. `gcsfuse BUCKET /gcs/BUCKET`, and pass "
@@ -388,7 +492,7 @@ class RecordSource:
             raise DamagedShardError(f"{data_dir}: every shard is damaged; {self.skipped[0].message()}")
         self.paths = [s.path for s in kept]
         # Exact record ranges: the source need not re-open every file to count it.
-        self._src = ArrayRecordDataSource([f"{s.path}[0:{s.found}]" for s in kept])
+        self._src = ShardReaders([s.path for s in kept], [s.found for s in kept], max_open)
         all_starts = np.cumsum([0] + [s.expected for s in status])
         self._all_paths = [s.path for s in status]
         self._all_starts = all_starts

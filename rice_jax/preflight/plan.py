@@ -2,7 +2,7 @@
 
     bash launch/plan.sh --config rice_jax/configs/rice.py:l14_336 --topology v5p:4x4x4 \\
         --config.batch_size=32768 --num_obj_classes 1000000
-    # = TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-plan/bin/python -m rice_jax.plan ...
+    # = TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu .venv-plan/bin/python -m rice_jax.preflight.plan ...
 
 Builds the training step the train loop runs — the RICE model, the class-parallel
 margin-softmax loss over K centres sharded along the mesh, AdamW, the config's
@@ -179,29 +179,10 @@ def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
         spec = perf.chip(kind)
         out["hbm_bytes"] = spec["hbm_bytes"]
         out["fits"] = per["total_bytes"] <= spec["hbm_bytes"]
-        out.update(project(c, num_obj_classes, num_ocr_classes, image_size, len(devices), spec["bf16_flops"], mfu))
+        out.update(perf.project(c, num_obj_classes, num_ocr_classes, image_size, len(devices), spec["bf16_flops"], mfu))
     else:
         out["fits"] = None          # CPU devices have no HBM to fit into; the figures are still exact
     return out
-
-
-CLIP_VOCAB = 49408   # V when neither the flag nor the config sets it: a CLIP-sized BPE vocabulary
-
-
-def ocr_classes(c, given: int = 0) -> int:
-    """V for a plan: ``given`` (a flag), else the config's ``loss.num_ocr_classes``, else :data:`CLIP_VOCAB`."""
-    return given or c.loss.num_ocr_classes or CLIP_VOCAB
-
-
-def project(c, num_obj_classes: int, num_ocr_classes: int, image_size: int, devices: int, peak_per_device: float,
-            mfu: float) -> dict:
-    """Step time and throughput at an assumed MFU: model FLOPs (``train.model_flops``, the numerator
-    every MFU in this project uses) over ``devices x peak x mfu``. Not the compiler's FLOP count: that
-    includes remat recomputation, and with gradient accumulation it counts one microbatch (the
-    cost analysis sees a scan body once)."""
-    model = train.model_flops(c, num_obj_classes, num_ocr_classes, c.batch_size, (image_size, image_size))
-    step = model / (devices * peak_per_device * mfu)
-    return {"mfu_assumed": mfu, "model_flops_per_step": model, "step_time_s": step, "images_per_s": c.batch_size / step}
 
 
 def format_report(r: dict) -> str:
@@ -247,7 +228,7 @@ def main(argv):
     del argv
     F = flags.FLAGS
     c = cli.absl_config("config")
-    r = plan(c, F.topology, num_obj_classes=F.num_obj_classes, num_ocr_classes=ocr_classes(c, F.num_ocr_classes),
+    r = plan(c, F.topology, num_obj_classes=F.num_obj_classes, num_ocr_classes=perf.ocr_classes(c, F.num_ocr_classes),
              mfu=F.mfu, stage=F.stage, search=F.fit_search, log=lambda msg: print(msg, flush=True))
     print(format_report(r), flush=True)
     cli.emit_json(r, F.out)
@@ -258,7 +239,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("topology", "cpu:8", "v5p:4x4x4, v5e:16x16, v4:2x2x2, v6e:8x8, ... or cpu:N")
     flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M)")
     flags.DEFINE_integer("num_ocr_classes", 0, "V OCR token centres (0 = the config's loss.num_ocr_classes, or "
-                                               f"{CLIP_VOCAB} — a CLIP-sized BPE vocabulary — when that is 0 too)")
+                                               f"{perf.CLIP_VOCAB} — a CLIP-sized BPE vocabulary — when that is 0 too)")
     flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the projected step time")
     flags.DEFINE_integer("stage", -1, "which stage's image size to compile (default: the last)")
     flags.DEFINE_bool("fit_search", True, "when the step does not fit, compile remat policies and microbatch "

@@ -1,7 +1,7 @@
 """Pre-flight: will this host's input pipeline feed its chips? Run it on one training host, on the
 run's own records, before queueing for the slice.
 
-    python -m rice_jax.data.bench --data DIR --config rice_jax/configs/rice.py:l14_336 \\
+    python -m rice_jax.preflight.bench --data DIR --config rice_jax/configs/rice.py:l14_336 \\
         --topology v5p:8x8x8 [--config.batch_size=32768] [--config.data.workers=auto] [--seconds 30]
 
 Two numbers, side by side:
@@ -11,7 +11,7 @@ Two numbers, side by side:
   image size (``--stage``) and this host's share of the global batch, over ``--seconds`` after the
   first batch. Whole batches: records read, decoded, cropped, regions chosen, labels encoded.
 - **demand**: images/s per host that the chips consume at the planner's projection —
-  :func:`rice_jax.plan.project`: the step's model FLOPs over chips x datasheet peak x ``--mfu`` —
+  :func:`rice_jax.perf.project`: the step's model FLOPs over chips x datasheet peak x ``--mfu`` —
   divided by the topology's hosts (``chips_per_host`` in :data:`rice_jax.perf.CHIPS`, or
   ``--chips_per_host``). The projection needs no TPU and no compile; ``launch/plan.sh`` compiles the
   step for the memory verdict.
@@ -28,7 +28,7 @@ import time
 
 from absl import flags
 
-from rice_jax import cli, errors, perf, plan
+from rice_jax import cli, errors, perf
 from rice_jax.data import pipeline
 
 
@@ -99,7 +99,7 @@ def main(argv):
     if c.batch_size % hosts:
         raise errors.InputError(f"batch_size {c.batch_size} does not split over the {hosts} hosts of {F.topology}")
     spec = perf.chip(kind)
-    demand = plan.project(c, F.num_obj_classes, plan.ocr_classes(c, F.num_ocr_classes), image_size, chips,
+    demand = perf.project(c, F.num_obj_classes, perf.ocr_classes(c, F.num_ocr_classes), image_size, chips,
                           spec["bf16_flops"], F.mfu)
     per_host = demand["images_per_s"] / hosts
     supply = host_supply(data_dir, c, per_host_batch=c.batch_size // hosts, image_size=image_size,
@@ -123,7 +123,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("topology", "v5p:4x4x4", "the target: a TPU chip grid (v5p:8x8x8, v6e:16x16) or GPUs (h100:64)")
     flags.DEFINE_integer("chips_per_host", 0, "chips one host drives (0 = the chip's usual: 4 for TPUs, 8 for GPUs)")
     flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M); enters the step's FLOPs")
-    flags.DEFINE_integer("num_ocr_classes", 0, f"V OCR token centres (0 = the config's, or {plan.CLIP_VOCAB})")
+    flags.DEFINE_integer("num_ocr_classes", 0, f"V OCR token centres (0 = the config's, or {perf.CLIP_VOCAB})")
     flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation of the chips")
     flags.DEFINE_integer("stage", -1, "which stage's image size to read (default: the last)")
     flags.DEFINE_float("seconds", 20.0, "how long to measure after the first batch")
