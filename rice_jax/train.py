@@ -329,23 +329,23 @@ def stage_at(c, step: int) -> int:
     return int(min(np.searchsorted(bounds, step, side="right") - 1, len(c.stages) - 1))
 
 
-def _open_data(c, is_main: bool) -> list:
-    """Check every shard before anything is compiled; damaged ones stop the run or, when the config
-    allows it, are left out — printed, and returned so the summary and metrics count them."""
-    if not c.data.skip_damaged_shards:
-        records.RecordSource(c.data.dir)  # raises DamagedShardError naming the first damaged shard
-        return []
-    damaged = [s for s in records.check_shards(c.data.dir) if not s.ok]
+def _open_data(c, is_main: bool) -> records.RecordSource:
+    """The process's one record source, built before anything is compiled (every stage's pipeline
+    reads through it): a damaged shard stops the run naming it or, when the config allows it, is left
+    out — printed, and kept in ``source.skipped`` so the summary and metrics count it."""
+    # raises DamagedShardError naming the first damaged shard unless skip_damaged_shards
+    source = records.RecordSource(c.data.dir, skip_damaged=c.data.skip_damaged_shards)
+    damaged = source.skipped
     if damaged and is_main:
         lost = sum(s.expected for s in damaged)
         print(f"[train] WARNING: skipping {len(damaged)} damaged shard(s), {lost} records "
               "(config.data.skip_damaged_shards=True):", flush=True)
         for s in damaged:
             print(f"[train]   {s.path}: {s.problem}", flush=True)
-    return damaged
+    return source
 
 
-def make_stage_iter(c, tokenizer):
+def make_stage_iter(c, tokenizer, source: Optional[records.RecordSource] = None):
     """``stage_iter(i, workers=None)``: a fresh Grain iterator of this process's batches for stage ``i``,
     read by ``workers`` Grain worker processes — by default ``stage_iter.workers``, what
     ``data.workers`` resolves to on this host. A resumed stage passes its checkpoint's count instead:
@@ -356,7 +356,7 @@ def make_stage_iter(c, tokenizer):
         pcfg = pipeline.config_from_section(c.data, image_size=c.stages[stage_idx][1], batch_size=per_process_batch,
                                             seed=c.seed * 1000 + stage_idx,
                                             workers=stage_iter.workers if workers is None else workers)
-        return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer))
+        return iter(pipeline.make_dataset(c.data.dir, pcfg, tokenizer=tokenizer, source=source))
     stage_iter.workers = pipeline.resolve_workers(c.data.workers)
     return stage_iter
 
@@ -433,12 +433,14 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     ``workdir`` may be local or any ``etils.epath`` scheme (``gs://bucket/run``): checkpoints,
     metrics, TensorBoard events, ``config.json`` and ``summary.json`` all go there."""
     workdir = storage.path(workdir)
+    started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
     num_obj_classes, num_ocr_classes = validate_config(c, jax.device_count(), manifest)
     loss_cfg = loss_config(c)
-    damaged_shards = _open_data(c, is_main)
+    source = _open_data(c, is_main)
+    damaged_shards = source.skipped
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type)
     model_cfg = build_model_config(c)
     total_steps = int(stage_bounds(c)[-1])
@@ -460,7 +462,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
                  "region_rope": model_cfg.region_rope, "region_seed": model_cfg.region_seed}
 
     tokenizer = tokenizer_for_dataset(c.data.dir, manifest)
-    stage_iter = make_stage_iter(c, tokenizer)
+    stage_iter = make_stage_iter(c, tokenizer, source)
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     start, state, data_iter, data_workers = restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log)
     stage = stage_at(c, start)
@@ -497,6 +499,9 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         state, metrics = compiled(state, batch)
         step += 1
         steps_this_run += 1
+        if steps_this_run == 1 and is_main:   # start-up: shard checks, restore, first batch, compile
+            jax.block_until_ready(metrics)
+            print(f"[train] first step done {time.perf_counter() - started:.1f} s after start", flush=True)
         if step % c.log_every == 0 or step == total_steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()

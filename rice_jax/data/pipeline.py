@@ -343,15 +343,18 @@ class _IndexedSource:
 
 
 def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=None,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None):
-    """The Grain ``IterDataset`` of batches for this process (``iter()`` it; state is checkpointable)."""
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 source: Optional[records.RecordSource] = None):
+    """The Grain ``IterDataset`` of batches for this process (``iter()`` it; state is checkpointable).
+    ``source``: the process's record source when it already has one (the trainer builds it once, so
+    a stage switch or restart does not check every shard again)."""
     import grain
 
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    src = records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
+    src = source if source is not None else records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
     if tokenizer is None:
         tokenizer = for_dataset(data_dir)
     transform = RegionExampleTransform(cfg, tokenizer, labels_store.open_labels(data_dir, records.read_manifest(data_dir)),
