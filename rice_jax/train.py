@@ -499,9 +499,11 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         state, metrics = compiled(state, batch)
         step += 1
         steps_this_run += 1
-        if steps_this_run == 1 and is_main:   # start-up: shard checks, restore, first batch, compile
+        if started is not None:   # once: start-up = shard checks, restore, first batch, compile, one step
             jax.block_until_ready(metrics)
-            print(f"[train] first step done {time.perf_counter() - started:.1f} s after start", flush=True)
+            if is_main:
+                print(f"[train] first step done {time.perf_counter() - started:.1f} s after start", flush=True)
+            started = None
         if step % c.log_every == 0 or step == total_steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             now = time.perf_counter()
