@@ -132,7 +132,7 @@ class ViTExtractor:
             backbone = getattr(vit, "backbone", vit)   # a RICE model (regions:ckpt:RUN) reads its region tokens
             self.image_size = image_size or backbone.cfg.image_size
             self.dim = backbone.cfg.hidden_size
-            ours = RegionFeatures(vit, self.image_size, layers=(-1,))
+            ours = RegionFeatures(vit, self.image_size, layers=(-1,), last_hidden=backbone is vit)
             # The backbone's last_hidden_state as transformers defines it (a SigLIP teacher's is
             # after its post-LN), so hf:DIR and transformers:DIR cluster the same features.
             key = "region_token" if backbone is not vit else "last"

@@ -47,10 +47,10 @@ def _require_pixels(x) -> np.ndarray:
 class RegionFeatures:
     """``features(x [B,H,W,3] uint8 pixels, boxes [B,N,4] normalised xyxy, valid [B,N])`` -> numpy dict:
 
-    ``roi``: ``{str(layer index): [B, N, D]}``, plus ``"last"``, the model's ``last_hidden_state``
-    as ``transformers`` defines it for its family (MLCD, CLIP: the last block's output, the same as
-    ``str(num_layers)``; SigLIP: after ``post_layernorm``), which is what clustering reads, and
-    ``"region_token"`` for a RICE model or with ``region_layers``,
+    ``roi``: ``{str(layer index): [B, N, D]}``, plus with ``last_hidden`` ``"last"``, the model's
+    ``last_hidden_state`` as ``transformers`` defines it for its family (MLCD, CLIP: the last block's
+    output, the same as ``str(num_layers)``; SigLIP: after ``post_layernorm``), which is what
+    clustering reads, and ``"region_token"`` for a RICE model or with ``region_layers``,
     ``tokens``: ``{str(layer index): [B, T, D]}`` when ``keep_tokens``, ``layout``:
     ``{str(layer index): [B, N, 8·D]}`` for each of ``layout_layers`` (the box's 2 x 4 RoIAlign
     samples, ``ROI_SEED_GRID``, the layout a ``region_seed='roi'`` token starts from, of the
@@ -64,7 +64,7 @@ class RegionFeatures:
     """
 
     def __init__(self, vit, image_size: int, *, layers: Sequence[int] = (-1,), region_layers: int = 0,
-                 keep_tokens: bool = False, layout_layers: Sequence[int] = ()):
+                 keep_tokens: bool = False, layout_layers: Sequence[int] = (), last_hidden: bool = False):
         rice = None
         if isinstance(vit, RICEModel):   # a trained RICE model: its own region settings and parameters
             rice, vit = vit, vit.backbone
@@ -102,7 +102,8 @@ class RegionFeatures:
             vis = box_patch_visibility(boxes, valid, gh, gw)
             pooled = res.pooler_output if res.pooler_output is not None else jnp.mean(res.last_hidden_state[:, n:], 1)
             out = {"roi": {str(i): roi_mean_pool(hidden[i][:, n:], vis) for i in idxs}, "pooled": pooled}
-            out["roi"]["last"] = roi_mean_pool(res.last_hidden_state[:, n:], vis)
+            if last_hidden:
+                out["roi"]["last"] = roi_mean_pool(res.last_hidden_state[:, n:], vis)
             if keep_tokens:
                 out["tokens"] = {str(i): hidden[i][:, n:] for i in idxs}
             if layout_idxs:
@@ -174,7 +175,8 @@ class TransformersRegionFeatures:
         # interpolate them only when asked (bicubic, as the JAX tower does); DINOv2 always does.
         native = int(cfg.image_size if not isinstance(cfg.image_size, (list, tuple)) else cfg.image_size[0])
         self._forward_kwargs = {}
-        if self.image_size != native and "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters:
+        takes_flag = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        if self.image_size != native and takes_flag:
             self._forward_kwargs["interpolate_pos_encoding"] = True
 
     def patch_tokens(self, x: np.ndarray, layer: int | None = None) -> np.ndarray:

@@ -165,7 +165,7 @@ def test_extractor_paths_agree_per_hidden_state(case, tmp_path, tiny_records):
     boxes = np.concatenate([p0, p0 + rng.uniform(0.2, 0.5, (3, 4, 2))], -1).clip(0, 1).astype(np.float32)
     valid = np.ones((3, 4), bool)
     layers = arch["num_hidden_layers"]
-    ours = RegionFeatures(teacher, size, layers=tuple(range(layers + 1)))(x, boxes, valid)["roi"]
+    ours = RegionFeatures(teacher, size, layers=tuple(range(layers + 1)), last_hidden=True)(x, boxes, valid)["roi"]
     theirs = TransformersRegionFeatures(str(tmp_path), size, device="cpu")
     g = size // arch["patch_size"]
     vis = np.asarray(box_patch_visibility(boxes, valid, g, g), np.float32)

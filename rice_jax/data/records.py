@@ -444,9 +444,10 @@ class ShardReaders:
             self._busy[s] -= 1
             if not self._busy[s]:
                 del self._busy[s]
-            idle = [k for k in self._open if k not in self._busy]   # least recently used first
-            for k in idle[:max(0, len(self._open) - self.max_open)]:
-                self._open.pop(k).close()
+            if len(self._open) > self.max_open:   # evict only over the bound: this runs on every read
+                idle = [k for k in self._open if k not in self._busy]   # least recently used first
+                for k in idle[:len(self._open) - self.max_open]:
+                    self._open.pop(k).close()
 
     def __getitem__(self, index: int) -> bytes:
         index = int(index)
