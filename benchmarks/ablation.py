@@ -40,7 +40,7 @@ def _config(arg):
 def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int, n_down: int = 0):
     """Training data with k-means labels, a copy with oracle labels, held-out data and (``n_down``
     images) the synthetic downstream tasks' data."""
-    from rice_jax import clustering
+    from rice_jax.labelling import clustering
     from rice_jax.data import records, synthetic, tokenizer
 
     dirs = {"train": root / f"train_s{seed}", "eval": root / f"eval_s{seed + 1}", "oracle": root / f"oracle_s{seed}",

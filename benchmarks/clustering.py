@@ -17,7 +17,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
-    from rice_jax import clustering
+    from rice_jax.labelling import clustering
     from rice_jax.data import records, synthetic
 
     n_img, k, d, n_feat = (200, 10_000, 256, 50_000) if not a.smoke else (10, 100, 32, 1000)

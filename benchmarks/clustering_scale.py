@@ -4,7 +4,7 @@ K = 1M; and the peak memory of each process of a 2-process run measured at two d
     python -m benchmarks.clustering_scale [--smoke]
 
 The arithmetic follows what the code stores: fp16 feature files of a process's own shards
-(rice_jax.feature_store), its ids (4 int32 per region) and labels (int32) while it assigns, the
+(rice_jax.labelling.feature_store), its ids (4 int32 per region) and labels (int32) while it assigns, the
 label files it writes (int32 per region + offsets), the centre shard and running sums each device
 holds (fp32, K/W rows), and the rows one random initialisation moves (K/W rows per device).
 """
@@ -48,7 +48,7 @@ def measure(images: int, tmp: Path) -> list[float]:
     port = s.getsockname()[1]
     s.close()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-m", "rice_jax.clustering", "--data", str(data), "--k", "16",
+    procs = [subprocess.Popen([sys.executable, "-m", "rice_jax.labelling.clustering", "--data", str(data), "--k", "16",
                                "--backend", "jax", "--passes", "3", "--chunk", "256",
                                "--features-dir", str(tmp / f"f{images}_{i}"), "--coordinator-address",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],

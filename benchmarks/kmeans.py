@@ -18,17 +18,18 @@ import time
 import numpy as np
 
 from benchmarks.common import report
+from rice_jax.losses import l2_normalize
 
 
 def features(n: int, d: int, hidden: int, seed: int = 0) -> np.ndarray:
     r = np.random.default_rng(seed)
     dirs = r.standard_normal((hidden, d)).astype(np.float32)
     x = dirs[r.integers(0, hidden, n)] + 0.6 * r.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    return l2_normalize(x)
 
 
 def sphere_inertia(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> float:
-    c = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    c = l2_normalize(np.asarray(centers))
     return float(sum(np.sum(2.0 - 2.0 * (x[s:s + chunk] @ c.T).max(1)) for s in range(0, len(x), chunk)))
 
 
@@ -36,7 +37,7 @@ def run_jax(x, k, passes, seed, devices=None, precision="float32", return_model=
     import jax
 
     from rice_jax import sharding
-    from rice_jax.kmeans import MeshKMeans
+    from rice_jax.labelling.kmeans import MeshKMeans
 
     devs = jax.devices()[:devices] if devices else jax.devices()
     km = MeshKMeans(k, x.shape[1], metric="cosine", batch_size=8192, seed=seed, log=lambda s: None,
@@ -174,7 +175,7 @@ def main(argv=None):
     import jax
 
     from rice_jax import perf, sharding
-    from rice_jax.kmeans import compiled_memory_per_device
+    from rice_jax.labelling.kmeans import compiled_memory_per_device
 
     n, d, k, passes = (20_000, 32, 100, 2) if a.smoke else (a.n, a.d, a.k, a.passes)
     x = features(n, d, hidden=max(k // 2, 2))

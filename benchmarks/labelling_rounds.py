@@ -34,7 +34,8 @@ VARIANTS = ("round1", "round2_scratch", "round2_continue", "round1_2x", "teacher
 
 
 def run_seed(seed: int, root: Path, work: Path, a) -> dict:
-    from rice_jax import clustering, evaluate
+    from rice_jax import evaluate
+    from rice_jax.labelling import clustering
     from rice_jax.configs.rice import get_config
 
     dirs = prepare(root, seed, a.images, a.eval_images, a.clusters)

@@ -71,7 +71,7 @@ def _sam(tmp: str, points: int, smoke: bool, device: str = "cpu"):
     import torch
     from transformers import SamConfig, SamModel
 
-    from rice_jax.data import proposals
+    from rice_jax.mining import proposals
 
     torch.manual_seed(0)
     cfg = SamConfig() if not smoke else SamConfig(vision_config=dict(
@@ -92,7 +92,7 @@ def _end_to_end(tmp: str, photos: list[np.ndarray], workers: int) -> dict:
 
     from PIL import Image
 
-    from rice_jax.data import mine
+    from rice_jax.mining import mine
 
     per_tar = max(1, len(photos) // 2)
     for t in range(2):
@@ -118,7 +118,8 @@ def _paddle_index(tmp: str, lines: int) -> dict:
     """Index a PaddleOCR JSON-lines results file once, then look images up at random (one seek each)."""
     import json
 
-    from rice_jax.data import coco, ocr
+    from rice_jax.data import coco
+    from rice_jax.mining import ocr
 
     path = os.path.join(tmp, "ocr.jsonl")
     with open(path, "w") as f:
@@ -155,7 +156,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
-    from rice_jax.data import coco, ocr, proposals
+    from rice_jax.data import coco
+    from rice_jax.mining import ocr, proposals
 
     n_photo, n_syn, n_sam = (2, 4, 1) if a.smoke else (12, 64, 2)
     photos, syn = _photo_images(n_photo), _synthetic_images(n_syn)

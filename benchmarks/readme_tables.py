@@ -431,7 +431,7 @@ def reading() -> str:
 
 def mining_presets() -> str:
     """The settings table of docs/data.md: defaults, the paper preset, and what each setting costs."""
-    from rice_jax.data import mine
+    from rice_jax.mining import mine
 
     d, paper, r = mine.MiningSettings(), mine.preset_settings("paper"), load_result("mining")
     objects = (r or {}).get("scale", {}).get("mine_tar_paper_preset", {}).get("objects_per_image")

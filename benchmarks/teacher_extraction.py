@@ -52,7 +52,7 @@ def main(argv=None):
     import transformers as tf
 
     from rice_jax import backbones, perf
-    from rice_jax.features import RegionFeatures, TransformersRegionFeatures
+    from rice_jax.labelling.features import RegionFeatures, TransformersRegionFeatures
 
     arch = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                 patch_size=16, image_size=224)

@@ -41,7 +41,8 @@ def _prepare(seed: int, root: str, images: int, eval_images: int, clusters: tupl
     """The seed's data (ablation.prepare, K = the first of ``clusters``) and one labelled copy of the
     training images per further K; the teacher's own probe on the held-out images."""
     from benchmarks.ablation import prepare
-    from rice_jax import clustering, evaluate
+    from rice_jax import evaluate
+    from rice_jax.labelling import clustering
     from rice_jax.configs.rice import get_config
     from rice_jax.data import records
 

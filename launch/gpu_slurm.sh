@@ -6,7 +6,7 @@
 #   sbatch --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 launch/gpu_slurm.sh WORKDIR [--config.key=value ...]
 # Any other module that takes --distributed (clustering: each process extracts and labels its own
 # record shards on its GPU):
-#   MODULE=rice_jax.clustering sbatch --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 launch/gpu_slurm.sh \
+#   MODULE=rice_jax.labelling.clustering sbatch --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 launch/gpu_slurm.sh \
 #     --data /shared/regions --k 1000000 --extractor hf:/shared/clip-vit-large-patch14-336
 # The end-to-end order (mine -> tokenizer -> clustering -> train) is in docs/training.md.
 #SBATCH --job-name=rice_jax

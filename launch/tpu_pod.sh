@@ -7,7 +7,7 @@
 #     bash launch/tpu_pod.sh [--config.key=value ...]
 # Any other module that takes --distributed (clustering: each host extracts and labels its own
 # record shards with the JAX teacher on its chips):
-#   TPU_NAME=... ZONE=... MODULE=rice_jax.clustering bash launch/tpu_pod.sh \
+#   TPU_NAME=... ZONE=... MODULE=rice_jax.labelling.clustering bash launch/tpu_pod.sh \
 #     --data /gcs/bucket/regions --k 1000000 --extractor hf:/gcs/bucket/clip-vit-large-patch14-336
 # The end-to-end order (mine -> tokenizer -> clustering -> train) is in docs/training.md.
 #

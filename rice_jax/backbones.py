@@ -1,7 +1,8 @@
-"""The one way to name and load a pretrained backbone: ``hf:DIR``, ``ckpt:DIR`` or ``hub:ID``.
+"""The one backbone spec grammar, and the loader of the JAX backbones it names.
 
-Training (``init_from``), clustering (``--extractor``), evaluation and export all
-take the same spec string:
+Every command that takes a backbone (training's ``init_from``, clustering's ``--extractor``,
+evaluation's and downstream's ``--backbone``, export's ``--from``) takes the same string, parsed
+here and nowhere else (:func:`parse`):
 
 - ``hf:DIR``   a Hugging Face ``MLCDVisionModel`` folder (local or any epath scheme); a CLIP or
   SigLIP folder (``config.json``'s ``model_type``) gives that teacher tower in JAX
@@ -9,10 +10,17 @@ take the same spec string:
 - ``ckpt:DIR`` a rice_jax training workdir or checkpoint folder: only the backbone
   subtree is read (Orbax partial restore), never the centres or optimiser state;
 - ``hub:ID``   a hub model id, downloaded first — the only network access in the
-  project, and only when a user writes it.
+  project, and only when a user writes it;
+- ``preset:NAME`` a fresh initialisation of a preset architecture (``models.config.PRESETS``);
+- ``transformers:DIR`` any Hugging Face vision encoder run in PyTorch (DINOv2, SigLIP 2, ...):
+  region features only (:class:`rice_jax.labelling.features.TransformersRegionFeatures`), no JAX
+  model to train or export;
+- ``regions:SPEC`` (``regions:ckpt:RUN``) the trained RICE model of a run whose loss trained region
+  tokens, region parameters included: what a second labelling round reads. An error if it has none.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -20,33 +28,68 @@ from flax import nnx
 
 from rice_jax import checkpoint, errors
 from rice_jax.models import hf
-from rice_jax.models.config import ViTConfig
+from rice_jax.models.config import ViTConfig, get_preset
 from rice_jax.models.vit import ViT
 
-SCHEMES = ("hf", "ckpt", "hub")
+SCHEMES = {
+    "hf": "hf:DIR (Hugging Face MLCDVisionModel, CLIP or SigLIP folder)",
+    "ckpt": "ckpt:DIR (rice_jax training run)",
+    "hub": "hub:ID (downloads)",
+    "preset": "preset:NAME (fresh initialisation)",
+    "transformers": "transformers:DIR (any Hugging Face vision encoder, in PyTorch)",
+}
+JAX_SCHEMES = ("hf", "ckpt", "hub", "preset")   # what :func:`load` returns a JAX model for
+REGIONS = "regions:"
 
 
-def parse(spec: str) -> tuple[str, str]:
-    """``"ckpt:/runs/a"`` -> ``("ckpt", "/runs/a")``; a one-line error for anything else."""
-    scheme, sep, where = str(spec).partition(":")
-    if not sep or scheme not in SCHEMES or not where:
-        raise errors.InputError(f"backbone {spec!r}: use hf:DIR (Hugging Face MLCDVisionModel folder), ckpt:DIR "
-                         "(rice_jax training run) or hub:ID (downloads)")
-    return scheme, where
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A parsed backbone spec. ``regions``: the ``regions:`` prefix (the run's region tokens, required)."""
+    scheme: str
+    where: str
+    regions: bool = False
+
+    def __str__(self) -> str:
+        return f"{REGIONS if self.regions else ''}{self.scheme}:{self.where}"
 
 
-def load(spec: str, *, regions: bool = False, **runtime):
-    """The ViT of ``spec`` on this host's first device. ``runtime``: ViT runtime options (dtype, ...).
+def parse(spec: str, schemes=tuple(SCHEMES), *, what: str = "backbone", also: tuple[str, ...] = ()) -> Spec:
+    """``"ckpt:/runs/a"`` -> ``Spec("ckpt", "/runs/a")``; a one-line error naming the forms ``schemes``
+    allows (and the command's own words ``also``, e.g. clustering's ``handcrafted``) for anything else."""
+    text = str(spec)
+    regions = text.startswith(REGIONS)
+    scheme, sep, where = text.removeprefix(REGIONS).partition(":")
+    forms = ", ".join([*also, *(SCHEMES[s] for s in schemes)])
+    if not sep or scheme not in schemes or not where:
+        raise errors.InputError(f"{what} {text!r}: use {forms}")
+    if regions and scheme != "ckpt":
+        raise errors.InputError(f"{what} {text!r}: 'regions:' reads a training run's region tokens, so it takes "
+                                "a run (regions:ckpt:RUN)")
+    return Spec(scheme, where, regions)
+
+
+def load(spec: str, *, regions: bool = False, seed: int = 0, **runtime):
+    """The JAX model of ``spec`` on this host's first device. ``runtime``: ViT runtime options (dtype, ...);
+    ``seed``: the initialisation of ``preset:NAME``.
 
     ``regions``: for a ``ckpt:`` run whose loss trained region tokens, the whole
     :class:`~rice_jax.models.rice.RICEModel` instead (backbone, region settings and region
-    parameters as trained), so its region tokens can be read; anything else is the ViT."""
-    scheme, where = parse(spec)
-    if scheme == "ckpt":
-        if regions and checkpoint.read_meta(where).get("region_layers", 0):
-            return load_checkpoint_rice(where, **runtime)
-        return load_checkpoint_backbone(where, **runtime)
-    return hf.load_hf(where, from_hub=scheme == "hub", **runtime)
+    parameters as trained), so its region tokens can be read; anything else is the ViT. The
+    ``regions:`` prefix asks for that model and is an error for a run without region tokens."""
+    s = parse(spec, JAX_SCHEMES + ("transformers",))
+    if s.scheme == "transformers":
+        raise errors.InputError(f"backbone {spec!r}: a PyTorch encoder gives region features only (clustering "
+                                "--extractor, downstream --backbone); here use one of "
+                                + ", ".join(SCHEMES[k] for k in JAX_SCHEMES))
+    if s.scheme == "preset":
+        return ViT(get_preset(s.where, **runtime), rngs=nnx.Rngs(seed))
+    if s.scheme == "ckpt":
+        if s.regions:
+            return load_checkpoint_rice(s.where, **runtime)
+        if regions and checkpoint.read_meta(s.where).get("region_layers", 0):
+            return load_checkpoint_rice(s.where, **runtime)
+        return load_checkpoint_backbone(s.where, **runtime)
+    return hf.load_hf(s.where, from_hub=s.scheme == "hub", **runtime)
 
 
 def region_config(meta: dict, backbone: ViTConfig):
@@ -84,10 +127,10 @@ def load_params_into(spec: str, target: Any) -> Any:
 
     ``ckpt:`` restores straight into ``target``'s shardings (FSDP included) without reading
     anything else; ``hf:``/``hub:`` weights are read on the host and placed shard by shard."""
-    scheme, where = parse(spec)
-    if scheme == "ckpt":
+    s = parse(spec, ("hf", "ckpt", "hub"), what="init_from")
+    if s.scheme == "ckpt":
         abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), target)
-        restored, _, _ = checkpoint.restore_subtree(where, abstract)
+        restored, _, _ = checkpoint.restore_subtree(s.where, abstract)
         return restored
     src = nnx.to_pure_dict(nnx.state(load(spec)))
     loaded = checkpoint.load_into(jax.tree.map(lambda x: x, target), src, spec)

@@ -1,7 +1,7 @@
 """Frozen-backbone evaluation of what users get: the exported ViT.
 
-    python -m rice_jax.evaluate --checkpoint WORKDIR --data HELDOUT_DIR [--layer -2] [--all-layers] [--out results.json]
-    python -m rice_jax.evaluate --hf HF_DIR --data HELDOUT_DIR
+    python -m rice_jax.evaluate --backbone ckpt:WORKDIR --data HELDOUT_DIR [--layer -2] [--all-layers] [--out results.json]
+    python -m rice_jax.evaluate --backbone hf:HF_DIR --data HELDOUT_DIR
 
 On a held-out synthetic dataset (images split 50/50 into probe-train/test):
 - region classification: ROI mean-pooled patch tokens per object box (read at
@@ -30,10 +30,11 @@ import numpy as np
 from PIL import Image
 
 from rice_jax import backbones, cli, errors, storage
-from rice_jax.clustering import handcrafted_features
+from rice_jax.labelling.clustering import handcrafted_features
 from rice_jax.data import pipeline, records, synthetic
 from rice_jax.data.tokenizer import for_dataset
-from rice_jax.features import RegionFeatures, resolve_layer
+from rice_jax.labelling.features import RegionFeatures, resolve_layer
+from rice_jax.losses import l2_normalize
 
 
 def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_per_image: int = 24, seed: int = 0,
@@ -119,8 +120,7 @@ def _probe(train, test, label_key, feat_key=None):
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
     """Cosine k-nearest-neighbour majority vote accuracy."""
-    a = train_x / (np.linalg.norm(train_x, axis=1, keepdims=True) + 1e-9)
-    b = test_x / (np.linalg.norm(test_x, axis=1, keepdims=True) + 1e-9)
+    a, b = l2_normalize(np.asarray(train_x)), l2_normalize(np.asarray(test_x))
     nn = np.argsort(-(b @ a.T), axis=1)[:, :k]
     votes = np.array([np.bincount(train_y[row], minlength=train_y.max() + 1).argmax() for row in nn])
     return float(np.mean(votes == test_y))
@@ -248,7 +248,7 @@ def evaluate_handcrafted(data_dir, image_size: int) -> dict:
 
     Each image is resized to ``image_size`` x ``image_size`` exactly as the backbone
     sees it, the object boxes are cut from that image and described by
-    :func:`rice_jax.clustering.handcrafted_features`; same split and probes as
+    :func:`rice_jax.labelling.clustering.handcrafted_features`; same split and probes as
     :func:`evaluate_backbone`. What the pseudo-labels were made from, so the bar a
     backbone trained on them has to clear to have learned more than its teacher.
     """
@@ -284,15 +284,10 @@ def random_like(model, seed: int):
     return ViT(model.cfg, rngs=nnx.Rngs(seed))
 
 
-def load_model(checkpoint: str | None = None, hf: str | None = None, regions: bool = False):
-    return backbones.load(f"hf:{hf}" if hf else f"ckpt:{checkpoint}", regions=regions)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="training workdir or checkpoint dir")
-    src.add_argument("--hf", help="local HF MLCDVisionModel directory")
+    ap.add_argument("--backbone", required=True,
+                    help="the backbone spec (rice_jax.backbones): ckpt:RUN, hf:DIR, hub:ID, preset:NAME, regions:ckpt:RUN")
     ap.add_argument("--data", required=True, help="held-out region dataset (synthetic for the dense probe)")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--layer", type=int, default=DEFAULT_LAYER,
@@ -308,7 +303,8 @@ def main(argv=None):
     tok = for_dataset(a.data)
     # A checkpoint that trained region tokens is read as the RICE model it trained (its region
     # settings and parameters); --region-layers K reads a backbone with K parameter-free region blocks.
-    model = load_model(a.checkpoint, a.hf, regions=a.region_layers is None)
+    model = backbones.load(backbones.parse(a.backbone, backbones.JAX_SCHEMES, what="--backbone"),
+                           regions=a.region_layers is None)
     res = evaluate_backbone(model, a.data, a.image_size, tok, layer=a.layer, region_layers=a.region_layers or 0,
                             all_layers=a.all_layers)
     print(json.dumps(res, indent=2))

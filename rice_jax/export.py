@@ -4,9 +4,8 @@
     python -m rice_jax.export --from hf:SRC_DIR --to-hf OUT_DIR --torch-state-dict
     python -m rice_jax.export --from preset:vit_tiny --seed 0 --to-hf OUT_DIR    # a fresh initialisation
 
-``--from`` takes the one backbone spec of :mod:`rice_jax.backbones` (``hf:``, ``ckpt:``, ``hub:``)
-or ``preset:NAME`` (a :mod:`rice_jax.models.config` preset, randomly initialised: for tests and
-tooling). Only the backbone is written: RICE heads, region tokens and centres are training-only.
+``--from`` takes the one backbone spec of :mod:`rice_jax.backbones`: ``hf:``, ``ckpt:``, ``hub:`` or
+``preset:NAME`` (a :mod:`rice_jax.models.config` preset, randomly initialised: for tests and tooling). Only the backbone is written: RICE heads, region tokens and centres are training-only.
 ``--verify`` reloads the folder with ``transformers`` and compares outputs.
 """
 from __future__ import annotations
@@ -15,22 +14,9 @@ import argparse
 import json
 
 import numpy as np
-from flax import nnx
 
-from rice_jax import backbones, cli, errors, storage
+from rice_jax import backbones, cli, storage
 from rice_jax.models import hf
-from rice_jax.models.config import get_preset
-from rice_jax.models.vit import ViT
-
-
-def load_source(spec: str, seed: int = 0):
-    """The backbone ``spec`` names; ``preset:NAME`` builds a fresh one with ``seed``."""
-    scheme, _, name = spec.partition(":")
-    if scheme == "preset":
-        if not name:
-            raise errors.InputError("--from preset:NAME needs a preset name, e.g. preset:vit_tiny")
-        return ViT(get_preset(name), rngs=nnx.Rngs(seed))
-    return backbones.load(spec)
 
 
 def main(argv=None):
@@ -43,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--verify", action="store_true", help="reload with transformers and compare outputs")
     ap.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     args = ap.parse_args(argv)
-    model = load_source(args.source, args.seed)
+    model = backbones.load(backbones.parse(args.source, backbones.JAX_SCHEMES, what="--from"), seed=args.seed)
     out = hf.save_hf(model, args.to_hf, torch_state_dict=args.torch_state_dict)
     print(f"wrote {out}")
     if args.verify:

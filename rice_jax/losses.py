@@ -79,7 +79,7 @@ class LossConfig:
     # Centre rows are padded to a multiple of lcm(this, device count): a checkpoint then restores
     # on any mesh whose device count divides this number (e.g. written on 8, resumed on 4).
     pad_classes_to: int = 512
-    init_centers: str = ""           # "" = N(0, 0.01); or a centers.npy from rice_jax.clustering
+    init_centers: str = ""           # "" = N(0, 0.01); or a centers.npy from rice_jax.labelling.clustering
 
     def __post_init__(self):
         if self.margin_type not in MARGIN_TYPES:
@@ -125,9 +125,18 @@ def validate_labels(labels, num_classes: int, name: str = "labels") -> None:
             f"{int(bad.sum())} bad entries in total (K = {num_classes}: raise K or fix the labels)")
 
 
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    # rsqrt(max(|x|², eps)) keeps the gradient finite for all-zero (padded) rows.
-    x = x.astype(jnp.float32)
+def l2_normalize(x, axis: int = -1):
+    """``x`` scaled to unit length along ``axis``, in float32; zero rows stay zero.
+
+    The method's one L2 normalisation: every cosine in it (the loss's features and centres, k-means'
+    features and centres, the stored teacher features, the kNN probe) is between these unit vectors.
+    A NumPy array stays a NumPy array on the host (feature rows at clustering scale never visit a
+    device); anything else is traced, where ``rsqrt(max(|x|², eps))`` keeps the gradient finite for
+    all-zero (padded) rows."""
+    if isinstance(x, np.ndarray):
+        x = x.astype(np.float32, copy=False)
+        return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+    x = jnp.asarray(x).astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rice_jax import backbones, cli, clustering, evaluate, plot, train
+from rice_jax import backbones, cli, evaluate, plot, train
+from rice_jax.labelling import clustering
 from rice_jax.configs.rice import get_config
-from rice_jax.data import mine, records, synthetic, tokenizer
+from rice_jax.data import records, synthetic, tokenizer
+from rice_jax.mining import mine
 from rice_jax.models import hf
 
 

@@ -14,11 +14,13 @@ shared filesystem) — :func:`require_local` says so in one line.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
 
 from etils import epath
 
@@ -48,15 +50,36 @@ def require_local(p: PathLike, what: str, advice: str) -> str:
     return os.fspath(path(p))
 
 
+# Every temporary file of an atomic write is ``.<name>.tmp-<pid>`` next to its target: hidden from
+# globs of the real files, one per writing process (two writers never share one), and findable by a
+# resumed job that clears what a killed one left (``TEMP_MARK``).
+TEMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_local(target: PathLike) -> Iterator[Path]:
+    """``with atomic_local(p) as tmp:`` write ``tmp`` (any writer: numpy, sqlite, ArrayRecord); on a
+    clean exit it is renamed onto ``p`` in one step, on an error removed. A reader, or a crash at any
+    point, sees the old file or the whole new one, never half of it. ``p`` must be local."""
+    target = Path(os.fspath(target))
+    tmp = target.with_name(f".{target.name}{TEMP_MARK}{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
 def write_text_atomic(p: PathLike, text: str) -> None:
     """Write a small text file so a reader never sees half of it (temp + rename; a single PUT remotely)."""
     p = path(p)
     if is_remote(p):
         p.write_text(text)
         return
-    tmp = p.parent / f".{p.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    with atomic_local(p) as tmp:
+        tmp.write_text(text)
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:

@@ -56,7 +56,7 @@ def validate_config(c, num_devices: int, manifest: dict) -> tuple[int, int]:
     lc = loss_config(c)
     k = lc.num_obj_classes or (manifest.get("num_clusters") or 0)
     if (lc.object_weight or lc.global_weight) and k < 1:
-        raise errors.InputError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.clustering --data "
+        raise errors.InputError(f"{c.data.dir} has no cluster labels: run `python -m rice_jax.labelling.clustering --data "
                          f"{c.data.dir} --k K` first, or set config.loss.num_obj_classes")
     if lc.num_obj_classes and manifest.get("num_clusters") and lc.num_obj_classes < manifest["num_clusters"]:
         raise errors.InputError(f"config.loss.num_obj_classes={lc.num_obj_classes} < the dataset's "
@@ -154,12 +154,12 @@ def apply_init_from(spec: str, state, model_cfg: RICEConfig):
     if spec:
         target = state["params"]["model"]["backbone"]
         state["params"]["model"]["backbone"] = backbones.load_params_into(spec, target)
-        scheme, where = backbones.parse(spec)
+        source = backbones.parse(spec)
         seed = state["params"]["model"].get("region_seed")
-        if scheme == "ckpt" and seed is not None and checkpoint.read_meta(where).get("region_seed") == "roi":
+        if source.scheme == "ckpt" and seed is not None and checkpoint.read_meta(source.where).get("region_seed") == "roi":
             abstract = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding), seed)
             state["params"]["model"]["region_seed"], _, _ = checkpoint.restore_subtree(
-                where, abstract, keys=("params", "model", "region_seed"))
+                source.where, abstract, keys=("params", "model", "region_seed"))
     return state
 
 

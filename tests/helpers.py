@@ -41,7 +41,7 @@ def hf_forward(model, pixels_nhwc: np.ndarray):
 
 def synthetic_dataset(path, num_images: int, *, seed: int, num_shards: int, vocab_size: int, clusters: int = 0):
     """A synthetic region dataset with its OCR tokenizer (and cluster labels when ``clusters`` > 0)."""
-    from rice_jax import clustering
+    from rice_jax.labelling import clustering
     from rice_jax.data import synthetic, tokenizer
 
     synthetic.build(str(path), num_images, seed=seed, num_shards=num_shards)

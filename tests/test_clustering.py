@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rice_jax import clustering, feature_store
+from rice_jax.labelling import clustering, feature_store
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic
 
@@ -111,7 +111,7 @@ def _cells_in_box(box, g):
 def test_transformers_encoder_roi_features_match_a_direct_computation(kind, tmp_path):
     import torch
 
-    from rice_jax.features import TransformersRegionFeatures
+    from rice_jax.labelling.features import TransformersRegionFeatures
 
     model = _tiny_encoder(kind, tmp_path / kind)
     vision = model.vision_model if kind == "clip_full" else model
@@ -180,7 +180,7 @@ def test_hierarchical_clustering_command(syn, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("levels", ["1", "2"])
 def test_clustering_command_on_two_processes_equals_one(syn, tmp_path, levels):
-    """`python -m rice_jax.clustering --backend jax` on 2 processes x 4 CPU devices (gloo), each
+    """`python -m rice_jax.labelling.clustering --backend jax` on 2 processes x 4 CPU devices (gloo), each
     extracting and labelling its own shards, flat and hierarchical: the labels and centres of a 1-process,
     8-device run."""
     import socket
@@ -190,7 +190,7 @@ def test_clustering_command_on_two_processes_equals_one(syn, tmp_path, levels):
     from tests.test_train import _env
 
     one, two = _copy(syn, tmp_path / "one"), _copy(syn, tmp_path / "two")
-    base = [sys.executable, "-m", "rice_jax.clustering", "--k", "12", "--backend", "jax", "--passes", "6",
+    base = [sys.executable, "-m", "rice_jax.labelling.clustering", "--k", "12", "--backend", "jax", "--passes", "6",
             "--chunk", "256", "--levels", levels]
     r = subprocess.run(base + ["--data", str(one), "--features-dir", str(tmp_path / "f1")], env=_env(8), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rice_jax import clustering, evaluate
+from rice_jax import evaluate
+from rice_jax.labelling import clustering
 from rice_jax.data import records, tokenizer
 from rice_jax.models.config import get_preset
 from rice_jax.models.vit import ViT
@@ -43,7 +44,7 @@ def test_box_layout_is_the_roi_align_of_the_probe_layer():
     beside the mean pool of the same tokens (tests/test_region checks roi_align itself)."""
     import jax.numpy as jnp
 
-    from rice_jax.features import RegionFeatures
+    from rice_jax.labelling.features import RegionFeatures
     from rice_jax.models.region import box_patch_visibility, roi_align, roi_mean_pool
 
     vit = ViT(get_preset("vit_tiny"), rngs=nnx.Rngs(0))

@@ -12,7 +12,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
 from rice_jax import sharding
-from rice_jax.kmeans import MeshKMeans, compiled_memory_per_device
+from rice_jax.labelling.kmeans import MeshKMeans, compiled_memory_per_device
 from tests.test_train import ROOT, _env
 
 
@@ -51,7 +51,7 @@ def test_eight_devices_equal_one_device():
 def test_greedy_donors_are_the_largest_halving_weights():
     """Donor choice against brute force: every cluster's weights w, w/2, w/4, ... listed and
     sorted, the n largest taken (ties to the smaller index); weight-0 clusters never give."""
-    from rice_jax.kmeans import greedy_donors
+    from rice_jax.labelling.kmeans import greedy_donors
 
     r = np.random.default_rng(0)
     for n_clusters, n in [(50, 7), (200, 300), (5, 40), (30, 1), (400, 64)]:
@@ -112,7 +112,7 @@ def test_memory_per_device_falls_with_device_count_at_1m_centres():
 
 SCRIPT = """
 import sys, numpy as np
-from rice_jax.kmeans import MeshKMeans
+from rice_jax.labelling.kmeans import MeshKMeans
 x = np.load(sys.argv[1])
 km = MeshKMeans(40, x.shape[1], metric="cosine", batch_size=256, seed=7, checkpoint_dir=sys.argv[2],
                 log=lambda s: print(s, flush=True))
@@ -163,7 +163,7 @@ def test_two_processes_each_with_its_slice_match_one_process(tmp_path):
     labels as one process with 8 devices reading all of it."""
     x, _ = _blobs(n=6000, d=16, k=24, seed=9)
     np.save(tmp_path / "x.npy", x)
-    base = [sys.executable, "-m", "rice_jax.kmeans", "--features", str(tmp_path / "x.npy"), "--k", "30",
+    base = [sys.executable, "-m", "rice_jax.labelling.kmeans", "--features", str(tmp_path / "x.npy"), "--k", "30",
             "--passes", "6", "--batch-size", "1024", "--seed", "3"]
     one = subprocess.run(base + ["--out", str(tmp_path / "one.npy"), "--labels", str(tmp_path / "one_labels.npy")],
                          env=_env(8), capture_output=True, text=True, timeout=600)
@@ -194,7 +194,7 @@ def test_two_processes_each_with_its_slice_match_one_process(tmp_path):
 
 
 def test_hierarchical_two_levels_close_to_flat():
-    from rice_jax.kmeans import HierarchicalKMeans
+    from rice_jax.labelling.kmeans import HierarchicalKMeans
 
     x, _ = _blobs(n=4000, d=16, k=60, seed=10)
     flat = MeshKMeans(64, 16, metric="cosine", batch_size=512, seed=0, log=lambda s: None).fit(x, passes=10)
@@ -216,7 +216,7 @@ def test_hierarchical_two_levels_close_to_flat():
 
 def test_rows_travel_to_their_centre_shards_device_to_device():
     """place_rows puts each row at its centre index without any host building [K, D] (random layout)."""
-    from rice_jax.kmeans import MeshKMeans
+    from rice_jax.labelling.kmeans import MeshKMeans
 
     km = MeshKMeans(1000, 16, seed=0, log=lambda s: None)
     rng = np.random.default_rng(0)
@@ -239,7 +239,7 @@ def test_hierarchical_resumes_from_its_checkpoints(tmp_path):
     """A run killed before its last fine level (that level's state gone) resumes to the same result."""
     import shutil
 
-    from rice_jax.kmeans import HierarchicalKMeans
+    from rice_jax.labelling.kmeans import HierarchicalKMeans
 
     x, _ = _blobs(n=2000, d=8, k=20, seed=3)
     kw = dict(metric="cosine", batch_size=256, seed=1, log=lambda s: None, checkpoint_dir=str(tmp_path))

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from rice_jax import clustering, feature_store
+from rice_jax.labelling import clustering, feature_store
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic
 
@@ -195,7 +195,7 @@ def test_extraction_resumes_after_kill_9(tmp_path):
     data = tmp_path / "data"
     synthetic.build(str(data), 96, seed=8, num_shards=6)
     ref, run = _copy(data, tmp_path / "ref"), _copy(data, tmp_path / "run")
-    cmd = [sys.executable, "-m", "rice_jax.clustering", "--k", "6", "--chunk", "64"]
+    cmd = [sys.executable, "-m", "rice_jax.labelling.clustering", "--k", "6", "--chunk", "64"]
     r = subprocess.run(cmd + ["--data", str(ref), "--features-dir", str(tmp_path / "f_ref")], env=_env(1),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

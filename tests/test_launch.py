@@ -32,14 +32,14 @@ def test_tpu_pod_runs_training_or_any_module(tmp_path):
     assert "--worker=all" in argv
     assert "-m rice_jax.train --config configs/l14_224_336.py --workdir gs://b/run --config.data.dir=/gcs/b/d " \
            "--distributed --config.seed=3" in argv
-    argv = _run("tpu_pod.sh", tmp_path, {**pod, "MODULE": "rice_jax.clustering"}, "--data", "/gcs/b/d", "--k", "8")
-    assert "-m rice_jax.clustering --distributed --data /gcs/b/d --k 8" in argv and "--workdir" not in argv
+    argv = _run("tpu_pod.sh", tmp_path, {**pod, "MODULE": "rice_jax.labelling.clustering"}, "--data", "/gcs/b/d", "--k", "8")
+    assert "-m rice_jax.labelling.clustering --distributed --data /gcs/b/d --k 8" in argv and "--workdir" not in argv
 
 
 def test_slurm_runs_training_or_any_module(tmp_path):
     argv = _run("gpu_slurm.sh", tmp_path, {}, "/runs/a", "--config.seed=3").split("\n")
     assert argv[argv.index("-m") + 1:argv.index("-m") + 8] == [
         "rice_jax.train", "--config", "configs/gpu_cluster.py", "--workdir", "/runs/a", "--distributed", "--config.seed=3"]
-    argv = _run("gpu_slurm.sh", tmp_path, {"MODULE": "rice_jax.clustering"}, "--data", "/d", "--k", "8").split("\n")
-    assert argv[argv.index("-m") + 1:argv.index("-m") + 7] == ["rice_jax.clustering", "--distributed", "--data", "/d",
+    argv = _run("gpu_slurm.sh", tmp_path, {"MODULE": "rice_jax.labelling.clustering"}, "--data", "/d", "--k", "8").split("\n")
+    assert argv[argv.index("-m") + 1:argv.index("-m") + 7] == ["rice_jax.labelling.clustering", "--distributed", "--data", "/d",
                                                                "--k", "8"]

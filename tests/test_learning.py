@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from rice_jax.configs.rice import get_config
-from rice_jax import backbones, clustering, evaluate, train
+from rice_jax import backbones, evaluate, train
+from rice_jax.labelling import clustering
 from rice_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rice_jax.data import coco, mine, ocr, proposals, records, synthetic
+from rice_jax.data import coco, records, synthetic
+from rice_jax.mining import mine, ocr, proposals
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,7 +296,8 @@ def _dataset_bytes(d: Path) -> dict:
 
 
 def test_mine_folder_to_dataset_that_clusters_and_trains(tmp_path):
-    from rice_jax import clustering, train
+    from rice_jax import train
+    from rice_jax.labelling import clustering
     from rice_jax.configs.rice import get_config
     from rice_jax.data import tokenizer
 
@@ -340,7 +342,7 @@ def test_mine_kill9_then_rerun_equals_uninterrupted(tmp_path):
     mine.main(["--out", str(ref), *args])
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "rice_jax.data.mine", "--out", str(out), *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rice_jax.mining.mine", "--out", str(out), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / mine.MINING_DIR / "unit-000002.json"
     deadline = time.time() + 120
@@ -427,7 +429,7 @@ def test_brace_expansion_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="sa1b-annotations is for --sa1b"):
         mine.mine(str(tmp_path / "o2"), images=str(tmp_path / "empty"),
                   settings=mine.MiningSettings(proposals=mine.ANNOTATIONS), show_progress=False)
-    r = subprocess.run([sys.executable, "-m", "rice_jax.data.mine", "--out", str(tmp_path / "o"), "--images",
+    r = subprocess.run([sys.executable, "-m", "rice_jax.mining.mine", "--out", str(tmp_path / "o"), "--images",
                         str(tmp_path / "empty")], capture_output=True, text=True, env={**os.environ,
                                                                                         "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "no image files" in r.stderr

@@ -143,8 +143,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(data_dir, tmp_path):
         ([sys.executable, "-m", "rice_jax.train", f"--config={ROOT / 'rice_jax' / 'configs' / 'rice.py'}:tiny",
           f"--workdir={tmp_path / 'w'}", f"--config.data.dir={tmp_path / 'nothing'}"], "not a rice_jax region dataset"),
         ([sys.executable, "-m", "rice_jax.data.tokenizer", "--data", str(d)], name),
-        ([sys.executable, "-m", "rice_jax.clustering", "--data", str(d), "--k", "4"], name),
-        ([sys.executable, "-m", "rice_jax.evaluate", "--checkpoint", str(tmp_path / "none"), "--data", str(data_dir)],
+        ([sys.executable, "-m", "rice_jax.labelling.clustering", "--data", str(d), "--k", "4"], name),
+        ([sys.executable, "-m", "rice_jax.evaluate", "--backbone", f"ckpt:{tmp_path / 'none'}", "--data", str(data_dir)],
          "no checkpoint found"),
     ]
     for cmd, needle in cases:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rice_jax import backbones, errors
-from rice_jax.features import RegionFeatures, TransformersRegionFeatures
+from rice_jax.labelling.features import RegionFeatures, TransformersRegionFeatures
 from rice_jax.models import teachers
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
@@ -144,7 +144,7 @@ def test_extractor_paths_agree_per_hidden_state(case, tmp_path, tiny_records):
 
     import transformers as tf
 
-    from rice_jax import clustering
+    from rice_jax.labelling import clustering
     from rice_jax.data import records
     from rice_jax.models.region import box_patch_visibility
 

@@ -78,7 +78,7 @@ def test_config_variants_and_errors(data_dir):
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         train.validate_config(c, 8, {"num_clusters": 12})
     c = small_config(data_dir)
-    with pytest.raises(ValueError, match="no cluster labels: run `python -m rice_jax.clustering"):
+    with pytest.raises(ValueError, match="no cluster labels: run `python -m rice_jax.labelling.clustering"):
         train.validate_config(c, 8, {})
     c.loss.num_obj_classes = 5
     with pytest.raises(ValueError, match="< the dataset's 12 clusters"):
@@ -118,7 +118,7 @@ def test_a_run_with_trained_region_parameters_is_read_back_as_its_rice_model(dat
     """region_seed="roi" adds a learned region parameter: the run must train it, record the region
     settings, and give evaluation the RICE model it trained (not the backbone with fresh regions)."""
     from rice_jax import backbones
-    from rice_jax.features import RegionFeatures
+    from rice_jax.labelling.features import RegionFeatures
     from rice_jax.models.rice import RICEModel, RICEConfig
 
     c = small_config(data_dir, steps=6, every=6)
@@ -145,7 +145,7 @@ def test_a_run_with_trained_region_parameters_is_read_back_as_its_rice_model(dat
     # The backbone alone is still what a plain load gives.
     assert not isinstance(backbones.load(f"ckpt:{tmp_path}"), RICEModel)
     # A second labelling round clusters these region tokens: the extractor reads them, not the patches.
-    from rice_jax import clustering
+    from rice_jax.labelling import clustering
     from rice_jax.data import records
     ext = clustering.make_extractor(f"regions:ckpt:{tmp_path}", 32)
     ids, feats = next(ext(records.RecordSource(data_dir), 64))

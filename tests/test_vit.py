@@ -107,6 +107,38 @@ def test_jax_init_save_hf_roundtrip(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_one_backbone_spec_grammar(hf_dir, tmp_path):
+    """Every command's backbone string goes through backbones.parse: each form, the regions: prefix,
+    and a one-line error naming exactly the forms the caller accepts."""
+    from rice_jax import backbones, errors
+
+    assert backbones.parse("ckpt:gs://b/run") == backbones.Spec("ckpt", "gs://b/run")
+    assert backbones.parse("regions:ckpt:/r") == backbones.Spec("ckpt", "/r", regions=True)
+    assert str(backbones.parse("regions:ckpt:/r")) == "regions:ckpt:/r"
+    assert backbones.parse("transformers:/m/dino").scheme == "transformers"
+    for bad, needle in [("/some/dir", "hf:DIR"), ("ckpt:", "ckpt:DIR"), ("regions:hf:/d", "regions:ckpt:RUN"),
+                        ("foo:bar", "transformers:DIR")]:
+        with pytest.raises(errors.InputError, match=needle):
+            backbones.parse(bad)
+    with pytest.raises(errors.InputError) as e:
+        backbones.parse("transformers:/m", backbones.JAX_SCHEMES, what="--from")
+    assert str(e.value).startswith("--from 'transformers:/m': use hf:DIR") and "transformers:DIR" not in str(e.value)
+    with pytest.raises(errors.InputError, match="handcrafted, oracle, hf:DIR"):
+        backbones.parse("x", what="--extractor", also=("handcrafted", "oracle"))
+    with pytest.raises(errors.InputError, match="region features only"):
+        backbones.load("transformers:/m")
+    # preset: a fresh initialisation, reproducible from its seed; hf: the folder's weights.
+    a, b = backbones.load("preset:vit_tiny", seed=1), backbones.load("preset:vit_tiny", seed=1)
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with pytest.raises(errors.InputError, match="unknown backbone preset"):
+        backbones.load("preset:nope")
+    path, model = hf_dir
+    ref_last, _ = hf_forward(model, _pixels())
+    out = backbones.load(f"hf:{path}")(jnp.asarray(_pixels()))
+    np.testing.assert_allclose(np.asarray(out.last_hidden_state), ref_last, atol=1e-4)
+
+
 def test_mismatched_checkpoint_error_lists_keys_and_shapes(hf_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 

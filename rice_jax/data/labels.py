@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
@@ -43,7 +42,7 @@ class StaleLabels(errors.InputError):
 
 
 def _rerun(data_dir) -> str:
-    return f"rerun `python -m rice_jax.clustering --data {data_dir} --k K ...` (or --extractor oracle)"
+    return f"rerun `python -m rice_jax.labelling.clustering --data {data_dir} --k K ...` (or --extractor oracle)"
 
 
 def run_id(manifest: dict, **settings) -> str:
@@ -82,10 +81,8 @@ def write_shard(data_dir, shard: str, counts: np.ndarray, local_ids: np.ndarray,
         flat[offsets[local_ids[:, 0]] + local_ids[:, 1]] = values
     data, meta = _paths(data_dir, shard)
     data.parent.mkdir(parents=True, exist_ok=True)
-    tmp = data.with_name(f"{data.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with storage.atomic_local(data) as tmp, open(tmp, "wb") as f:
         np.save(f, np.concatenate([offsets, flat]).astype(np.int32))
-    os.replace(tmp, data)
     storage.write_text_atomic(meta, json.dumps({"shard": shard, "num_records": int(len(counts)),
                                                 "num_regions": int(offsets[-1]), "run": run}))
 

@@ -218,17 +218,16 @@ def write_shard_atomic(records: Iterable[RegionRecord], path: str | os.PathLike)
     Written under a temporary name in the same folder and renamed, so a crash leaves either
     no shard or a whole one (a resumable job can trust any shard it finds)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     counts = RegionCounts()
-    writer = _writer(tmp)
-    try:
-        for i, rec in enumerate(records):
-            validate(rec, f"{path.name}: record {i} ({rec.image_id})")
-            writer.write(encode(rec))
-            counts.add(rec)
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    with storage.atomic_local(path) as tmp:
+        writer = _writer(tmp)
+        try:
+            for i, rec in enumerate(records):
+                validate(rec, f"{path.name}: record {i} ({rec.image_id})")
+                writer.write(encode(rec))
+                counts.add(rec)
+        finally:
+            writer.close()
     return counts
 
 

@@ -127,13 +127,11 @@ def build_for_dataset(data_dir: str | os.PathLike, vocab_size: int = 512, *, sam
             yield t
 
     out = Path(data_dir) / TOKENIZER_FILE
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    train_tokenizer(texts(), vocab_size, tmp)
-    if not counter["texts"]:
-        tmp.unlink(missing_ok=True)
-        raise errors.InputError(f"{data_dir}: no text regions to train a tokenizer on"
-                                + (f" in a sample of {len(indices)} records (raise --sample)" if sample else ""))
-    os.replace(tmp, out)
+    with storage.atomic_local(out) as tmp:
+        train_tokenizer(texts(), vocab_size, tmp)
+        if not counter["texts"]:
+            raise errors.InputError(f"{data_dir}: no text regions to train a tokenizer on"
+                                    + (f" in a sample of {len(indices)} records (raise --sample)" if sample else ""))
     tok = OCRTokenizer(out)
     m = records.read_manifest(data_dir)
     m["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tok.vocab_size, "trained_on": counter["texts"],

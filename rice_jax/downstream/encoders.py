@@ -23,18 +23,17 @@ import numpy as np
 
 from rice_jax import backbones
 from rice_jax.evaluate import DEFAULT_LAYER
-from rice_jax.features import RegionFeatures, TransformersRegionFeatures, resolve_layer
+from rice_jax.labelling.features import RegionFeatures, TransformersRegionFeatures, resolve_layer
 from rice_jax.models.region import box_patch_visibility
-
-TRANSFORMERS = "transformers:"
 
 
 class FrozenEncoder:
     def __init__(self, spec, image_size: int | None = None, layer: int = DEFAULT_LAYER):
         self.spec = spec if isinstance(spec, str) else type(spec).__name__
         self.layer = layer
-        if isinstance(spec, str) and spec.startswith(TRANSFORMERS):
-            self._hf = TransformersRegionFeatures(spec[len(TRANSFORMERS):], image_size)
+        source = backbones.parse(spec, what="--backbone") if isinstance(spec, str) else None
+        if source is not None and source.scheme == "transformers":
+            self._hf = TransformersRegionFeatures(source.where, image_size)
             self.image_size, self.patch = self._hf.image_size, self._hf.patch
             self.grid = (self.image_size // self.patch,) * 2
             self.dim = self._hf.dim

@@ -7,7 +7,7 @@ same local Hugging Face folders (``CLIPVisionModel``, ``CLIPModel``, ``SiglipVis
 rounding, at the config's image size or any other multiple of the patch (position embeddings
 resized as ``interpolate_pos_encoding=True`` does: bicubic, ``align_corners=False``, A = -0.75).
 
-They speak the backbone interface :class:`rice_jax.features.RegionFeatures` reads: ``cfg``
+They speak the backbone interface :class:`rice_jax.labelling.features.RegionFeatures` reads: ``cfg``
 (``num_layers``, ``hidden_size``, ``image_size``), ``grid``, ``num_prefix_tokens`` and
 ``model(pixels, output_hidden_states=True)`` -> :class:`rice_jax.models.vit.ViTOutput` with HF's
 ``hidden_states`` convention (index 0 = the embeddings as the first block receives them: after
@@ -42,7 +42,7 @@ def pixel_statistics(config: dict, preprocessor: Optional[dict]) -> tuple[Option
     """``(mean, std)`` a folder's pixels are normalised with: its ``preprocessor_config.json``'s when it
     has one, else its family's image-processor defaults (SigLIP: 0.5 / 0.5); ``(None, None)`` means
     CLIP's, the input pipeline's own. The one rule both teacher paths follow (the JAX tower and
-    :class:`rice_jax.features.TransformersRegionFeatures`): a folder saved by ``save_pretrained``
+    :class:`rice_jax.labelling.features.TransformersRegionFeatures`): a folder saved by ``save_pretrained``
     has no preprocessor file, and reading it with CLIP's statistics gives a SigLIP tower other inputs."""
     if preprocessor and "image_mean" in preprocessor and "image_std" in preprocessor:
         return tuple(preprocessor["image_mean"]), tuple(preprocessor["image_std"])

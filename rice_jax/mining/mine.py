@@ -1,10 +1,10 @@
 """Region mining: raw images -> a region dataset (object proposals + OCR transcripts).
 
-    python -m rice_jax.data.mine --out DATA --images DIR            [--proposals P --ocr O ...]
-    python -m rice_jax.data.mine --out DATA --image-list FILES.txt  (10^7+ images: never listed in one process)
-    python -m rice_jax.data.mine --out DATA --tar 'gs://bucket/laion/{00000..39999}.tar' --preset paper
-    python -m rice_jax.data.mine --out DATA --sa1b 'sa1b/sa_{000000..000999}.tar' --ocr rapidocr
-    python -m rice_jax.data.mine --out DATA --records DATASET --proposals none --ocr rapidocr
+    python -m rice_jax.mining.mine --out DATA --images DIR            [--proposals P --ocr O ...]
+    python -m rice_jax.mining.mine --out DATA --image-list FILES.txt  (10^7+ images: never listed in one process)
+    python -m rice_jax.mining.mine --out DATA --tar 'gs://bucket/laion/{00000..39999}.tar' --preset paper
+    python -m rice_jax.mining.mine --out DATA --sa1b 'sa1b/sa_{000000..000999}.tar' --ocr rapidocr
+    python -m rice_jax.mining.mine --out DATA --records DATASET --proposals none --ocr rapidocr
 
 The output is the importers' format (``records.py``: ArrayRecord shards + a
 manifest), so tokenizer, clustering, pipeline and training consume it
@@ -73,7 +73,8 @@ from typing import Iterator, NamedTuple, Optional
 import numpy as np
 
 from rice_jax import cli, errors, storage
-from rice_jax.data import ocr, proposals, records
+from rice_jax.data import records
+from rice_jax.mining import ocr, proposals
 from rice_jax.data.coco import IMAGE_EXTS, ImportStats, open_image
 
 MINING_DIR = "mining"
@@ -810,7 +811,7 @@ def mine(out: str, *, images: Optional[str] = None, image_list: Optional[str] = 
     pending = [u for u in units if u.index not in done]
     # Partial shards of units that were in flight when an earlier run died: never published
     # (no stats file), so removing them loses nothing.
-    stale = [t for t in out.glob(".regions-*.tmp-*")]
+    stale = [t for t in out.glob(f".regions-*{storage.TEMP_MARK}*")]
     for t in stale:
         t.unlink()
     if ray_gpus_per_unit and not settings.proposals.startswith("sam:"):

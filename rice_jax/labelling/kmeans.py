@@ -39,16 +39,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rice_jax import cli, distributed, errors, sharding, storage
-from rice_jax.losses import padded_num_classes
+from rice_jax.losses import l2_normalize, padded_num_classes
 from rice_jax.sharding import ALL_AXES
 
 METRICS = ("cosine", "euclidean")
 SCORE_BLOCK = 512   # centres scored at once per device (see _nearest_in_shard)
 SPLIT_EPS = 1.0 / 1024   # relative push apart of the two halves of a split cluster (as faiss)
-
-
-def _normalize(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 PRECISIONS = ("float32", "bfloat16")
@@ -99,7 +95,7 @@ def _nearest_shard(c_s, x_s, valid_s, *, axis, k_real, metric, block, precision=
     x = jax.lax.all_gather(x_s, axis, tiled=True)
     valid = jax.lax.all_gather(valid_s, axis, tiled=True)
     if metric == "cosine":
-        x = _normalize(x)
+        x = l2_normalize(x)
     offset = jax.lax.axis_index(axis) * c_s.shape[0]
     local_best, local_arg = _nearest_in_shard(x, c_s, offset, k_real=k_real, metric=metric, block=block,
                                               precision=precision)
@@ -114,7 +110,7 @@ def _topk_shard(c_s, x_s, valid_s, *, axis, k_real, metric, topk, precision="flo
     ``W·topk`` candidates (O(B·topk·W) communication, never ``[B, K]``)."""
     x = jax.lax.all_gather(x_s, axis, tiled=True)
     if metric == "cosine":
-        x = _normalize(x)
+        x = l2_normalize(x)
     ks = c_s.shape[0]
     offset = jax.lax.axis_index(axis) * ks
     score = _scores(x, c_s, metric, precision)
@@ -216,7 +212,7 @@ class MeshKMeans:
                              out_shardings=self.row_sharding)
         self._reseed = jax.jit(lambda c, i, r: c.at[i].set(r), out_shardings=self.row_sharding)
         self._take = jax.jit(lambda c, i: c[i], out_shardings=NamedSharding(self.mesh, P()))
-        self._normalize = jax.jit(_normalize, out_shardings=self.row_sharding)
+        self._normalize = jax.jit(l2_normalize, out_shardings=self.row_sharding)
         self._nearest = jax.jit(shard_map(
             lambda c, x, v: _nearest_shard(c, x, v, **kw)[1:4], in_specs=(rows, rows, vec),
             out_specs=(P(), P(), P())))
@@ -234,8 +230,7 @@ class MeshKMeans:
         if centers.shape != (self.k, self.dim):
             raise ValueError(f"centres {centers.shape}, expected {(self.k, self.dim)}")
         full = np.zeros((self.k_pad, self.dim), np.float32)
-        full[: self.k] = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12) \
-            if self.metric == "cosine" else centers
+        full[: self.k] = l2_normalize(centers) if self.metric == "cosine" else centers
         self.centers = jax.make_array_from_callback(full.shape, self.row_sharding, lambda idx: full[idx])
 
     def init_random(self, feats) -> None:
@@ -250,7 +245,7 @@ class MeshKMeans:
         mine = np.nonzero((chosen >= offset) & (chosen < offset + len(feats)))[0]
         rows = np.asarray(feats[chosen[mine] - offset], np.float32).reshape(-1, self.dim)
         if self.metric == "cosine":
-            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+            rows = l2_normalize(rows)
         self.centers = self.place_rows(rows, mine)
 
     def place_rows(self, rows: np.ndarray, dest: np.ndarray) -> jax.Array:
@@ -300,7 +295,7 @@ class MeshKMeans:
         rng = np.random.default_rng(self.seed)
         x = _rows_at(feats, np.sort(rng.choice(total, min(total, max(sample, self.k)), replace=False)), offset)
         if self.metric == "cosine":
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            x = l2_normalize(x)
         centers, _ = kmeans_plusplus(x, self.k, random_state=self.seed)
         self.set_centers(centers.astype(np.float32))
 
@@ -587,12 +582,12 @@ def compiled_memory_per_device(k: int, dim: int, batch_size: int, mesh=None) -> 
 def main(argv=None):
     """Cluster a feature file on the mesh; with several processes each reads its own contiguous slice.
 
-        python -m rice_jax.kmeans --features F.npy --k K --out centers.npy [--labels labels.npy]
+        python -m rice_jax.labelling.kmeans --features F.npy --k K --out centers.npy [--labels labels.npy]
         # multi-host: the same command on every process, plus the distributed flags
     """
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m rice_jax.kmeans", description=main.__doc__,
+    ap = argparse.ArgumentParser(prog="python -m rice_jax.labelling.kmeans", description=main.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--features", required=True, help="[R, D] float32 .npy (memory-mapped, never loaded whole)")
     ap.add_argument("--k", type=int, required=True)

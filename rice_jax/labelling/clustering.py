@@ -1,7 +1,7 @@
 """Region clustering: region features -> spherical k-means -> cluster labels (+ centre init).
 
-    python -m rice_jax.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR|regions:ckpt:RUN] [--out DIR]
-    python -m rice_jax.clustering --data DIR --extractor oracle      # ground-truth categories (upper bound)
+    python -m rice_jax.labelling.clustering --data DIR --k K [--extractor handcrafted|hf:DIR|ckpt:DIR|regions:ckpt:RUN] [--out DIR]
+    python -m rice_jax.labelling.clustering --data DIR --extractor oracle      # ground-truth categories (upper bound)
 
 A job of any number of processes (``--coordinator-address ... --num-processes P --process-id I``
 or ``--distributed`` on a pod); process p owns the p-th contiguous block of record shards and alone reads,
@@ -9,10 +9,10 @@ extracts and labels them (:func:`records.owned_shards`), so nobody holds or writ
 
 1. Features of every *object* region of an owned shard, by a pluggable extractor (handcrafted, our
    ViT, a JAX CLIP/SigLIP teacher, any PyTorch encoder), unit-normalised and written per shard in
-   fp16 to ``--features-dir`` (local scratch, never the data dir; :mod:`rice_jax.feature_store`).
+   fp16 to ``--features-dir`` (local scratch, never the data dir; :mod:`rice_jax.labelling.feature_store`).
    Finished shards are kept on a rerun.
 2. Spherical k-means streamed from those files: ``--backend jax`` (default from K = 4096) runs Lloyd
-   passes on the device mesh with the centres sharded along K (:mod:`rice_jax.kmeans`; resumable
+   passes on the device mesh with the centres sharded along K (:mod:`rice_jax.labelling.kmeans`; resumable
    between passes); ``sklearn`` is ``MiniBatchKMeans``; ``faiss`` uses faiss-cpu when installed.
 3. Assignment (cosine argmax), written by each process for its own shards as label files beside
    the records (:mod:`rice_jax.data.labels`: atomic, fingerprinted with the run, read lazily by the
@@ -39,11 +39,13 @@ import jax
 import numpy as np
 from PIL import Image
 
-from rice_jax import backbones, cli, distributed, errors, feature_store
+from rice_jax import backbones, cli, distributed, errors, storage
+from rice_jax.labelling import feature_store
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records
-from rice_jax.features import RegionFeatures, TransformersRegionFeatures
-from rice_jax.kmeans import HierarchicalKMeans, MeshKMeans
+from rice_jax.labelling.features import RegionFeatures, TransformersRegionFeatures
+from rice_jax.losses import l2_normalize
+from rice_jax.labelling.kmeans import HierarchicalKMeans, MeshKMeans
 
 CENTERS_FILE = "centers.npy"
 TOPK_DIR = "cluster_topk"   # <shard>.npz per record shard: (record in shard, region) ids, [n, T] clusters, scores
@@ -114,9 +116,9 @@ class HandcraftedExtractor:
 class ViTExtractor:
     """ROI mean-pool inside each box of a backbone's ``last_hidden_state`` as transformers defines it
     (or, given a trained RICE model, its post-LN region tokens). Our JAX ViT
-    (``hf:``/``ckpt:``/``hub:`` specs) runs through :class:`rice_jax.features.RegionFeatures`
+    (``hf:``/``ckpt:``/``hub:`` specs) runs through :class:`rice_jax.labelling.features.RegionFeatures`
     (jitted, batch-sharded over every device); any other Hugging Face vision encoder
-    (``transformers:DIR``) through :class:`rice_jax.features.TransformersRegionFeatures`."""
+    (``transformers:DIR``) through :class:`rice_jax.labelling.features.TransformersRegionFeatures`."""
 
     def __init__(self, vit, name: str, image_size: int | None = None, batch_size: int = 16,
                  decode_threads: int | None = None):
@@ -173,29 +175,16 @@ class ViTExtractor:
 def make_extractor(spec: str, image_size: int | None = None):
     if spec == "handcrafted":
         return HandcraftedExtractor()
-    if spec.startswith("transformers:"):
-        return ViTExtractor(TransformersRegionFeatures(spec.partition(":")[2], image_size), spec)
-
-    if spec.startswith("regions:"):
-        # A second labelling round: the trained RICE model's own region tokens (what its loss made
-        # discriminative) rather than its backbone's mean-pooled patches.
-        model = backbones.load(spec.partition(":")[2], regions=True)
-        if not hasattr(model, "backbone"):
-            raise errors.InputError(f"--extractor {spec}: {spec.partition(':')[2]} trained no region tokens; "
-                                    "use it without 'regions:' (its backbone's patch features)")
-        return ViTExtractor(model, spec, image_size)
-    if spec.partition(":")[0] not in backbones.SCHEMES:
-        raise errors.InputError(f"unknown extractor {spec!r}: use handcrafted, oracle, a backbone (hf:DIR, ckpt:DIR, "
-                         "hub:ID) or any Hugging Face vision encoder (transformers:DIR)")
+    source = backbones.parse(spec, what="--extractor", also=("handcrafted", "oracle"))
+    if source.scheme == "transformers":
+        return ViTExtractor(TransformersRegionFeatures(source.where, image_size), spec)
+    # regions:ckpt:RUN, a second labelling round: the trained RICE model's own region tokens (what
+    # its loss made discriminative) rather than its backbone's mean-pooled patches.
     return ViTExtractor(backbones.load(spec), spec, image_size)
 
 
 # ----------------------------------------------------------------------------- k-means
-def _normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-# At and above this K the default backend is the mesh k-means (rice_jax.kmeans); below it
+# At and above this K the default backend is the mesh k-means (rice_jax.labelling.kmeans); below it
 # scikit-learn's MiniBatchKMeans is quicker to start and plenty.
 JAX_BACKEND_MIN_K = 4096
 BACKENDS = ("auto", "sklearn", "faiss", "jax")
@@ -214,7 +203,7 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
                precision: str = "float32"):
     """Spherical k-means over ``feats`` (unit rows, possibly a memmap): normalised centres [K, D].
 
-    ``backend="jax"`` returns the fitted :class:`rice_jax.kmeans.MeshKMeans` instead (centres stay
+    ``backend="jax"`` returns the fitted :class:`rice_jax.labelling.kmeans.MeshKMeans` instead (centres stay
     sharded on the mesh; ``state_dir`` makes its passes resumable)."""
     if backend == "jax" and levels == 2:
         return HierarchicalKMeans(k, feats.shape[1], metric="cosine", batch_size=chunk, seed=seed, log=log,
@@ -229,7 +218,7 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
 
         km = faiss.Kmeans(feats.shape[1], k, niter=20, seed=seed, spherical=True)
         km.train(np.ascontiguousarray(feats))
-        return _normalize(km.centroids)
+        return l2_normalize(km.centroids)
     from sklearn.cluster import MiniBatchKMeans
 
     km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=max(chunk, k), n_init=1)
@@ -240,7 +229,7 @@ def fit_kmeans(feats: np.ndarray, k: int, *, seed: int, chunk: int, passes: int 
     for _ in range(passes):
         for start in rng.permutation(np.arange(0, len(feats), chunk)):
             km.partial_fit(feats[start:start + chunk])
-    return _normalize(km.cluster_centers_.astype(np.float32))
+    return l2_normalize(km.cluster_centers_.astype(np.float32))
 
 
 def assign(feats: np.ndarray, centers: np.ndarray, chunk: int) -> tuple[np.ndarray, float]:
@@ -285,9 +274,8 @@ def _write_owned_topk(topk_dir: Path, feats: feature_store.FeatureShards, ids: n
     for j, shard in enumerate(feats.shard_names):
         m = ids[:, 0] == j
         path = topk_dir / f"{shard}.npz"
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, ids=ids[m, 1:3], labels=top[m], scores=scores[m])
-        os.replace(tmp, path)
+        with storage.atomic_local(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, ids=ids[m, 1:3], labels=top[m], scores=scores[m])
     log(f"[clustering] top-{top.shape[1]} assignment of {len(feats.shard_names)} shard(s) in {topk_dir}")
 
 

@@ -194,30 +194,28 @@ class PaddleResults:
                 if db.execute("SELECT value FROM meta WHERE key='signature'").fetchone() == (sig,):
                     return self
         self.index_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        t0, count = time.perf_counter(), 0
-        with contextlib.closing(sqlite3.connect(tmp)) as db:
-            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
-            db.execute("CREATE TABLE results (name TEXT PRIMARY KEY, offset INTEGER, length INTEGER, line INTEGER)")
-            rows = self._scan()
-            while True:
-                chunk = list(itertools.islice(rows, 100_000))
-                if not chunk:
-                    break
-                try:
-                    db.executemany("INSERT INTO results VALUES (?, ?, ?, ?)", chunk)
-                except sqlite3.IntegrityError:
-                    # The name's first line is in the table: the later one is the duplicate to name.
-                    for name, _, _, n in chunk:
-                        first = db.execute("SELECT line FROM results WHERE name=?", (name,)).fetchone()
-                        if first is not None and first[0] != n:
-                            raise self._twice(name, n) from None
-                    raise
-                count += len(chunk)
-            db.execute("INSERT INTO meta VALUES ('signature', ?)", (sig,))
-            db.commit()
-        os.replace(tmp, target)
+        with storage.atomic_local(target) as tmp:
+            t0, count = time.perf_counter(), 0
+            with contextlib.closing(sqlite3.connect(tmp)) as db:
+                db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+                db.execute("CREATE TABLE results (name TEXT PRIMARY KEY, offset INTEGER, length INTEGER, line INTEGER)")
+                rows = self._scan()
+                while True:
+                    chunk = list(itertools.islice(rows, 100_000))
+                    if not chunk:
+                        break
+                    try:
+                        db.executemany("INSERT INTO results VALUES (?, ?, ?, ?)", chunk)
+                    except sqlite3.IntegrityError:
+                        # The name's first line is in the table: the later one is the duplicate to name.
+                        for name, _, _, n in chunk:
+                            first = db.execute("SELECT line FROM results WHERE name=?", (name,)).fetchone()
+                            if first is not None and first[0] != n:
+                                raise self._twice(name, n) from None
+                        raise
+                    count += len(chunk)
+                db.execute("INSERT INTO meta VALUES ('signature', ?)", (sig,))
+                db.commit()
         print(f"[ocr] indexed {count} PaddleOCR result lines of {self.path} in {time.perf_counter() - t0:.1f} s "
               f"-> {target}", flush=True)
         return self

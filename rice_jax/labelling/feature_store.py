@@ -16,7 +16,6 @@ in place is extracted anew), so a killed extraction resumes at shard granularity
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,10 +35,8 @@ def _paths(features_dir, shard: str) -> dict[str, Path]:
 
 
 def _save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with storage.atomic_local(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -52,11 +49,6 @@ def _decode(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
     return np.asarray(x, np.float32)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _mark_matches(path: Path, want: dict) -> bool:
@@ -93,7 +85,7 @@ def extract_shards(src: records.RecordSource, shards: Sequence[int], extractor, 
         ids, feats = [], []
         for chunk_ids, chunk_feats in extractor(view, chunk):
             ids.append(np.asarray(chunk_ids, np.int64).reshape(-1, 2))
-            feats.append(_encode(_unit(chunk_feats), dtype))
+            feats.append(_encode(l2_normalize(np.asarray(chunk_feats)), dtype))
         ids = np.concatenate(ids) if ids else np.zeros((0, 2), np.int64)
         feats = np.concatenate(feats) if feats else _encode(np.zeros((0, extractor.dim), np.float32), dtype)
         counts, objects = view.counts(), view.objects()
