@@ -37,6 +37,40 @@ def _config(arg):
     return get_config(arg)
 
 
+
+def teacher_probes(data_dir, image_size: int) -> dict:
+    """The handcrafted clustering teacher's own region probes at the model's input resolution.
+
+    Each image is resized to ``image_size`` x ``image_size`` exactly as the backbone sees it, the
+    object boxes are cut from that image and described by
+    :func:`rice_jax.labelling.clustering.handcrafted_features`; same split and probes as
+    :func:`rice_jax.evaluate.evaluate_backbone`. What the pseudo-labels were made from, so the bar a
+    backbone trained on them has to clear to have learned more than its teacher."""
+    import io
+
+    from PIL import Image
+
+    from rice_jax import evaluate
+    from rice_jax.data import records
+    from rice_jax.labelling.clustering import handcrafted_features
+
+    src = records.RecordSource(data_dir)
+    items = []
+    for i in range(len(src)):
+        rec = src[i]
+        img = Image.open(io.BytesIO(rec.image)).convert("RGB")
+        w, h = img.size
+        arr = np.asarray(img.resize((image_size, image_size), Image.BICUBIC))
+        scale = np.array([image_size / w, image_size / h] * 2)
+        for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
+            x0, y0 = np.floor(rec.boxes[r][:2] * scale[:2]).astype(int)
+            x1, y1 = np.ceil(rec.boxes[r][2:] * scale[2:]).astype(int)
+            crop = arr[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
+            items.append({"image": i, "feat": {"hand": handcrafted_features(crop)}, "category": int(rec.category[r])})
+    tr, te = evaluate.split_by_image(items)
+    lin, knn = evaluate.region_probes(tr, te, "hand")
+    return {"region_linear_acc": lin, "region_knn_acc": knn, "num_regions_test": len(te)}
+
 def prepare(root: Path, seed: int, n_train: int, n_eval: int, k: int, n_down: int = 0):
     """Training data with k-means labels, a copy with oracle labels, held-out data and (``n_down``
     images) the synthetic downstream tasks' data."""
@@ -87,7 +121,7 @@ def run_one(method: str, seed: int, dirs: dict, workdir: Path, steps: int, down_
     image = c.stages[-1][1]
     eval_dir = dirs["eval"]
     if method == "teacher":
-        return evaluate.evaluate_handcrafted(eval_dir, image), None
+        return teacher_probes(eval_dir, image), None
     tok = tokenizer.for_dataset(eval_dir)
     if method == "random_init":   # the RICE recipe's architecture (region settings included), untrained
         model = RICEModel(train.build_model_config(c), rngs=nnx.Rngs(seed))

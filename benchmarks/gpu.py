@@ -66,7 +66,7 @@ def step_time(c, num_classes: int, vocab: int, repeats: int) -> dict:
         pass
     return {"step_s": t["median_s"], "step_min_s": t["min_s"], "images_per_s": b / t["median_s"],
             "model_flops_per_step": perf.model_flops(c, setup.num_obj_classes, setup.num_ocr_classes, b, (c.stages[-1][1],) * 2),
-            "xla_cost_flops_per_step": train.xla_cost_flops(compiled),
+            "xla_cost_flops_per_step": perf.xla_cost_flops(compiled),
             "compile_s": compile_s, **mem}
 
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.input_pipeline [--smoke]
 
-Records come from :mod:`rice_jax.data.photos` (random crops of the photos scikit-learn and
+Records come from :mod:`benchmarks.photos` (random crops of the photos scikit-learn and
 scikit-image ship, as 640 x 480 and 1024 x 768 JPEGs, N = 10 boxes each): thousands of distinct
 JPEGs with photo statistics, not the synthetic PNGs that decode several times faster. For each
 output size (224, 336 px) and source size:
@@ -161,7 +161,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=48)   # batches per pipeline window (~2-4 s here)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args(argv)
-    from rice_jax.data import photos, pipeline
+    from benchmarks import photos
+    from rice_jax.data import pipeline
 
     cores = pipeline.usable_cores()
     if a.smoke:

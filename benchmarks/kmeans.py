@@ -33,6 +33,26 @@ def sphere_inertia(x: np.ndarray, centers: np.ndarray, chunk: int = 65536) -> fl
     return float(sum(np.sum(2.0 - 2.0 * (x[s:s + chunk] @ c.T).max(1)) for s in range(0, len(x), chunk)))
 
 
+def compiled_memory_per_device(k: int, dim: int, batch_size: int, mesh=None) -> dict:
+    """Per-device bytes of one accumulation step compiled for ``k`` centres (abstract shapes only:
+    nothing is allocated). For sizing, and for the test that memory falls as 1/W."""
+    import jax
+    import jax.numpy as jnp
+
+    from rice_jax.labelling.kmeans import MeshKMeans
+
+    km = MeshKMeans(k, dim, mesh=mesh, batch_size=batch_size, log=lambda s: None)
+    rows = lambda n: jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=km.row_sharding)
+    vec = lambda n, dt: jax.ShapeDtypeStruct((n,), dt, sharding=km.vec_sharding)
+    b = km.batch_size
+    mem = km._accumulate.lower(rows(km.k_pad), rows(km.k_pad), vec(km.k_pad, jnp.int32), vec(km.k_pad, jnp.float32),
+                               rows(b),
+                               vec(b, jnp.bool_)).compile().memory_analysis()
+    return {"argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+            "output_bytes": int(mem.output_size_in_bytes),
+            "total_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)}
+
+
 def run_jax(x, k, passes, seed, devices=None, precision="float32", return_model=False):
     import jax
 
@@ -175,7 +195,6 @@ def main(argv=None):
     import jax
 
     from rice_jax import perf, sharding
-    from rice_jax.labelling.kmeans import compiled_memory_per_device
 
     n, d, k, passes = (20_000, 32, 100, 2) if a.smoke else (a.n, a.d, a.k, a.passes)
     x = features(n, d, hidden=max(k // 2, 2))

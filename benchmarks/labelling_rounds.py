@@ -27,19 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ablation import evaluate_run, prepare, train_tiny
+from benchmarks.ablation import evaluate_run, prepare, teacher_probes, train_tiny
 from benchmarks.common import add_synthetic_run_flags, report
 
 VARIANTS = ("round1", "round2_scratch", "round2_continue", "round1_2x", "teacher")
 
 
 def run_seed(seed: int, root: Path, work: Path, a) -> dict:
-    from rice_jax import evaluate
     from rice_jax.labelling import clustering
     from rice_jax.configs.rice import get_config
 
     dirs = prepare(root, seed, a.images, a.eval_images, a.clusters)
-    out = {"teacher": evaluate.evaluate_handcrafted(dirs["eval"], get_config("tiny").stages[-1][1])}
+    out = {"teacher": teacher_probes(dirs["eval"], get_config("tiny").stages[-1][1])}
     r1 = work / f"round1_{seed}"
     s1, t1 = train_tiny(dirs["train"], r1, seed, a.steps)
     from rice_jax.data import records

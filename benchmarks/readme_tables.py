@@ -42,7 +42,7 @@ def performance() -> str:
                     f"{t['peak_flops']['peak'] / 1e9:.0f} GFLOP/s, the peak the train loop uses.")
     i, c = load_result("input_pipeline"), load_result("clustering")
     if i and "runs" in i and "default_workers" in i:
-        rows += ["", f"Input pipeline on real-photo JPEG records (`input_pipeline.py`, `rice_jax.data.photos`; "
+        rows += ["", f"Input pipeline on real-photo JPEG records (`input_pipeline.py`, `benchmarks.photos`; "
                      f"N = {i['num_regions']}, batch {i['batch']}, {i['cores']} cores, `data.workers=auto` = "
                      f"{i['default_workers']} worker processes here). Floor = cores × the bare one-core decode + crop + "
                      f"resize rate, measured in alternation with the pipeline ({i['rounds']} rounds); ratio = pipeline "

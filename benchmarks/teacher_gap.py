@@ -40,8 +40,7 @@ KEEP = ("label_nmi", "region_linear_acc", "region_knn_acc", "region_token_linear
 def _prepare(seed: int, root: str, images: int, eval_images: int, clusters: tuple) -> dict:
     """The seed's data (ablation.prepare, K = the first of ``clusters``) and one labelled copy of the
     training images per further K; the teacher's own probe on the held-out images."""
-    from benchmarks.ablation import prepare
-    from rice_jax import evaluate
+    from benchmarks.ablation import prepare, teacher_probes
     from rice_jax.labelling import clustering
     from rice_jax.configs.rice import get_config
     from rice_jax.data import records
@@ -58,7 +57,7 @@ def _prepare(seed: int, root: str, images: int, eval_images: int, clusters: tupl
             clustering.run(d, k, seed=seed, log=lambda s: None)
         train[k] = str(d)
     nmi = {k: (records.read_manifest(d).get("clustering") or {}).get("nmi") for k, d in train.items()}
-    teacher = evaluate.evaluate_handcrafted(dirs["eval"], get_config("tiny").stages[-1][1])
+    teacher = teacher_probes(dirs["eval"], get_config("tiny").stages[-1][1])
     return {"seed": seed, "train": train, "eval": str(dirs["eval"]), "nmi": nmi, "teacher": teacher}
 
 

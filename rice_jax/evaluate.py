@@ -23,14 +23,12 @@ On a held-out synthetic dataset (images split 50/50 into probe-train/test):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 
 import numpy as np
 from PIL import Image
 
 from rice_jax import backbones, cli, errors, storage
-from rice_jax.labelling.clustering import handcrafted_features
 from rice_jax.data import pipeline, records, synthetic
 from rice_jax.data.tokenizer import for_dataset
 from rice_jax.labelling.features import RegionFeatures, resolve_layer
@@ -95,7 +93,8 @@ def extract(vit, data_dir, image_size: int, batch_size: int = 16, max_patches_pe
     return regions, patches, images
 
 
-def _split(items, key="image"):
+def split_by_image(items, key="image"):
+    """Every probe's train/test split: even image indices train, odd ones test."""
     tr = [it for it in items if it[key] % 2 == 0]
     te = [it for it in items if it[key] % 2 == 1]
     return tr, te
@@ -126,8 +125,9 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
     return float(np.mean(votes == test_y))
 
 
-def _region_probes(tr, te, feat_key) -> tuple[float, float]:
-    """(linear probe accuracy, kNN accuracy) of the region categories."""
+def region_probes(tr, te, feat_key) -> tuple[float, float]:
+    """(linear probe accuracy, kNN accuracy) of the region categories: items ``{"image", "category",
+    "feat": {feat_key: [D]}}`` split by :func:`split_by_image`."""
     xtr, xte = _features(tr, feat_key), _features(te, feat_key)
     ytr, y = np.array([t["category"] for t in tr]), np.array([t["category"] for t in te])
     pred, _, _ = _linear_probe(xtr, ytr, xte)
@@ -170,14 +170,14 @@ def region_probe(regions, key: str, num_layers: int | None = None, region_tokens
     """Region category from ROI features at layer ``key`` (linear + kNN); every depth when
     ``num_layers`` is given (``per_layer``); the model's own region tokens when ``region_tokens``."""
     obj = [r for r in regions if r["kind"] == 0 and r["category"] >= 0]
-    tr, te = _split(obj)
+    tr, te = split_by_image(obj)
     if not (tr and te and len({t["category"] for t in tr}) > 1):
         return {}
     keys = [str(i) for i in range(num_layers + 1)] if num_layers is not None else [key]
-    probes = {k: _region_probes(tr, te, k) for k in keys}
+    probes = {k: region_probes(tr, te, k) for k in keys}
     res = dict(zip(("region_linear_acc", "region_knn_acc"), probes[key]))
     if region_tokens:
-        res["region_token_linear_acc"], res["region_token_knn_acc"] = _region_probes(tr, te, "region_token")
+        res["region_token_linear_acc"], res["region_token_knn_acc"] = region_probes(tr, te, "region_token")
     if num_layers is not None:
         res["per_layer"] = {l: dict(zip(("region_linear_acc", "region_knn_acc"), v)) for l, v in probes.items()}
     res["num_regions_test"] = len(te)
@@ -188,7 +188,7 @@ def dense_probe(patches, key: str) -> dict:
     """Per-patch semantic class (synthetic ground truth) from patch tokens: mean IoU."""
     if not patches:
         return {}
-    tr, te = _split(patches)
+    tr, te = split_by_image(patches)
     pred, _, _ = _probe(tr, te, "label", key)
     y = np.array([t["label"] for t in te])
     ious = [np.sum((pred == c) & (y == c)) / np.sum((pred == c) | (y == c)) for c in np.unique(y)]
@@ -212,7 +212,7 @@ def ocr_probe(regions, tokenizer, key: str, region_tokens: bool = False) -> dict
 def image_probe(images) -> dict:
     """Image category (largest object's) from the post-LN class token: linear accuracy."""
     imgs = [i for i in images if i["category"] >= 0]
-    tr, te = _split(imgs)
+    tr, te = split_by_image(imgs)
     if not (tr and te and len({t["category"] for t in tr}) > 1):
         return {}
     pred, _, _ = _probe(tr, te, "category")
@@ -225,7 +225,7 @@ def _ocr_recall(txt, tokenizer, feat_key, k: int = 5) -> float:
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler
 
-    tr, te = _split(txt)
+    tr, te = split_by_image(txt)
     ids = lambda t: sorted(set(int(i) for i in tokenizer.encode(t["text"], 10) if i >= 0))
     mlb = MultiLabelBinarizer().fit([ids(t) for t in tr + te])
     xtr, xte = _features(tr, feat_key), _features(te, feat_key)
@@ -241,34 +241,6 @@ def _ocr_recall(txt, tokenizer, feat_key, k: int = 5) -> float:
         true = set(ids(t))
         recall.append(len(top & true) / max(len(true), 1))
     return float(np.mean(recall))
-
-
-def evaluate_handcrafted(data_dir, image_size: int) -> dict:
-    """The clustering teacher's own region probes at the model's input resolution.
-
-    Each image is resized to ``image_size`` x ``image_size`` exactly as the backbone
-    sees it, the object boxes are cut from that image and described by
-    :func:`rice_jax.labelling.clustering.handcrafted_features`; same split and probes as
-    :func:`evaluate_backbone`. What the pseudo-labels were made from, so the bar a
-    backbone trained on them has to clear to have learned more than its teacher.
-    """
-
-    src = records.RecordSource(data_dir)
-    items = []
-    for i in range(len(src)):
-        rec = src[i]
-        img = Image.open(io.BytesIO(rec.image)).convert("RGB")
-        w, h = img.size
-        arr = np.asarray(img.resize((image_size, image_size), Image.BICUBIC))
-        scale = np.array([image_size / w, image_size / h] * 2)
-        for r in np.nonzero((rec.kind == records.KIND_OBJECT) & (rec.category >= 0))[0]:
-            x0, y0 = np.floor(rec.boxes[r][:2] * scale[:2]).astype(int)
-            x1, y1 = np.ceil(rec.boxes[r][2:] * scale[2:]).astype(int)
-            crop = arr[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
-            items.append({"image": i, "feat": {"hand": handcrafted_features(crop)}, "category": int(rec.category[r])})
-    tr, te = _split(items)
-    lin, knn = _region_probes(tr, te, "hand")
-    return {"region_linear_acc": lin, "region_knn_acc": knn, "num_regions_test": len(te)}
 
 
 def random_like(model, seed: int):

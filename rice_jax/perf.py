@@ -155,3 +155,17 @@ def project(c, num_obj_classes: int, num_ocr_classes: int, image_size: int, devi
     model = model_flops(c, num_obj_classes, num_ocr_classes, c.batch_size, (image_size, image_size))
     step = model / (devices * peak_per_device * mfu)
     return {"mfu_assumed": mfu, "model_flops_per_step": model, "step_time_s": step, "images_per_s": c.batch_size / step}
+
+
+def xla_cost_flops(compiled, num_devices: int | None = None) -> float:
+    """XLA's own FLOP count of a compiled step, over ``num_devices`` (default: this process's
+    devices; the planner passes its topology's): a diagnostic beside :func:`model_flops`. It counts
+    remat recomputation and elementwise work, sees a scan body once, and on GPU misses the matmuls
+    handed to cuBLAS/cuDNN, so it is not the MFU numerator."""
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        per_device = float(ca.get("flops", 0.0))  # the SPMD partition's
+    except Exception:  # noqa: BLE001 - a diagnostic, never a reason to stop
+        return 0.0
+    return per_device * (num_devices or jax.device_count())

@@ -366,20 +366,6 @@ def compile_step(train_step, state, batch):
     return train_step.lower(state, batch).compile()
 
 
-def xla_cost_flops(compiled, num_devices: Optional[int] = None) -> float:
-    """XLA's own FLOP count of a compiled step, over ``num_devices`` (default: this process's
-    devices; the planner passes its topology's): a diagnostic beside :func:`rice_jax.perf.model_flops`. It counts
-    remat recomputation and elementwise work, sees a scan body once, and on GPU misses the matmuls
-    handed to cuBLAS/cuDNN, so it is not the MFU numerator."""
-    try:
-        ca = compiled.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        per_device = float(ca.get("flops", 0.0))  # the SPMD partition's
-    except Exception:  # noqa: BLE001 - a diagnostic, never a reason to stop
-        return 0.0
-    return per_device * (num_devices or jax.device_count())
-
-
 def restore_or_init(c, ckpt, setup, state, model_cfg, stage_iter, log):
     """``(start step, state, data iterator, its worker processes)``: the newest intact checkpoint
     (iterator included when it was written in the same stage, read by as many workers as wrote it),

@@ -225,7 +225,7 @@ def test_photo_records_are_distinct_jpegs_of_the_requested_sizes(tmp_path):
 
     from PIL import Image
 
-    from rice_jax.data import photos
+    from benchmarks import photos
 
     m = photos.build(str(tmp_path / "p"), 12, ((64, 48), (96, 72)), regions=5, num_shards=2, seed=1)
     assert sum(m["shard_counts"]) == 12
@@ -247,7 +247,7 @@ def test_jpeg_draft_decoding_keeps_the_crop_and_its_pixels(tmp_path):
     """Reduced-size JPEG decoding (DCT scaling) when the crop keeps >= S px: the same crop (drawn on
     the full size, then scaled), boxes in the decoded frame, and pixels within a fraction of a level
     of a full decode after the resize; a crop that needs full resolution is decoded in full."""
-    from rice_jax.data import photos
+    from benchmarks import photos
 
     photos.build(str(tmp_path / "p"), 6, ((1024, 768),), regions=4, num_shards=1, seed=2)
     src = records.RecordSource(tmp_path / "p")

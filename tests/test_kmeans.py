@@ -12,7 +12,8 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 
 from rice_jax import sharding
-from rice_jax.labelling.kmeans import MeshKMeans, compiled_memory_per_device
+from benchmarks.kmeans import compiled_memory_per_device
+from rice_jax.labelling.kmeans import MeshKMeans
 from tests.test_train import ROOT, _env
 
 

@@ -143,7 +143,7 @@ def decode_image(rec: records.RegionRecord, at_least=None) -> Optional[Image.Ima
 
     ``at_least (w, h)``: a JPEG may be decoded at 1/2, 1/4 or 1/8 of its size (DCT scaling, PIL's
     ``draft``) while the result stays at least that large; callers pass the size the part they
-    will resize must keep. Measured on the photo records (``rice_jax.data.photos``), random crops
+    will resize must keep. Measured on the photo records (``benchmarks.photos``), random crops
     to 224/336 px: 1.1-2.2x faster decoding, 0.2-0.4 mean absolute difference (of 255) after the
     resize against a full decode, p95 under 1.3 (docs/performance.md)."""
     return _decode(_open(rec), at_least)

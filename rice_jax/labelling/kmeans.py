@@ -563,22 +563,6 @@ class HierarchicalKMeans:
         return np.concatenate([km.centers_numpy() for km in self.fine if km is not None])
 
 
-def compiled_memory_per_device(k: int, dim: int, batch_size: int, mesh=None) -> dict:
-    """Per-device bytes of one accumulation step compiled for ``k`` centres (abstract shapes only:
-    nothing is allocated). For sizing, and for the test that memory falls as 1/W."""
-    km = MeshKMeans.__new__(MeshKMeans)
-    MeshKMeans.__init__(km, k, dim, mesh=mesh, batch_size=batch_size, log=lambda s: None)
-    rows = lambda n: jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=km.row_sharding)
-    vec = lambda n, dt: jax.ShapeDtypeStruct((n,), dt, sharding=km.vec_sharding)
-    b = km.batch_size
-    mem = km._accumulate.lower(rows(km.k_pad), rows(km.k_pad), vec(km.k_pad, jnp.int32), vec(km.k_pad, jnp.float32),
-                               rows(b),
-                               vec(b, jnp.bool_)).compile().memory_analysis()
-    return {"argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
-            "output_bytes": int(mem.output_size_in_bytes),
-            "total_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes)}
-
-
 def main(argv=None):
     """Cluster a feature file on the mesh; with several processes each reads its own contiguous slice.
 

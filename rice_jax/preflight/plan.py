@@ -173,7 +173,7 @@ def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
            "code_bytes": int(getattr(mem, "generated_code_size_in_bytes", 0) or 0)}
     # Donated state: outputs that alias arguments occupy the arguments' buffers.
     per["total_bytes"] = per["argument_bytes"] + per["output_bytes"] - per["alias_bytes"] + per["temp_bytes"]
-    flops = train.xla_cost_flops(compiled, len(devices))
+    flops = perf.xla_cost_flops(compiled, len(devices))
     out.update(per_device=per, flops_per_device=flops / len(devices), flops_per_step=flops)
     if kind in perf.CHIPS:
         spec = perf.chip(kind)

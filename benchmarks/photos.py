@@ -7,7 +7,7 @@ each record is a random crop of one of them, resized to a typical web size (640 
 1024 x 768 by default) and JPEG-encoded, so every record is a distinct JPEG with photo statistics,
 with N random object boxes.
 
-    python -m rice_jax.data.photos --out DIR --num-images 1024 [--size 640x480 --size 1024x768]
+    python -m benchmarks.photos --out DIR --num-images 1024 [--size 640x480 --size 1024x768]
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def build(out: str, num_images: int, sizes: Sequence[tuple[int, int]] = ((640, 4
     photos = bundled_photos()
     return records.write_records(photo_records(num_images, sizes, regions=regions, seed=seed, photos=photos), out,
                                  num_shards=num_shards,
-                                 manifest_extra={"source": {"generator": "rice_jax.data.photos",
+                                 manifest_extra={"source": {"generator": "benchmarks.photos",
                                                             "sizes": [list(s) for s in sizes], "seed": seed,
                                                             "photos": len(photos)}})
 
