@@ -281,15 +281,17 @@ def test_preflight_puts_this_hosts_input_rate_beside_the_chips_demand(syn_dir, t
 
     from rice_jax import perf
     from rice_jax.configs.rice import get_config
-    from rice_jax.preflight import bench
+    from rice_jax.preflight import bench, target
 
-    assert bench.topology_hosts("v5p:8x8x8") == ("v5p", 512, 128)
-    assert bench.topology_hosts("v6e:16x16") == ("v6e", 256, 64)
-    assert bench.topology_hosts("h100:64") == ("h100", 64, 8)
-    assert bench.topology_hosts("v5e:2x2", chips_per_host=8) == ("v5e", 4, 1)
-    for wrong in ("v9:2x2", "v5p", "v5p:4xfour", "tpu:4"):
+    hosts = lambda t, per_host=0: (lambda x: (x.kind, x.chips, x.hosts))(target.parse(t, per_host))
+    assert hosts("v5p:8x8x8") == ("v5p", 512, 128)
+    assert hosts("v6e:16x16") == ("v6e", 256, 64)
+    assert hosts("h100:64") == ("h100", 64, 8)
+    assert hosts("v5e:2x2", 8) == ("v5e", 4, 1)
+    assert target.parse("cpu:8", cpu=True).chips == 8
+    for wrong in ("v9:2x2", "v5p", "v5p:4xfour", "tpu:4", "cpu:8"):
         with pytest.raises(errors.InputError, match="use a chip and its grid or count"):
-            bench.topology_hosts(wrong)
+            target.parse(wrong)
     fast = {"images_per_s": 3000.0, "cores": 100, "workers": 63}
     assert bench.verdict(fast, 1490.0)[0] == "input keeps up (2.0x headroom)"
     head, change = bench.verdict({"images_per_s": 600.0, "cores": 100, "workers": 3}, 1500.0)

@@ -94,9 +94,11 @@ def test_plan_rejects_what_it_cannot_plan():
         plan.plan(_tiny(batch=12), "cpu:8", num_obj_classes=100, num_ocr_classes=64)
     with pytest.raises(ValueError, match="only 8 CPU devices"):
         plan.target_devices("cpu:64")
-    for wrong in ("v9:2x2", "h100:8", "v5p", "tpu:4x4"):
-        with pytest.raises(errors.InputError, match="use cpu:N or a TPU generation and its chip grid"):
+    for wrong in ("v9:2x2", "v5p", "tpu:4x4"):
+        with pytest.raises(errors.InputError, match="use cpu:N, a chip and its grid or count"):
             plan.target_devices(wrong)
+    with pytest.raises(errors.InputError, match="the planner compiles for cpu:N or a TPU generation"):
+        plan.target_devices("h100:8")
 
 
 def test_libtpu_stays_out_of_the_main_environment():

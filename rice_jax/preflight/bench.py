@@ -30,22 +30,7 @@ from absl import flags
 
 from rice_jax import cli, errors, perf
 from rice_jax.data import pipeline
-
-
-def topology_hosts(topology: str, chips_per_host: int = 0) -> tuple[str, int, int]:
-    """``(chip kind, chips, hosts)`` of ``v5p:8x8x8`` (a TPU chip grid) or ``h100:64`` (a GPU count),
-    without libtpu: the demand side needs counts, not devices."""
-    kind, _, shape = topology.lower().partition(":")
-    try:
-        dims = [int(d) for d in shape.split("x")] if shape else []
-    except ValueError:
-        dims = []
-    if kind not in perf.CHIPS or not dims or min(dims) < 1:
-        raise errors.InputError(f"--topology {topology!r}: use a chip and its grid or count, e.g. v5p:8x8x8, "
-                                f"v6e:16x16, h100:64 (known chips: {', '.join(sorted(perf.CHIPS))})")
-    chips = math.prod(dims)
-    per_host = chips_per_host or perf.CHIPS[kind]["chips_per_host"]
-    return kind, chips, max(1, math.ceil(chips / per_host))
+from rice_jax.preflight import target
 
 
 def host_supply(data_dir, c, *, per_host_batch: int, image_size: int, seconds: float) -> dict:
@@ -94,7 +79,8 @@ def main(argv):
     data_dir = F.data or c.data.dir
     if not data_dir:
         raise errors.InputError("--data DIR (or --config.data.dir): the region records to read")
-    kind, chips, hosts = topology_hosts(F.topology, F.chips_per_host)
+    topo = target.parse(F.topology, F.chips_per_host)
+    kind, chips, hosts = topo.kind, topo.chips, topo.hosts
     image_size = int(c.stages[F.stage][1])
     if c.batch_size % hosts:
         raise errors.InputError(f"batch_size {c.batch_size} does not split over the {hosts} hosts of {F.topology}")
@@ -118,15 +104,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.define_config_flag()
+    target.define_flags("v5p:4x4x4")
     flags.DEFINE_string("data", "", "region records to read (default: the config's data.dir)")
-    flags.DEFINE_string("topology", "v5p:4x4x4", "the target: a TPU chip grid (v5p:8x8x8, v6e:16x16) or GPUs (h100:64)")
     flags.DEFINE_integer("chips_per_host", 0, "chips one host drives (0 = the chip's usual: 4 for TPUs, 8 for GPUs)")
-    flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M); enters the step's FLOPs")
-    flags.DEFINE_integer("num_ocr_classes", 0, f"V OCR token centres (0 = the config's, or {perf.CLIP_VOCAB})")
-    flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation of the chips")
-    flags.DEFINE_integer("stage", -1, "which stage's image size to read (default: the last)")
     flags.DEFINE_float("seconds", 20.0, "how long to measure after the first batch")
-    flags.DEFINE_string("out", "", "also write the result as JSON here")
-    flags.mark_flags_as_required(["config"])
     cli.run_absl(main)

@@ -41,6 +41,7 @@ import jax  # noqa: E402 - after the environment above
 from absl import flags  # noqa: E402
 
 from rice_jax import batch as batch_contract, cli, errors, perf, sharding, train  # noqa: E402
+from rice_jax.preflight import target  # noqa: E402
 
 MIB = 2**20
 
@@ -54,24 +55,24 @@ REMAT_BY_MEMORY = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", 
 def target_devices(topology: str):
     """``cpu:N`` -> N local CPU devices; ``v5p:4x4x4`` etc. -> the devices of that TPU topology
     description (libtpu compiles for it; no TPU is needed)."""
-    kind, _, shape = topology.partition(":")
-    if kind == "cpu":
-        n = int(shape or jax.device_count())
+    topo = target.parse(topology, cpu=True)
+    if topo.kind == "cpu":
+        n = topo.chips
         if n > jax.device_count():
             raise errors.InputError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
                              f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return jax.devices("cpu")[:n]
-    tpus = sorted(k for k in perf.CHIPS if not k.startswith("h"))   # the GPUs there are h100, h200
-    if kind not in tpus or not shape:
-        raise errors.InputError(f"--topology {topology!r}: use cpu:N or a TPU generation and its chip grid, "
-                                f"e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:8x8 (known: {', '.join(tpus)})")
+    if not topo.is_tpu:
+        raise errors.InputError(f"--topology {topology!r}: the planner compiles for cpu:N or a TPU generation and its "
+                                f"chip grid, e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:8x8 (known: "
+                                f"{', '.join(target.TPU_KINDS)})")
     try:
         from jax.experimental import topologies  # needs libtpu: imported only for a TPU target
 
         # v4 and v5p chips have two TensorCores that JAX drives as one device ("megacore", the
         # default on those pods); a plain description lists one device per core, which JAX's mesh
         # construction refuses for TPUs after v3.
-        extra = {"chip_config_name": "megacore"} if kind in MEGACORE_KINDS else {}
+        extra = {"chip_config_name": "megacore"} if topo.kind in MEGACORE_KINDS else {}
         return topologies.get_topology_desc(topology_name=topology, platform="tpu", **extra).devices
     except Exception as e:  # noqa: BLE001 - missing libtpu or an unknown topology name
         raise errors.InputError(f"--topology {topology}: cannot describe this TPU topology here ({_first(e)}); "
@@ -150,7 +151,7 @@ def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
     step, batch_sh = train.make_train_step(c, setup)
     batch = batch_contract.abstract_batch(c.batch_size, image_size, c.data.num_regions, c.data.max_labels,
                                           batch_sh)
-    kind = topology.partition(":")[0]
+    kind = target.parse(topology, cpu=True).kind
     out = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
            "mesh": dict(mesh.shape), "global_batch": c.batch_size, "image_size": image_size,
            "grad_accum_steps": int(c.get("grad_accum_steps", 1) or 1),
@@ -235,15 +236,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.define_config_flag()
-    flags.DEFINE_string("topology", "cpu:8", "v5p:4x4x4, v5e:16x16, v4:2x2x2, v6e:8x8, ... or cpu:N")
-    flags.DEFINE_integer("num_obj_classes", 1_000_000, "K object centres (paper: 1M)")
-    flags.DEFINE_integer("num_ocr_classes", 0, "V OCR token centres (0 = the config's loss.num_ocr_classes, or "
-                                               f"{perf.CLIP_VOCAB} — a CLIP-sized BPE vocabulary — when that is 0 too)")
-    flags.DEFINE_float("mfu", 0.4, "assumed model FLOPs utilisation for the projected step time")
-    flags.DEFINE_integer("stage", -1, "which stage's image size to compile (default: the last)")
+    target.define_flags("cpu:8")
     flags.DEFINE_bool("fit_search", True, "when the step does not fit, compile remat policies and microbatch "
                                           "counts to find the smallest change that does")
-    flags.DEFINE_string("out", "", "also write the result as JSON here")
-    flags.mark_flags_as_required(["config"])
     cli.run_absl(main)
