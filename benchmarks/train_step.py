@@ -16,7 +16,6 @@ import argparse
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks.common import report, timeit, torch_threads
 from rice_jax.batch import random_batch

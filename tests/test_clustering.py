@@ -147,7 +147,6 @@ def test_clustering_with_a_transformers_encoder(syn, tmp_path):
 
 
 def test_jax_backend_end_to_end(syn, tmp_path):
-    from sklearn.metrics import normalized_mutual_info_score
 
     d = _copy(syn, tmp_path / "c")
     rep = clustering.run(d, 12, backend="jax", chunk=256, passes=10, topk=3, log=lambda s: None)

@@ -200,6 +200,7 @@ def test_cluster_sidecar_labels_reach_batches(syn_dir, tmp_path):
         labels_store.write_shard(d, shard, counts, ids, np.arange(len(ids)) % 7, run)
     m["clustering"] = {"run": run}
     records.write_manifest(d, m)
+    labels_store.commit(d, m, run)
     cfg = pipeline.PipelineConfig(image_size=32, num_regions=8, batch_size=4, random_crop=False, text_fraction=0.0)
     b = next(iter(pipeline.make_dataset(d, cfg, process_index=0, process_count=1)))
     obj = b["region_valid"] & (b["region_kind"] == 0)

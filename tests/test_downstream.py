@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from rice_jax.data import records, synthetic
-from rice_jax.downstream import common, refseg, semseg, sources, table
+from rice_jax.downstream import common, sources, table
 from rice_jax.downstream.encoders import FrozenEncoder
 
 

@@ -1,5 +1,4 @@
 """k-means on the mesh: scikit-learn parity, 8 devices == 1, memory per device ~ 1/W, resume after kill -9."""
-import os
 import signal
 import subprocess
 import sys

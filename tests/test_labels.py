@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from rice_jax import storage
 from rice_jax.labelling import clustering, feature_store
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic
@@ -54,6 +55,7 @@ def test_reader_pickles_paths_not_labels(oracle_data, tmp_path):
     for shard, n in zip(m["shards"], m["shard_counts"]):
         labels_store.write_shard(big, shard, np.full(n, 600), np.zeros((0, 2)), np.zeros(0), "r")
     (big / "manifest.json").write_text(json.dumps(dict(m, clustering={"run": "r"})))
+    labels_store.commit(big, json.loads((big / "manifest.json").read_text()), "r")
     big_reader = labels_store.open_labels(big, json.loads((big / "manifest.json").read_text()))
     big_reader.of(0, int(counts[0]))
     assert abs(len(pickle.dumps(big_reader)) - before) < 64       # paths differ in length, nothing else
@@ -102,6 +104,7 @@ def _fake_labelled_dataset(d, records_per_shard: int, regions: int):
     (d / "manifest.json").write_text(json.dumps({"schema_version": records.SCHEMA_VERSION, "shards": shards,
                                                  "shard_counts": [records_per_shard] * 2,
                                                  "clustering": {"run": "r"}}))
+    labels_store.commit(d, json.loads((d / "manifest.json").read_text()), "r")
     return d
 
 
@@ -139,12 +142,25 @@ def test_stale_labels_are_one_line_errors(oracle_data, tmp_path):
     shutil.move(tmp_path / "kept_labels", labels_dir)
     with pytest.raises(labels_store.StaleLabels, match="labels without a clustering run.*rerun `python -m rice_jax"):
         pipeline.make_dataset(d, CFG, process_index=0, process_count=1)
-    # A shard's labels from another run.
+    # A shard's labels from another run: refused when the index is built, and an index of another run
+    # (or of other shards) when it is opened.
     d = _copy(oracle_data, tmp_path / "other_run")
     m = records.read_manifest(d)
     meta = d / labels_store.LABELS_DIR / f"{m['shards'][1]}.labels.json"
     meta.write_text(json.dumps(dict(json.loads(meta.read_text()), run="elsewhere")))
     with pytest.raises(labels_store.StaleLabels, match=f"{m['shards'][1]}.labels.json: labels of run elsewhere"):
+        labels_store.commit(d, m, m["clustering"]["run"])
+    index = d / labels_store.LABELS_DIR / labels_store.INDEX_FILE
+    index.write_text(json.dumps(dict(json.loads(index.read_text()), run="elsewhere")))
+    with pytest.raises(labels_store.StaleLabels, match=f"{labels_store.INDEX_FILE}: labels of run elsewhere"):
+        pipeline.make_dataset(d, CFG, process_index=0, process_count=1)
+    index.write_text(json.dumps(dict(json.loads(index.read_text()), run=m["clustering"]["run"],
+                                     num_records=[n + (i == 2) for i, n in enumerate(m["shard_counts"])])))
+    with pytest.raises(labels_store.StaleLabels, match=f"shard 2 has {m['shard_counts'][2] + 1} records in "
+                                                       f"{m['shards'][2]}, the manifest {m['shard_counts'][2]}"):
+        pipeline.make_dataset(d, CFG, process_index=0, process_count=1)
+    index.unlink()
+    with pytest.raises(labels_store.StaleLabels, match="index.json: missing or unreadable"):
         pipeline.make_dataset(d, CFG, process_index=0, process_count=1)
     # Same shards and counts, but a record's regions changed: caught when the record is read.
     d = _copy(oracle_data, tmp_path / "regions_changed")
@@ -230,7 +246,7 @@ def test_labelling_interrupted_between_shards_resumes(tmp_path):
     ldir = data / labels_store.LABELS_DIR
     for suffix in (".labels.npy", ".labels.json"):
         (ldir / f"{m['shards'][2]}{suffix}").unlink()
-    (ldir / f"{m['shards'][2]}.labels.npy.tmp123").write_bytes(b"partial")
+    (ldir / f".{m['shards'][2]}.labels.npy{storage.TEMP_MARK}123").write_bytes(b"partial")
     del m["clustering"]
     records.write_manifest(data, m)
     kept = {p: p.stat().st_mtime_ns for p in ldir.glob(f"{m['shards'][0]}.labels.*")}

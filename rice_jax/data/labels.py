@@ -4,7 +4,9 @@ read lazily, refused when stale.
     DATA/cluster_labels/<shard>.labels.npy    int32 [num_records + 1 + num_regions]: region offsets
                                               per record, then one label per region (-1: none)
     DATA/cluster_labels/<shard>.labels.json   fingerprint: shard name, record and region counts,
-                                              the clustering run; written last (the commit mark)
+                                              the clustering run; written last (the shard's commit mark)
+    DATA/cluster_labels/index.json            every shard's fingerprint in manifest order: written
+                                              once all shards are (the labelling's commit mark)
 
 At the paper's scale (2B regions) the labels are ~8 GB: no process reads them whole. A clustering
 process writes the files of the shards it owns (atomic, so a killed run leaves whole files or
@@ -14,14 +16,15 @@ process and per Grain worker does not depend on the dataset's size, and pickling
 worker copies paths, not labels.
 
 Labels are keyed by a record's position in its shard, so they are only valid for the records they
-were made from. Opening checks every shard's fingerprint against the manifest (names, record
-counts, the clustering run it records); reading checks each record's region count against the
-label offsets. A mismatch (records re-mined or re-imported after clustering) stops with one line
+were made from. Opening reads the one index file (not 40k shard marks: one open per process at
+any shard count) and checks every shard's fingerprint in it against the manifest (names, record
+counts, the clustering run); reading checks each record's region count against the label offsets. A mismatch (records re-mined or re-imported after clustering) stops with one line
 naming the shard and the command to rerun.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import hashlib
 import json
 import threading
@@ -35,6 +38,8 @@ from rice_jax.data import records
 
 LABELS_DIR = "cluster_labels"
 LEGACY_FILE = "cluster_labels.npz"   # the single-file sidecar of earlier versions
+INDEX_FILE = "index.json"
+READ_THREADS = 32   # shard marks read at once when the index is built (latency-bound on gcsfuse/NFS)
 
 
 class StaleLabels(errors.InputError):
@@ -116,7 +121,11 @@ class ClusterLabels:
             arr = self._open.get(s)
             if arr is None:
                 data, _ = _paths(self.data_dir, self.shards[s])
-                arr = self._open[s] = np.load(data, mmap_mode="r")
+                try:
+                    arr = self._open[s] = np.load(data, mmap_mode="r")
+                except (OSError, ValueError) as e:
+                    raise StaleLabels(f"{data}: cannot be read ({errors.first_line(e)}); "
+                                      f"{_rerun(self.data_dir)}") from None
                 while len(self._open) > self.max_open:
                     self._open.popitem(last=False)
             else:
@@ -136,8 +145,36 @@ class ClusterLabels:
         return np.asarray(arr[n_rec + 1 + lo:n_rec + 1 + hi])
 
 
+def _check_mark(data_dir, shard: str, n: int, run: str) -> dict:
+    _, meta_path = _paths(data_dir, shard)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise StaleLabels(f"{meta_path}: missing or unreadable, so shard {shard} has no labels (clustering did not "
+                          f"finish); {_rerun(data_dir)}") from None
+    if meta.get("run") != run or meta.get("shard") != shard or meta.get("num_records") != int(n):
+        raise StaleLabels(f"{meta_path}: labels of run {meta.get('run')} for {meta.get('num_records')} records; the "
+                          f"manifest names run {run} and {n} records in {shard}; {_rerun(data_dir)}")
+    return meta
+
+
+def commit(data_dir, manifest: dict, run: str) -> dict:
+    """Check every shard's mark against ``manifest`` and ``run`` (:data:`READ_THREADS` at a time) and
+    write the index the readers open: the labelling's commit mark, written once by process 0 after
+    every owner wrote its shards. Returns the index."""
+    d = Path(data_dir)
+    pairs = list(zip(manifest["shards"], manifest["shard_counts"]))
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        metas = list(pool.map(lambda p: _check_mark(d, p[0], p[1], run), pairs))
+    index = {"run": run, "shards": [m["shard"] for m in metas], "num_records": [int(m["num_records"]) for m in metas],
+             "num_regions": [int(m["num_regions"]) for m in metas]}
+    storage.write_text_atomic(d / LABELS_DIR / INDEX_FILE, json.dumps(index))
+    return index
+
+
 def open_labels(data_dir, manifest: dict) -> Optional[ClusterLabels]:
-    """The dataset's labels, checked against its manifest; None when it has none (never clustered)."""
+    """The dataset's labels, checked against its manifest; None when it has none (never clustered).
+    One file is read whatever the number of shards: the index :func:`commit` wrote."""
     d = Path(data_dir)
     if not (d / LABELS_DIR).is_dir():
         if (d / LEGACY_FILE).exists():
@@ -148,16 +185,21 @@ def open_labels(data_dir, manifest: dict) -> Optional[ClusterLabels]:
     if not run:
         raise StaleLabels(f"{d / LABELS_DIR}: labels without a clustering run in {d}/manifest.json (the records were "
                           f"rebuilt after clustering, or clustering did not finish); {_rerun(d)}")
-    for shard, n in zip(manifest["shards"], manifest["shard_counts"]):
-        _, meta_path = _paths(d, shard)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            raise StaleLabels(f"{meta_path}: missing or unreadable, so shard {shard} has no labels (clustering did not "
-                              f"finish); {_rerun(d)}") from None
-        if meta.get("run") != run or meta.get("shard") != shard or meta.get("num_records") != int(n):
-            raise StaleLabels(f"{meta_path}: labels of run {meta.get('run')} for {meta.get('num_records')} records; the "
-                              f"manifest names run {run} and {n} records in {shard}; {_rerun(d)}")
+    path = d / LABELS_DIR / INDEX_FILE
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise StaleLabels(f"{path}: missing or unreadable (clustering did not finish); {_rerun(d)}") from None
+    if index.get("run") != run:
+        raise StaleLabels(f"{path}: labels of run {index.get('run')}; the manifest names run {run}; {_rerun(d)}")
+    want = list(zip(manifest["shards"], map(int, manifest["shard_counts"])))
+    have = list(zip(index.get("shards", []), index.get("num_records", [])))
+    if have != want:
+        bad = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
+        said = f"{have[bad][1]} records in {have[bad][0]}" if bad < len(have) else "no entry"
+        wanted = f"{want[bad][1]} records in {want[bad][0]}" if bad < len(want) else "no shard"
+        raise StaleLabels(f"{path}: shard {bad} has {said}, the manifest {wanted} (the records changed after "
+                          f"clustering); {_rerun(d)}")
     return ClusterLabels(d, manifest["shards"], manifest["shard_counts"], run)
 
 

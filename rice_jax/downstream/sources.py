@@ -28,7 +28,6 @@ damaged example and never drops one silently.
 from __future__ import annotations
 
 import collections
-import io
 import os
 from typing import Iterator
 

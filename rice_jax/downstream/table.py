@@ -17,7 +17,7 @@ import json
 import time
 
 from rice_jax import cli, errors
-from rice_jax.downstream import common, refseg, regcls, semseg, sources
+from rice_jax.downstream import refseg, regcls, semseg, sources
 from rice_jax.downstream.encoders import FrozenEncoder
 from rice_jax.evaluate import DEFAULT_LAYER
 

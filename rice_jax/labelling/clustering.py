@@ -299,6 +299,7 @@ def _record_report(data_dir: Path, report: dict, log) -> dict:
     report.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   labels_dir=labels_store.LABELS_DIR)
     manifest = records.read_manifest(data_dir)
+    labels_store.commit(data_dir, manifest, report["run"])
     manifest["num_clusters"] = report["k"]
     manifest["clustering"] = report
     records.write_manifest(data_dir, manifest)

@@ -25,6 +25,7 @@ import numpy as np
 
 from rice_jax import errors, storage
 from rice_jax.data import records
+from rice_jax.losses import l2_normalize
 
 DTYPES = ("float16", "bfloat16", "float32")
 
