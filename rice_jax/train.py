@@ -334,7 +334,7 @@ def _open_data(c, is_main: bool) -> records.RecordSource:
     reads through it): a damaged shard stops the run naming it or, when the config allows it, is left
     out — printed, and kept in ``source.skipped`` so the summary and metrics count it."""
     # raises DamagedShardError naming the first damaged shard unless skip_damaged_shards
-    source = records.RecordSource(c.data.dir, skip_damaged=c.data.skip_damaged_shards)
+    source = records.RecordSource(c.data.dir, skip_damaged=c.data.skip_damaged_shards, check=c.data.shard_check)
     damaged = source.skipped
     if damaged and is_main:
         lost = sum(s.expected for s in damaged)

@@ -76,27 +76,44 @@ def _damage(d: Path, how: str) -> str:
     return name
 
 
-@pytest.mark.parametrize("how,problem", [("truncated", "cannot be opened"), ("zero_byte", "empty"),
-                                         ("missing", "missing"), ("wrong_count", "manifest says")])
-def test_damaged_shard_is_named_reported_and_skippable(data_dir, tmp_path, how, problem, capsys):
+# (damage, what the start-up size check says (None: it passes), what opening the shard says)
+DAMAGE = [("truncated", "bytes, the manifest says", "cannot be opened"), ("zero_byte", "empty", "empty"),
+          ("missing", "missing", "missing"), ("wrong_count", None, "records, the manifest says")]
+
+
+@pytest.mark.parametrize("how,by_size,by_open", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damaged_shard_is_named_reported_and_skippable(data_dir, tmp_path, how, by_size, by_open, capsys):
     d = tmp_path / "data"
     shutil.copytree(data_dir, d)
     before = {r.image_id: r for r in records.RecordSource(d)}
     counts = records.read_manifest(d)["shard_counts"]
     name = _damage(d, how)
 
+    def one_line(e, problem):
+        msg = str(e.value)
+        assert name in msg and problem in msg and "skip_damaged_shards" in msg and "\n" not in msg, msg
+
     with pytest.raises(records.DamagedShardError) as e:
-        records.RecordSource(d)
-    msg = str(e.value)
-    assert name in msg and problem in msg and "skip_damaged_shards" in msg and "\n" not in msg
+        records.RecordSource(d, check="open")
+    one_line(e, by_open)
+    if by_size is None:
+        # Size and name as the manifest says: trusted at start-up, refused when the shard is first read.
+        src = records.RecordSource(d)
+        with pytest.raises(records.DamagedShardError) as e:
+            src[counts[0] + counts[1]]
+        one_line(e, by_open)
+    else:
+        with pytest.raises(records.DamagedShardError) as e:
+            records.RecordSource(d)
+        one_line(e, by_size)
 
     assert records.main(["--validate", str(d)]) == 1
     out = capsys.readouterr().out
     row = next(l for l in out.splitlines() if l.startswith(name))
-    assert problem in row
+    assert by_open in row
     assert f"3/4 shards healthy" in out
 
-    src = records.RecordSource(d, skip_damaged=True)
+    src = records.RecordSource(d, skip_damaged=True, check="open" if by_size is None else "size")
     assert [os.path.basename(s.path) for s in src.skipped] == [name]
     assert len(src) == sum(counts) - counts[2]
     # Kept records keep their dataset index (cluster labels are keyed by it) and their content.

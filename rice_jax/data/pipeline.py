@@ -56,6 +56,8 @@ class PipelineConfig:
     #                                  (a bucket mount: each blocked read holds a thread). More threads than
     #                                  ~2 per core cost throughput on local disk (8 threads on 2 cores: -9 %).
     skip_damaged_shards: bool = False  # leave damaged shards out (counted) instead of stopping
+    shard_check: str = "size"        # start-up check: "size" (a stat a shard, counts verified at first read)
+    #                                  or "open" (open every shard; a wrong count can then be skipped too)
     jpeg_draft: bool = True          # decode JPEGs at 1/2-1/8 scale when the crop keeps >= S px (decode_image)
 
     def __post_init__(self):
@@ -354,7 +356,8 @@ def make_dataset(data_dir: str | os.PathLike, cfg: PipelineConfig, *, tokenizer=
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    src = source if source is not None else records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards)
+    src = source if source is not None else records.RecordSource(data_dir, skip_damaged=cfg.skip_damaged_shards,
+                                                                           check=cfg.shard_check)
     if tokenizer is None:
         tokenizer = for_dataset(data_dir)
     transform = RegionExampleTransform(cfg, tokenizer, labels_store.open_labels(data_dir, records.read_manifest(data_dir)),
