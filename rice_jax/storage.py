@@ -72,6 +72,22 @@ def atomic_local(target: PathLike) -> Iterator[Path]:
     os.replace(tmp, target)
 
 
+@contextlib.contextmanager
+def open_atomic(target: PathLike):
+    """``with open_atomic(p) as f:`` a binary file at any scheme that appears whole or not at all: a
+    local temp file renamed into place (:func:`atomic_local`), or a remote object (``gs://``),
+    which an object store publishes only when the upload completes."""
+    target = path(target)
+    if is_remote(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as f:
+            yield f
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_local(target) as tmp, open(tmp, "wb") as f:
+        yield f
+
+
 def write_text_atomic(p: PathLike, text: str) -> None:
     """Write a small text file so a reader never sees half of it (temp + rename; a single PUT remotely)."""
     p = path(p)

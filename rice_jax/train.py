@@ -419,7 +419,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     ``workdir`` may be local or any ``etils.epath`` scheme (``gs://bucket/run``): checkpoints,
     metrics, TensorBoard events, ``config.json`` and ``summary.json`` all go there."""
     workdir = storage.path(workdir)
-    started = time.perf_counter()
+    started, startup_s = time.perf_counter(), None
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     manifest = records.read_manifest(c.data.dir) if c.data.dir else {}
@@ -487,8 +487,9 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
         steps_this_run += 1
         if started is not None:   # once: start-up = shard checks, restore, first batch, compile, one step
             jax.block_until_ready(metrics)
+            startup_s = time.perf_counter() - started
             if is_main:
-                print(f"[train] first step done {time.perf_counter() - started:.1f} s after start", flush=True)
+                print(f"[train] first step done {startup_s:.1f} s after start", flush=True)
             started = None
         if step % c.log_every == 0 or step == total_steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -527,7 +528,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     preemption.close()
     # summary.json is the run's outcome; the per-step metrics live once, in metrics.jsonl.
     summary = {"start_step": start, "end_step": step, "last_metrics": history[-1] if history else None,
-               "metrics_file": "metrics.jsonl", "peak_flops_per_device": peak, "flops_per_step": flops_per_step,
+               "metrics_file": "metrics.jsonl", "startup_s": startup_s, "peak_flops_per_device": peak, "flops_per_step": flops_per_step,
                "preempted": preemption.stopped, "skipped_shards": [s.path for s in damaged_shards]}
     if is_main:
         storage.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))

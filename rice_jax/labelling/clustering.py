@@ -45,7 +45,7 @@ from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records
 from rice_jax.labelling.features import RegionFeatures, TransformersRegionFeatures
 from rice_jax.losses import l2_normalize
-from rice_jax.labelling.kmeans import HierarchicalKMeans, MeshKMeans
+from rice_jax.labelling.kmeans import PRECISIONS, resolve_precision, HierarchicalKMeans, MeshKMeans
 
 CENTERS_FILE = "centers.npy"
 TOPK_DIR = "cluster_topk"   # <shard>.npz per record shard: (record in shard, region) ids, [n, T] clusters, scores
@@ -150,18 +150,24 @@ class ViTExtractor:
             out = np.concatenate([feats[j, : len(b[2])] for j, b in enumerate(batch)])
             return np.asarray(ids), out
 
-        decode = lambda item: (item, pipeline.record_input(item[1], self.image_size))
-        ahead = collections.deque()   # decoded in order, up to two batches ahead of the device
-        items = _iter_object_records(src)
+        def read(i: int):
+            """Record ``i`` read, its image decoded and resized on a pool thread (ArrayRecord reads,
+            msgpack and PIL release the GIL), in the pipeline's one record -> model-input way."""
+            rec = src[i]
+            obj = np.nonzero(rec.kind == records.KIND_OBJECT)[0]
+            return i, obj, (pipeline.record_input(rec, self.image_size) if len(obj) else None)
+
+        ahead = collections.deque()   # read in order, up to two batches ahead of the device
+        items = iter(range(len(src)))
         with concurrent.futures.ThreadPoolExecutor(self.decode_threads) as pool:
-            for item in itertools.islice(items, 2 * self.batch_size):
-                ahead.append(pool.submit(decode, item))
+            for i in itertools.islice(items, 2 * self.batch_size):
+                ahead.append(pool.submit(read, i))
             while ahead:
-                (i, rec, obj), inp = ahead.popleft().result()
+                i, obj, inp = ahead.popleft().result()
                 nxt = next(items, None)
                 if nxt is not None:
-                    ahead.append(pool.submit(decode, nxt))
-                if inp is None:  # unreadable image: its regions stay unlabelled (-1)
+                    ahead.append(pool.submit(read, nxt))
+                if inp is None:  # no object, or an unreadable image: its regions stay unlabelled (-1)
                     continue
                 img, nb = inp
                 batch.append((img, [(i, int(r)) for r in obj], nb[obj]))
@@ -172,15 +178,26 @@ class ViTExtractor:
             yield flush(batch)
 
 
-def make_extractor(spec: str, image_size: int | None = None):
+TEACHER_DTYPES = ("float32", "bfloat16")
+
+
+def make_extractor(spec: str, image_size: int | None = None, *, batch_size: int = 16, dtype: str = "float32"):
+    """The extractor ``spec`` names. ``batch_size``: images per extraction step on this host (rounded
+    up to a multiple of its devices); ``dtype``: the JAX teacher's compute dtype (bfloat16 halves its
+    activations and runs at the accelerators' matmul rate; ROI features are pooled in float32)."""
+    if dtype not in TEACHER_DTYPES:
+        raise errors.InputError(f"--dtype {dtype!r}: use one of {TEACHER_DTYPES}")
     if spec == "handcrafted":
         return HandcraftedExtractor()
     source = backbones.parse(spec, what="--extractor", also=("handcrafted", "oracle"))
     if source.scheme == "transformers":
-        return ViTExtractor(TransformersRegionFeatures(source.where, image_size), spec)
+        if dtype != "float32":
+            raise errors.InputError(f"--dtype {dtype}: transformers:DIR encoders run in PyTorch float32; --dtype "
+                                    "sets a JAX teacher's (hf:, ckpt:, hub:)")
+        return ViTExtractor(TransformersRegionFeatures(source.where, image_size), spec, batch_size=batch_size)
     # regions:ckpt:RUN, a second labelling round: the trained RICE model's own region tokens (what
     # its loss made discriminative) rather than its backbone's mean-pooled patches.
-    return ViTExtractor(backbones.load(spec), spec, image_size)
+    return ViTExtractor(backbones.load(spec, dtype=dtype), spec, image_size, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -188,6 +205,9 @@ def make_extractor(spec: str, image_size: int | None = None):
 # scikit-learn's MiniBatchKMeans is quicker to start and plenty.
 JAX_BACKEND_MIN_K = 4096
 BACKENDS = ("auto", "sklearn", "faiss", "jax")
+# Rows per k-means step: the mesh k-means takes large steps (65536: 30k a pass at 2B regions, each
+# a few ms of host work against a step's device time); MiniBatchKMeans' batch stays its usual size.
+DEFAULT_CHUNK = {"jax": 65536, "sklearn": 4096, "faiss": 4096}
 
 
 def resolve_backend(backend: str, k: int) -> str:
@@ -274,7 +294,7 @@ def _write_owned_topk(topk_dir: Path, feats: feature_store.FeatureShards, ids: n
     for j, shard in enumerate(feats.shard_names):
         m = ids[:, 0] == j
         path = topk_dir / f"{shard}.npz"
-        with storage.atomic_local(path) as tmp, open(tmp, "wb") as f:
+        with storage.open_atomic(path) as f:
             np.savez(f, ids=ids[m, 1:3], labels=top[m], scores=scores[m])
     log(f"[clustering] top-{top.shape[1]} assignment of {len(feats.shard_names)} shard(s) in {topk_dir}")
 
@@ -338,8 +358,9 @@ def oracle_labels(data_dir: str | os.PathLike, log: Callable[[str], None] = prin
 
 def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", out: str | os.PathLike | None = None,
         features_dir: str | os.PathLike | None = None, feature_dtype: str = "float16", seed: int = 0,
-        chunk: int = 4096, passes: int = 5, backend: str = "auto", topk: int = 1, levels: int = 1,
-        image_size: int | None = None, score_precision: str = "float32", log: Callable[[str], None] = print) -> dict:
+        chunk: int | None = None, passes: int = 5, backend: str = "auto", topk: int = 1, levels: int = 1,
+        image_size: int | None = None, score_precision: str = "auto", batch_size: int = 16,
+        teacher_dtype: str = "float32", log: Callable[[str], None] = print) -> dict:
     """Features -> k-means -> labels for ``data_dir`` as one job of any number of processes.
 
     Process p owns the p-th block of shards (:func:`records.owned_shards`): it alone extracts their
@@ -354,20 +375,28 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
         return oracle_labels(data_dir, log)
     manifest = records.read_manifest(data_dir)
     src = records.RecordSource(data_dir)
-    out = Path(out) if out else data_dir
+    out = storage.path(out) if out else storage.path(data_dir)   # gs:// too: centres, state and top-k go there
     out.mkdir(parents=True, exist_ok=True)
     pid, nproc = jax.process_index(), jax.process_count()
     owned = records.owned_shards(len(src.paths), pid, nproc)
-    ext = make_extractor(extractor, image_size)
+    backend = resolve_backend(backend, k)
+    chunk = chunk or DEFAULT_CHUNK[backend]
+    score_precision = resolve_precision(score_precision)
+    if nproc > 1 and not features_dir:
+        raise errors.InputError(f"--features-dir DIR is required with {nproc} processes: each writes its shards' "
+                                "features there, so point it at every host's local scratch disk (the system temp "
+                                "dir is usually the small boot disk)")
+    ext = make_extractor(extractor, image_size, batch_size=batch_size, dtype=teacher_dtype)
     fdir = Path(features_dir) if features_dir else default_features_dir(data_dir)
-    settings = {"image_size": getattr(ext, "image_size", None)}
+    settings = {"image_size": getattr(ext, "image_size", None),
+                **({"teacher_dtype": teacher_dtype} if teacher_dtype != "float32" else {})}
+    feature_store.check_free_space(fdir, manifest, owned, int(ext.dim), feature_dtype)
     feats = feature_store.extract_shards(src, owned, ext, fdir, chunk=chunk, dtype=feature_dtype, settings=settings,
                                          log=log)
     ids = feats.ids()
     n_total = int(np.sum(distributed.gather_rows(np.asarray([len(feats)], np.int64))))
     if k < 1 or k > n_total:
         raise errors.InputError(f"--k {k} must be between 1 and the number of object regions ({n_total}); lower K")
-    backend = resolve_backend(backend, k)
     if (topk > 1 or levels != 1 or nproc > 1) and backend != "jax":
         raise errors.InputError("--topk, --levels 2 and multi-process runs need --backend jax (they run on the mesh)")
     if levels not in (1, 2) or (levels == 2 and topk > 1):
@@ -397,7 +426,8 @@ def run(data_dir: str | os.PathLike, k: int, *, extractor: str = "handcrafted", 
     distributed.barrier("clustering_labels_written")
     if pid != 0:
         return report
-    np.save(out / CENTERS_FILE, centers)
+    with storage.open_atomic(out / CENTERS_FILE) as f:
+        np.save(f, centers)
     return _record_report(data_dir, report, log)
 
 
@@ -415,15 +445,22 @@ def main(argv=None):
                          "the system's temp dir; never the data dir)")
     ap.add_argument("--feature-dtype", default="float16", choices=feature_store.DTYPES)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help=f"k-means rows per step over all devices (default {DEFAULT_CHUNK['jax']} for the jax "
+                         f"backend: 30k steps a pass at 2B regions; {DEFAULT_CHUNK['sklearn']} for sklearn)")
+    ap.add_argument("--batch-size", type=int, default=16,
+                    help="images per feature-extraction step on this host (rounded up to its devices)")
+    ap.add_argument("--dtype", default="float32", choices=TEACHER_DTYPES,
+                    help="a JAX teacher's compute dtype (hf:, ckpt:, hub:); bfloat16 on accelerators")
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--backend", choices=BACKENDS, default="auto",
                     help=f"k-means: jax = on the device mesh, centres sharded along K (auto: K >= {JAX_BACKEND_MIN_K}); "
                          "sklearn = MiniBatchKMeans; faiss (optional extra)")
     ap.add_argument("--image-size", type=int, default=None)
-    ap.add_argument("--score-precision", default="float32", choices=("float32", "bfloat16"),
-                    help="jax k-means scoring: bfloat16 = bf16 inputs with fp32 accumulation (the accelerators' "
-                         "matmul rate; agreement with float32 in docs/data.md)")
+    ap.add_argument("--score-precision", default="auto", choices=("auto",) + PRECISIONS,
+                    help="jax k-means scoring: bfloat16 = bf16 matmuls, each row's two best centres rescored in "
+                         "float32 (the accelerators' matmul rate, float32's assignment: docs/data.md); auto = "
+                         "bfloat16 on TPU/GPU, float32 on CPU (no bf16 matrix unit)")
 
     distributed.add_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
@@ -442,8 +479,8 @@ def _run_and_report_memory(a) -> None:
     """Run, then print this process's peak resident memory: the figure that shows no process of a
     multi-process job holds more than its share (``ru_maxrss`` is in KiB on Linux)."""
     run(a.data, a.k, extractor=a.extractor, out=a.out, features_dir=a.features_dir, feature_dtype=a.feature_dtype,
-        seed=a.seed, chunk=a.chunk, passes=a.passes,
-        backend=a.backend, image_size=a.image_size, topk=a.topk, levels=a.levels, score_precision=a.score_precision)
+        seed=a.seed, chunk=a.chunk, passes=a.passes, backend=a.backend, image_size=a.image_size, topk=a.topk,
+        levels=a.levels, score_precision=a.score_precision, batch_size=a.batch_size, teacher_dtype=a.dtype)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"[clustering] process {jax.process_index()}: peak RSS {peak:.0f} MiB", flush=True)
 

@@ -138,10 +138,15 @@ class FeatureShards:
             if step != 1:
                 return self[np.arange(lo, hi, step)]
             parts = []
-            for j, f in enumerate(self._feats):
+            # Only the shards the slice covers, found by bisection: a k-means step reads one or two of
+            # 40k shards, and a loop over all of them cost ~1.5 ms of Python a step.
+            j = max(int(np.searchsorted(self.starts, lo, side="right")) - 1, 0)
+            while j < len(self._feats) and self.starts[j] < hi:
                 a, b = max(lo, self.starts[j]), min(hi, self.starts[j + 1])
                 if a < b:
+                    f = self._feats[j]
                     parts.append(_decode(f[a - self.starts[j]:b - self.starts[j]], self.dtype_on_disk))
+                j += 1
             return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
         idx = np.asarray(idx, np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):

@@ -29,6 +29,7 @@ and a rerun resumes from the last finished pass.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import Callable, Optional
@@ -50,6 +51,16 @@ SPLIT_EPS = 1.0 / 1024   # relative push apart of the two halves of a split clus
 PRECISIONS = ("float32", "bfloat16")
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bfloat16`` where a matrix unit runs bf16 (TPU, GPU), ``float32`` on CPU (no bf16
+    matrix unit: bf16 scoring measured 0.88-0.96x there); anything else as given, checked."""
+    if precision == "auto":
+        return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
+    if precision not in PRECISIONS:
+        raise errors.InputError(f"scoring precision {precision!r}: use auto or one of {PRECISIONS}")
+    return precision
+
+
 def _scores(x, c, metric, precision="float32"):
     """Higher is nearer: cosine of unit rows, or ``2 x·c − |c|²`` (= |x|² − squared distance).
 
@@ -69,6 +80,8 @@ def _nearest_in_shard(x, c_s, offset, *, k_real, metric, block, precision="float
     centres at a time: the ``[B, block]`` scores stay in cache while they are reduced, instead of a
     ``[B, K/W]`` array being written and read twice (measured 3.3x faster on XLA:CPU at B = 8192,
     K/W = 10K). Ties go to the smallest index, as NumPy's argmax."""
+    if precision == "bfloat16":
+        return _nearest_in_shard_reranked(x, c_s, offset, k_real=k_real, metric=metric, block=block)
     ks = c_s.shape[0]
     nb = ks // block
     big = jnp.iinfo(jnp.int32).max
@@ -88,6 +101,55 @@ def _nearest_in_shard(x, c_s, offset, *, k_real, metric, block, precision="float
     init = (jnp.full((x.shape[0],), -jnp.inf, jnp.float32), jnp.full((x.shape[0],), big, jnp.int32))
     (best, arg), _ = jax.lax.scan(body, init, (c_s.reshape(nb, block, -1), jnp.arange(nb, dtype=jnp.int32)))
     return best, arg
+
+
+def _top1(score, cols, big):
+    """(max, first column reaching it) of every row."""
+    m = jnp.max(score, axis=-1)
+    return m, jnp.min(jnp.where(score == m[:, None], cols[None, :], big), axis=-1)
+
+
+def _nearest_in_shard_reranked(x, c_s, offset, *, k_real, metric, block):
+    """:func:`_nearest_in_shard` at bf16 matmul cost with float32's answer: every block is scored in
+    bf16 (fp32 accumulation) keeping each row's two best centres, and those two are rescored in
+    float32 at the end (a ``[B, 2, D]`` gather, ~2/K of the matmul). A bf16 score is off by ~1e-3,
+    so the true nearest is missed only when two other centres both score above it in bf16 — then
+    the one chosen is within that error of it. Ties go to the smaller index."""
+    ks = c_s.shape[0]
+    nb = ks // block
+    big = jnp.iinfo(jnp.int32).max
+    cols = jnp.arange(block, dtype=jnp.int32)
+    rows = x.shape[0]
+
+    def body(carry, inp):
+        b1, i1, b2, i2 = carry
+        c_blk, j = inp
+        first = offset + j * block
+        score = _scores(x, c_blk, metric, "bfloat16")
+        score = jnp.where((cols + first < k_real)[None, :], score, -jnp.inf)   # padded centres never win
+        m1, j1 = _top1(score, cols, big)
+        m2, j2 = _top1(jnp.where(cols[None, :] == j1[:, None], -jnp.inf, score), cols, big)
+        j1, j2 = j1 + first, j2 + first
+        # Merge the carried two with the block's two (earlier blocks win ties: smaller indices).
+        new_first = m1 > b1
+        n1, k1 = jnp.where(new_first, m1, b1), jnp.where(new_first, j1, i1)
+        sec_m = jnp.where(new_first, jnp.where(m2 > b1, m2, b1), jnp.where(m1 > b2, m1, b2))
+        sec_i = jnp.where(new_first, jnp.where(m2 > b1, j2, i1), jnp.where(m1 > b2, j1, i2))
+        return (n1, k1, sec_m, sec_i), None
+
+    neg = jnp.full((rows,), -jnp.inf, jnp.float32)
+    none = jnp.full((rows,), big, jnp.int32)
+    (b1, i1, b2, i2), _ = jax.lax.scan(body, (neg, none, neg, none),
+                                       (c_s.reshape(nb, block, -1), jnp.arange(nb, dtype=jnp.int32)))
+    cand = jnp.stack([i1, i2], 1)                                   # [B, 2] global indices
+    alive = jnp.stack([b1, b2], 1) > -jnp.inf
+    c = jnp.take(c_s, jnp.clip(cand - offset, 0, ks - 1), axis=0)  # [B, 2, D]
+    exact = jnp.einsum("bd,btd->bt", x, c, precision=jax.lax.Precision.HIGHEST)
+    if metric != "cosine":
+        exact = 2.0 * exact - jnp.sum(c * c, axis=-1)
+    exact = jnp.where(alive, exact, -jnp.inf)
+    second = (exact[:, 1] > exact[:, 0]) | ((exact[:, 1] == exact[:, 0]) & (cand[:, 1] < cand[:, 0]))
+    return jnp.where(second, exact[:, 1], exact[:, 0]), jnp.where(second, cand[:, 1], cand[:, 0])
 
 
 def _nearest_shard(c_s, x_s, valid_s, *, axis, k_real, metric, block, precision="float32"):
@@ -179,12 +241,10 @@ class MeshKMeans:
 
     def __init__(self, k: int, dim: int, *, metric: str = "cosine", mesh=None, batch_size: int = 16384,
                  seed: int = 0, checkpoint_dir: Optional[str] = None, log: Callable[[str], None] = print,
-                 precision: str = "float32"):
+                 precision: str = "auto"):
         if metric not in METRICS:
             raise errors.InputError(f"metric {metric!r}: use one of {METRICS}")
-        if precision not in PRECISIONS:
-            raise errors.InputError(f"scoring precision {precision!r}: use one of {PRECISIONS}")
-        self.precision = precision
+        self.precision = precision = resolve_precision(precision)
         if k < 1:
             raise errors.InputError(f"k must be >= 1, got {k}")
         self.k, self.dim, self.metric, self.seed, self.log = k, dim, metric, seed, log
@@ -306,23 +366,29 @@ class MeshKMeans:
         Every process passes its own slice of the features; a global batch is the concatenation of
         the processes' local batches (``make_array_from_process_local_data``). All processes step
         the same number of times (the largest slice sets it; shorter slices pad with invalid rows).
-        ``local rows`` are the global batch positions holding this process's rows, in order."""
+        ``local rows`` are the global batch positions holding this process's rows, in order. The
+        next chunk is read (memmap pages, fp16 -> fp32) on a thread while the device scores this one."""
         n, lb = len(feats), self.batch_size // jax.process_count()
         steps = distributed.max_over_processes(-(-n // lb))
+        read = lambda i: np.asarray(feats[i * lb:(i + 1) * lb], np.float32).reshape(-1, self.dim)  # noqa: E731
         positions = None
-        for i in range(steps):
-            chunk = np.asarray(feats[i * lb:(i + 1) * lb], np.float32).reshape(-1, self.dim)
-            valid = np.zeros(lb, bool)
-            valid[: len(chunk)] = True
-            if len(chunk) < lb:
-                chunk = np.concatenate([chunk, np.zeros((lb - len(chunk), self.dim), np.float32)])
-            x = jax.make_array_from_process_local_data(self.row_sharding, chunk)
-            v = jax.make_array_from_process_local_data(self.vec_sharding, valid)
-            if positions is None:
-                spans = sorted({(s.index[0].start or 0, x.shape[0] if s.index[0].stop is None else s.index[0].stop)
-                                for s in x.addressable_shards})
-                positions = np.concatenate([np.arange(a, b) for a, b in spans])
-            yield i * lb, x, v, positions
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(read, 0)
+            for i in range(steps):
+                chunk = ahead.result()
+                if i + 1 < steps:
+                    ahead = pool.submit(read, i + 1)
+                valid = np.zeros(lb, bool)
+                valid[: len(chunk)] = True
+                if len(chunk) < lb:
+                    chunk = np.concatenate([chunk, np.zeros((lb - len(chunk), self.dim), np.float32)])
+                x = jax.make_array_from_process_local_data(self.row_sharding, chunk)
+                v = jax.make_array_from_process_local_data(self.vec_sharding, valid)
+                if positions is None:
+                    spans = sorted({(s.index[0].start or 0, x.shape[0] if s.index[0].stop is None else s.index[0].stop)
+                                    for s in x.addressable_shards})
+                    positions = np.concatenate([np.arange(a, b) for a, b in spans])
+                yield i * lb, x, v, positions
 
     def lloyd_pass(self, feats) -> float:
         """One assignment sweep over ``feats`` + the centre update; returns the sweep's inertia."""
@@ -490,7 +556,7 @@ class HierarchicalKMeans:
 
     def __init__(self, k: int, dim: int, *, k1: Optional[int] = None, metric: str = "cosine", mesh=None,
                  batch_size: int = 16384, seed: int = 0, log: Callable[[str], None] = print,
-                 checkpoint_dir: Optional[str] = None, precision: str = "float32"):
+                 checkpoint_dir: Optional[str] = None, precision: str = "auto"):
         self.k, self.dim, self.metric, self.mesh, self.seed, self.log = k, dim, metric, mesh, seed, log
         self.checkpoint_dir, self.precision = checkpoint_dir, precision
         self.k1 = int(k1 or max(1, round(math.sqrt(k))))
@@ -563,6 +629,14 @@ class HierarchicalKMeans:
         return np.concatenate([km.centers_numpy() for km in self.fine if km is not None])
 
 
+def process_file(name: str, pid: int, nproc: int) -> str:
+    """``labels.npy`` -> ``labels.process1.npy`` for process 1 of several (each writes its own rows)."""
+    if nproc == 1:
+        return name
+    stem, dot, ext = name.rpartition(".") if "." in name.rsplit("/", 1)[-1] else (name, "", "")
+    return f"{stem}.process{pid}{dot}{ext}"
+
+
 def main(argv=None):
     """Cluster a feature file on the mesh; with several processes each reads its own contiguous slice.
 
@@ -581,8 +655,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", choices=("random", "kmeans++"), default="random")
     ap.add_argument("--state-dir", default=None, help="save the state after every pass; a rerun resumes")
-    ap.add_argument("--out", required=True, help="centres [K, D] .npy (written by process 0)")
-    ap.add_argument("--labels", default=None, help="also write this process's labels (.npy; suffixed by process)")
+    ap.add_argument("--out", required=True, help="centres [K, D] .npy, local or gs://... (written by process 0)")
+    ap.add_argument("--labels", default=None,
+                    help="also write this process's labels (.npy; labels.process<i>.npy with several processes)")
     ap.add_argument("--score-precision", choices=PRECISIONS, default="float32",
                     help="bfloat16: bf16 inputs, fp32 accumulation (the accelerators' matmul rate)")
     distributed.add_flags(ap)
@@ -601,11 +676,13 @@ def main(argv=None):
     labels, inertia = km.assign(mine)
     total = float(np.sum(distributed.gather_rows(np.asarray([inertia], np.float64))))
     if pid == 0:
-        np.save(a.out, centers)
+        with storage.open_atomic(a.out) as f:
+            np.save(f, centers)
         print(f"[kmeans] K={a.k} over {n} rows on {jax.device_count()} devices / {nproc} process(es): "
               f"inertia {total:.6g}; centres in {a.out}", flush=True)
     if a.labels:
-        np.save(a.labels if nproc == 1 else f"{a.labels}.process{pid}", labels)
+        with storage.open_atomic(process_file(a.labels, pid, nproc)) as f:
+            np.save(f, labels)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,74 @@ line follows (``--out`` writes it too).
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 
 from absl import flags
 
 from rice_jax import cli, errors, perf
-from rice_jax.data import pipeline
+from rice_jax.data import pipeline, records
 from rice_jax.preflight import target
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc): the Grain workers of a reading process."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(") ", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _usage(pid: int) -> tuple[int, int]:
+    """``(open file descriptors, resident bytes)`` of one process."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return fds, rss
+
+
+class ReaderUsage:
+    """Peak descriptors and resident memory of each reading process while it runs: the Grain workers
+    (children of this process), or this process when it reads in-process (unless ``workers_only``). Sampled every
+    ``every_s`` in a thread; :meth:`stop` returns ``{"processes", "peak_fds", "peak_fds_growth",
+    "peak_rss_bytes"}`` (growth: over each process's first sample, what reading many shards adds)."""
+
+    def __init__(self, every_s: float = 0.05, *, workers_only: bool = False):
+        self.every_s, self.workers_only, self._first, self._peak = every_s, workers_only, {}, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        me = os.getpid()
+        for pid in _children(me) or ([] if self.workers_only else [me]):
+            try:
+                fds, rss = _usage(pid)
+            except (OSError, StopIteration):
+                continue
+            self._first.setdefault(pid, fds)
+            f, r = self._peak.get(pid, (0, 0))
+            self._peak[pid] = (max(f, fds), max(r, rss))
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.every_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        peaks = self._peak.values()
+        return {"processes": len(self._peak), "peak_fds": max((f for f, _ in peaks), default=0),
+                "peak_fds_growth": max((self._peak[p][0] - self._first[p] for p in self._peak), default=0),
+                "peak_rss_bytes": max((r for _, r in peaks), default=0)}
 
 
 def host_supply(data_dir, c, *, per_host_batch: int, image_size: int, seconds: float) -> dict:
@@ -38,6 +99,7 @@ def host_supply(data_dir, c, *, per_host_batch: int, image_size: int, seconds: f
     cfg = pipeline.config_from_section(c.data, image_size=image_size, batch_size=per_host_batch, seed=c.seed)
     workers = pipeline.resolve_workers(cfg.workers)
     t_start = time.perf_counter()
+    usage = ReaderUsage()
     it = iter(pipeline.make_dataset(data_dir, cfg, process_index=0, process_count=1))
     first = next(it)                       # start-up: worker spawn, first decodes
     startup = time.perf_counter() - t_start
@@ -47,8 +109,9 @@ def host_supply(data_dir, c, *, per_host_batch: int, image_size: int, seconds: f
         n += per_host_batch
         bad += int((~b["image_ok"]).sum())
     wall = time.perf_counter() - t0
+    readers = usage.stop()
     del it, first
-    return {"images_per_s": n / wall, "images": n, "seconds": wall, "startup_s": startup,
+    return {"images_per_s": n / wall, "images": n, "seconds": wall, "startup_s": startup, "readers": readers,
             "undecodable": bad, "workers": workers, "threads": cfg.threads, "cores": pipeline.usable_cores(),
             "per_host_batch": per_host_batch, "image_size": image_size}
 
@@ -94,6 +157,10 @@ def main(argv):
     print(f"[bench] this host reads {supply['images_per_s']:,.0f} img/s ({supply['image_size']} px, batch "
           f"{supply['per_host_batch']:,} per host, data.workers -> {supply['workers']} worker processes x "
           f"{supply['threads']} threads, {supply['cores']} cores; {supply['undecodable']} undecodable)", flush=True)
+    u = supply["readers"]
+    print(f"[bench] each reading process peaked at {u['peak_fds']} open files (+{u['peak_fds_growth']} while reading) "
+          f"and {u['peak_rss_bytes'] / 2**20:,.0f} MiB resident ({u['processes']} process(es); bounds: "
+          f"{records.MAX_OPEN_SHARDS} shard readers + {records.MAX_OPEN_SHARDS} label maps)", flush=True)
     print(f"[bench] the chips take {per_host:,.0f} img/s per host ({c.model.backbone}, {F.topology}: {chips} chips "
           f"on {hosts} hosts, {demand['images_per_s']:,.0f} img/s at {F.mfu:.0%} MFU)", flush=True)
     print(f"[bench] {head}" + (f": {change}" if change else ""), flush=True)
