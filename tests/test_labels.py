@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from rice_jax import storage
+from rice_jax import errors, storage
 from rice_jax.labelling import clustering, feature_store
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic
@@ -274,3 +274,16 @@ def test_features_of_a_dataset_rebuilt_in_place_are_not_reused(tmp_path):
     reused = labels_store.read_all(data)[1]
     clustering.run(data, 5, features_dir=tmp_path / "fresh", **kw)
     np.testing.assert_array_equal(reused, labels_store.read_all(data)[1])
+
+
+def test_extraction_refuses_a_disk_too_small_for_its_features(tmp_path, monkeypatch):
+    """The projected size of a process's features against its disk's free space, before extracting."""
+    import shutil as sh
+
+    manifest = {"shard_counts": [100, 300], "num_object_regions": 2_000_000}
+    assert feature_store.projected_bytes(manifest, [1], 1024, "float16") == int(1_500_000 * (1024 * 2 + 16))
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=2 * 2**30))
+    feature_store.check_free_space(tmp_path / "f", manifest, [0], 256, "float16")      # 0.24 GiB: fits
+    with pytest.raises(errors.InputError, match=r"--features-dir .*: its disk has 2.0 GiB free, .* need ~2.9 GiB"):
+        feature_store.check_free_space(tmp_path / "f", manifest, [1], 1024, "float16")
