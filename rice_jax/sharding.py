@@ -24,12 +24,18 @@ AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None,
-              axis_type: str = "auto") -> Mesh:
+              axis_type: str = "auto", dcn_data: int = 1) -> Mesh:
     """A ``("data", "fsdp")`` mesh; ``-1`` for one axis takes the remaining devices.
 
     ``axis_type``: ``"auto"`` (the compiler propagates shardings) or ``"explicit"`` (JAX's
     sharding-in-types mode: every array's sharding is part of its type). The loss and the train
-    step run on both."""
+    step run on both.
+
+    ``dcn_data``: slices of a multi-slice job (TPU slices joined by the data-centre network). The
+    ``data`` axis is then ``dcn_data`` blocks, one per slice, and ``fsdp`` stays inside a slice: only
+    the gradient all-reduce over ``data`` crosses the slow network, never a parameter gather (the
+    hybrid layout of ``mesh_utils.create_hybrid_device_mesh``, as MaxText builds it). Devices with a
+    ``slice_index`` are grouped by it; others (CPU tests) by position, in contiguous blocks."""
     if axis_type not in AXIS_TYPES:
         raise errors.InputError(f"mesh axis_type {axis_type!r}: use one of {sorted(AXIS_TYPES)}")
     devices = list(devices if devices is not None else jax.devices())
@@ -45,7 +51,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
             f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
             "set mesh sizes whose product is the device count (or -1 for one of them)"
         )
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AXIS_TYPES[axis_type],) * 2, devices=devices)
+    types = (AXIS_TYPES[axis_type],) * 2
+    if dcn_data == 1:
+        return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=types, devices=devices)
+    if dcn_data < 1 or data % dcn_data:
+        raise errors.InputError(f"mesh dcn_data={dcn_data}: the data axis ({data}) must be a multiple of the number "
+                                "of slices")
+    ici = (data // dcn_data, fsdp)
+    if all(getattr(d, "slice_index", None) is not None for d in devices):
+        from jax.experimental import mesh_utils
+
+        slices = {d.slice_index for d in devices}
+        if len(slices) != dcn_data:
+            raise errors.InputError(f"mesh dcn_data={dcn_data}, but the devices are in {len(slices)} slice(s)")
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (dcn_data, 1), devices)
+    else:
+        grid = np.asarray(devices, dtype=object).reshape(dcn_data * ici[0], fsdp)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

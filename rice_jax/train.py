@@ -427,7 +427,7 @@ def train(c, workdir: str | os.PathLike, *, stop_after: Optional[int] = None) ->
     loss_cfg = loss_config(c)
     source = _open_data(c, is_main)
     damaged_shards = source.skipped
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, axis_type=c.mesh.axis_type, dcn_data=c.mesh.dcn_data)
     model_cfg = build_model_config(c)
     total_steps = int(stage_bounds(c)[-1])
     if is_main:

@@ -134,3 +134,20 @@ def test_plan_compiles_for_tpu_topologies_in_its_environment(tmp_path):
     for topology, chips, kind in (("v5p:2x2x1", 4, "v5"), ("v6e:2x2", 4, "v6")):
         r, text = run("--topology", topology, "--num_obj_classes", "4096")
         assert r["devices"] == chips and kind in r["device_kind"].lower() and r["fits"] is True and "FITS" in text
+    # Two slices joined by the data-centre network (--config.mesh.dcn_data): the data axis spans both.
+    r, text = run("--topology", "v5p:2x2x1", "--config.mesh.dcn_data=2", "--num_obj_classes", "4096")
+    assert r["slices"] == 2 and r["devices"] == 8 and r["mesh"] == {"data": 8, "fsdp": 1} and r["fits"] is True
+
+
+def test_multi_slice_mesh_keeps_fsdp_inside_a_slice(devices):
+    """``dcn_data`` slices: the data axis is one block of rows per slice and each fsdp row lies in one
+    slice, so only the data all-reduce crosses the slow network (CPU devices: slices by position)."""
+    from rice_jax import sharding
+
+    m = sharding.make_mesh(data=4, fsdp=2, dcn_data=2)
+    grid = [[d.id for d in row] for row in m.devices]
+    assert dict(m.shape) == {"data": 4, "fsdp": 2} and grid == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all({d // 4 for d in row} == {r // 2} for r, row in enumerate(grid))   # a row in one slice
+    with pytest.raises(errors.InputError, match="multiple of the number of slices"):
+        sharding.make_mesh(data=-1, fsdp=8, dcn_data=2)
+    assert get_config("tiny").mesh.dcn_data == 1

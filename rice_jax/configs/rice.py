@@ -98,6 +98,7 @@ def get_config(arg=None):
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # -1 = all remaining devices
     c.mesh.fsdp = 1
+    c.mesh.dcn_data = 1                # slices of a multi-slice job: the data axis spans them, fsdp stays inside one
     c.mesh.axis_type = "auto"          # "auto" or "explicit" (JAX sharding-in-types); same results
     # (regex on the parameter path, tactic) pairs, first match wins; tactics: class_parallel, fsdp,
     # replicate. A layout change is an edit here (or --config.sharding_rules=...).

@@ -52,15 +52,17 @@ MEGACORE_KINDS = ("v4", "v5p")
 REMAT_BY_MEMORY = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
-def target_devices(topology: str):
+def target_devices(topology: str, num_slices: int = 1):
     """``cpu:N`` -> N local CPU devices; ``v5p:4x4x4`` etc. -> the devices of that TPU topology
-    description (libtpu compiles for it; no TPU is needed)."""
+    description (libtpu compiles for it; no TPU is needed), ``num_slices`` copies of it joined by
+    the data-centre network for a multi-slice plan (``--config.mesh.dcn_data``)."""
     topo = target.parse(topology, cpu=True)
     if topo.kind == "cpu":
-        n = topo.chips
+        n = topo.chips * num_slices    # cpu:N is one slice's devices
         if n > jax.device_count():
-            raise errors.InputError(f"--topology {topology}: only {jax.device_count()} CPU devices here "
-                             f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+            raise errors.InputError(f"--topology {topology}" + (f" x {num_slices} slices" if num_slices > 1 else "")
+                                    + f": only {jax.device_count()} CPU devices here "
+                                    f"(XLA_FLAGS=--xla_force_host_platform_device_count={n})")
         return jax.devices("cpu")[:n]
     if not topo.is_tpu:
         raise errors.InputError(f"--topology {topology!r}: the planner compiles for cpu:N or a TPU generation and its "
@@ -73,6 +75,8 @@ def target_devices(topology: str):
         # default on those pods); a plain description lists one device per core, which JAX's mesh
         # construction refuses for TPUs after v3.
         extra = {"chip_config_name": "megacore"} if topo.kind in MEGACORE_KINDS else {}
+        if num_slices > 1:
+            extra["num_slices"] = num_slices
         return topologies.get_topology_desc(topology_name=topology, platform="tpu", **extra).devices
     except Exception as e:  # noqa: BLE001 - missing libtpu or an unknown topology name
         raise errors.InputError(f"--topology {topology}: cannot describe this TPU topology here ({_first(e)}); "
@@ -141,8 +145,9 @@ def smallest_fit(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
 def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int, mfu: float = 0.4,
                  stage: int = -1) -> dict:
     """One compile of config ``c``'s train step for ``topology`` (:func:`plan` without the fit search)."""
-    devices = list(target_devices(topology))
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices, axis_type=c.mesh.axis_type)
+    devices = list(target_devices(topology, c.mesh.dcn_data))
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices, axis_type=c.mesh.axis_type,
+                              dcn_data=c.mesh.dcn_data)
     if c.batch_size % mesh.size:
         raise errors.InputError(f"batch_size {c.batch_size} is not a multiple of the {mesh.size} devices of {topology}")
     image_size = int(c.stages[stage][1])
@@ -152,7 +157,8 @@ def compile_plan(c, topology: str, *, num_obj_classes: int, num_ocr_classes: int
     batch = batch_contract.abstract_batch(c.batch_size, image_size, c.data.num_regions, c.data.max_labels,
                                           batch_sh)
     kind = target.parse(topology, cpu=True).kind
-    out = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+    out = {"topology": topology, "slices": int(c.mesh.dcn_data), "devices": len(devices),
+           "device_kind": devices[0].device_kind,
            "mesh": dict(mesh.shape), "global_batch": c.batch_size, "image_size": image_size,
            "grad_accum_steps": int(c.get("grad_accum_steps", 1) or 1),
            "backbone": c.model.backbone, "num_layers": model_cfg.backbone.num_layers,
