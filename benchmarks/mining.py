@@ -18,6 +18,7 @@ sees every mask (its worst case).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -152,10 +153,55 @@ def _tokenizer_sample(tmp: str, n: int) -> dict:
     return {"records_read": n // 2, "seconds": s, "records_per_s": n // 2 / s}
 
 
+def max_side_decode(smoke: bool = False) -> dict:
+    """What ``mine --max-side`` saves training: the pipeline's decode (JPEG draft on, as trained) of
+    web-sized originals against the same images stored at the side, per training image size.
+    Originals: the bundled photos upscaled to 2048 x 1365 and 1024 x 683, JPEG q92."""
+    import io
+
+    from PIL import Image
+
+    from benchmarks.common import timeit
+    from rice_jax.data import pipeline, records
+    from rice_jax.mining.mine import reencode
+
+    photos = _photo_images(2)
+    rows = []
+    for side in ((1024,) if smoke else (2048, 1024)):
+        for max_side in ((512,) if smoke else (512, 768)):
+            for train_size in ((224,) if smoke else (224, 336)):
+                if max_side >= side:
+                    continue
+                recs = {}
+                for name in ("original", "stored"):
+                    items = []
+                    for p in photos:
+                        big = np.asarray(Image.fromarray(p).resize((side, side * 2 // 3), Image.LANCZOS))
+                        buf = io.BytesIO()
+                        Image.fromarray(big).save(buf, "JPEG", quality=92)
+                        data, (w, h) = (buf.getvalue(), big.shape[1::-1]) if name == "original" else \
+                            reencode(big, max_side)
+                        items.append(records.RegionRecord.new(data, "jpeg", h, w, "x", np.zeros((0, 4)),
+                                                              np.zeros(0, np.int8)))
+                    recs[name] = items
+                t = {k: timeit(lambda v=v: [pipeline.decode_image(r, (train_size, train_size)) for r in v],
+                               warmup=1, repeats=3 if smoke else 7)["median_s"] / len(v) for k, v in recs.items()}
+                rows.append({"source_side": side, "max_side": max_side, "train_size": train_size,
+                             "decode_ms_original": 1e3 * t["original"], "decode_ms_stored": 1e3 * t["stored"],
+                             "speedup": t["original"] / t["stored"],
+                             "bytes_original": int(np.mean([len(r.image) for r in recs["original"]])),
+                             "bytes_stored": int(np.mean([len(r.image) for r in recs["stored"]]))})
+                print(json.dumps(rows[-1]), flush=True)
+    return report("mining_max_side" if not smoke else "mining_max_side_smoke", {"rows": rows}, write=not smoke)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--max-side", action="store_true", help="only the --max-side decode measurement")
     a = ap.parse_args(argv)
+    if a.max_side:
+        return max_side_decode(a.smoke)
     from rice_jax.data import coco
     from rice_jax.mining import ocr, proposals
 

@@ -429,6 +429,20 @@ def reading() -> str:
     return "\n".join(rows)
 
 
+def mining_max_side() -> str:
+    r = load_result("mining_max_side")
+    rows = ["What `mine --max-side N` saves training (`benchmarks/mining.py --max-side`): the pipeline's decode "
+            "(JPEG draft on, as trained) of web-sized JPEG originals (the bundled photos upscaled, q92) against the "
+            "same images stored at N px on the longer side (q90), per image, median of 7.", "",
+            "| source | stored at | training size | decode original | decode stored | speed-up | bytes |",
+            "|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        rows.append(f"| {x['source_side']} px | {x['max_side']} px | {x['train_size']} px | "
+                    f"{x['decode_ms_original']:.2f} ms | {x['decode_ms_stored']:.2f} ms | {x['speedup']:.1f}x | "
+                    f"{x['bytes_original'] / 1e3:,.0f} KB -> {x['bytes_stored'] / 1e3:,.0f} KB |")
+    return "\n".join(rows)
+
+
 def mining_presets() -> str:
     """The settings table of docs/data.md: defaults, the paper preset, and what each setting costs."""
     from rice_jax.mining import mine
@@ -585,7 +599,7 @@ def preflight() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = ("ablation_summary", "teacher_gap", "labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
+SECTIONS = ("ablation_summary", "teacher_gap", "labelling_rounds", "downstream_synthetic", "downstream", "gpu", "step_profile", "plan", "plan_fit", "preflight", "mining", "mining_max_side", "mining_presets", "reading", "kmeans", "clustering_scale", "performance", "ablation", "layers")
 
 
 def pages() -> list[Path]:
@@ -603,7 +617,7 @@ def page_of(name: str) -> Path:
 
 def main():
     build = {"ablation_summary": ablation_summary, "teacher_gap": teacher_gap, "labelling_rounds": labelling_rounds, "downstream_synthetic": downstream_synthetic, "downstream": downstream, "gpu": gpu, "step_profile": step_profile, "plan": plan, "plan_fit": plan_fit, "preflight": preflight, "mining": mining,
-             "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
+             "mining_max_side": mining_max_side, "mining_presets": mining_presets, "reading": reading, "kmeans": kmeans,
              "clustering_scale": clustering_scale,
              "performance": performance, "ablation": ablation, "layers": layers}
     for name in SECTIONS:

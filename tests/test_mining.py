@@ -747,3 +747,32 @@ def test_sam_on_the_gpu_matches_the_cpu(tmp_path):
     assert str(gpu.device).startswith("cuda")
     (bg, sg), (bc, sc) = gpu(img), cpu(img)
     assert len(bg) == len(bc) and np.abs(bg - bc).max() <= 4.0 and np.abs(sg - sc).max() < 1e-2
+
+
+def test_max_side_stores_smaller_images_with_their_boxes_scaled(tmp_path):
+    """``--max-side``: a 640 x 427 photo is stored re-encoded at 320 px on its longer side, its boxes in
+    the stored frame (each the same fraction of the image as mined), the source size in its meta;
+    images at or under the side keep their bytes."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    photo = _photos()[0]
+    Image.fromarray(photo).save(folder / "big.jpg", quality=92)
+    Image.fromarray(photo[:200, :300]).save(folder / "small.png")
+    settings = mine.MiningSettings(proposals="felzenszwalb", ocr="none")
+    ref = mine.mine(str(tmp_path / "full"), images=str(folder), settings=settings, images_per_unit=4,
+                    show_progress=False)
+    small = mine.mine(str(tmp_path / "small"), images=str(folder), images_per_unit=4, show_progress=False,
+                      settings=mine.MiningSettings(proposals="felzenszwalb", ocr="none", max_side=320))
+    assert small["import"]["images_reencoded"] == 1 and "images_reencoded" not in ref["import"]
+    full = {r.image_id: r for r in records.RecordSource(tmp_path / "full")}
+    for r in records.RecordSource(tmp_path / "small"):
+        f = full[r.image_id]
+        im = Image.open(io.BytesIO(r.image))
+        assert im.size == (r.width, r.height)
+        if r.image_id.endswith("big.jpg"):
+            assert (r.width, r.height) == (320, 214) and r.format == "jpeg" and r.meta["stored_from"] == [640, 427]
+            np.testing.assert_allclose(r.boxes / ([r.width, r.height] * 2), f.boxes / ([f.width, f.height] * 2),
+                                       atol=1e-6)
+        else:
+            assert r.image == f.image and (r.width, r.height) == (300, 200)
+            np.testing.assert_array_equal(r.boxes, f.boxes)

@@ -110,6 +110,8 @@ class MiningSettings:
     nms_iou: float = 0.7
     ocr_min_confidence: float = PAPER["ocr_min_confidence"]
     keep_input_regions: bool = True      # --records input: keep its regions next to the mined ones
+    max_side: int = 0                    # re-encode images whose longer side is above this (JPEG q90, boxes
+    #                                      scaled; training decodes them faster); 0 keeps the source bytes
 
 
 def preset_settings(preset: str = "default", **overrides) -> MiningSettings:
@@ -461,8 +463,37 @@ def mine_image(sample: Sample, settings: MiningSettings, proposer, box_filter, o
     cluster = None
     if keep:
         cluster = np.concatenate([base.cluster, np.full(len(kind) - base.num_regions, -1, np.int32)])
-    return records.RegionRecord.new(data, fmt, h, w, key, np.concatenate(all_boxes), kind, text=words,
-                                    category=np.concatenate(cats), cluster=cluster, meta=sample.meta)
+    boxes_out, meta = np.concatenate(all_boxes), sample.meta
+    if settings.max_side and max(w, h) > settings.max_side:
+        t = time.perf_counter()
+        data, (w2, h2) = reencode(rgb, settings.max_side)
+        boxes_out = boxes_out * np.array([w2 / w, h2 / h] * 2, np.float32)
+        meta = {**(meta or {}), "stored_from": [int(w), int(h)]}
+        w, h, fmt = w2, h2, "jpeg"
+        stats["images_reencoded"] += 1
+        timing["reencode_s"] += time.perf_counter() - t
+    return records.RegionRecord.new(data, fmt, h, w, key, boxes_out, kind, text=words,
+                                    category=np.concatenate(cats), cluster=cluster, meta=meta)
+
+
+REENCODE_QUALITY = 90
+
+
+def reencode(rgb: np.ndarray, max_side: int) -> tuple[bytes, tuple[int, int]]:
+    """``rgb`` scaled so its longer side is ``max_side`` (aspect kept, Lanczos) as JPEG bytes at
+    :data:`REENCODE_QUALITY`, and the new ``(width, height)``. Training decodes every image once an
+    epoch: a stored size near the training size is decoded several times faster than a 2-4k original
+    (docs/data.md), at the cost of a second lossy encoding."""
+    import io
+
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    s = max_side / max(w, h)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).resize(size, Image.LANCZOS).save(buf, "JPEG", quality=REENCODE_QUALITY)
+    return buf.getvalue(), size
 
 
 def unit_files(out: Path, unit: Unit) -> tuple[Path, Path]:
@@ -718,8 +749,11 @@ def reconcile_plan(out: Path, settings: MiningSettings, sources: dict[str, str],
         raise errors.InputError(f"{out} already holds a dataset that was not mined by this command: use a new --out")
     settings_d = json.loads(json.dumps(dataclasses.asdict(settings)))
     if old is not None:
-        if old["settings"] != settings_d:
-            diff = sorted(k for k in settings_d if old["settings"].get(k) != settings_d[k])
+        # A setting added since the plan was written reads as its default (the run it describes had it).
+        defaults = json.loads(json.dumps(dataclasses.asdict(MiningSettings())))
+        old_settings = {**{k: v for k, v in defaults.items() if k not in old["settings"]}, **old["settings"]}
+        if old_settings != settings_d:
+            diff = sorted(k for k in settings_d if old_settings.get(k) != settings_d[k])
             raise errors.InputError(f"{out} holds a mining run with different settings ({', '.join(diff)}): use a "
                                     f"new --out, or delete {out} to start over")
         if _family(old["input"]) != _family(sources):
@@ -942,6 +976,9 @@ def main(argv=None):
     ap.add_argument("--max-proposals", type=int, default=None,
                     help=f"object regions per image (default {d.max_proposals}; paper {PAPER['max_proposals']})")
     ap.add_argument("--nms-iou", type=float, default=None)
+    ap.add_argument("--max-side", type=int, default=None,
+                    help="store images whose longer side is above N re-encoded at N (JPEG q90, boxes scaled): "
+                         "faster decoding in training; default 0 keeps the source bytes (docs/data.md)")
     ap.add_argument("--ocr-min-confidence", type=float, default=None)
     ap.add_argument("--drop-input-regions", action="store_true",
                     help="--records input: keep only the images, not their regions")
@@ -961,7 +998,7 @@ def main(argv=None):
     settings = preset_settings(a.preset, proposals=a.proposals, ocr=a.ocr, min_image_short_edge=a.min_image_short_edge,
                                min_box_short_edge=a.min_box_short_edge, max_proposals=a.max_proposals,
                                nms_iou=a.nms_iou, ocr_min_confidence=a.ocr_min_confidence,
-                               keep_input_regions=False if a.drop_input_regions else None)
+                               keep_input_regions=False if a.drop_input_regions else None, max_side=a.max_side)
     return mine(a.out, images=a.images, image_list=a.image_list, records_dir=a.records, tar=a.tar, sa1b=a.sa1b,
                 settings=settings, engine=a.engine, workers=a.workers, images_per_unit=a.images_per_unit,
                 ray_address=a.ray_address, ray_gpus_per_unit=a.ray_gpus_per_unit, forget_missing=a.forget_missing)
