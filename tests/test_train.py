@@ -311,16 +311,16 @@ def test_gradient_accumulation_matches_the_full_batch(data_dir, axis_type):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(data_dir, tmp_path):
-    """2 processes x 4 CPU devices (gloo) reproduce the 1-process 8-device losses."""
+def test_four_processes_match_one_process(data_dir, tmp_path):
+    """4 processes x 2 CPU devices (gloo) reproduce the 1-process 8-device losses."""
     c = small_config(data_dir, steps=6, every=100)
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cmd(c, one), env=_env(), check=True, capture_output=True, timeout=600)
     res = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), str(two), *_overrides(c)],
-                         env=dict(_env(4), NUM_PROCESSES="2", DEVICES_PER_PROCESS="4"), capture_output=True,
+                         env=dict(_env(2), NUM_PROCESSES="4", DEVICES_PER_PROCESS="2"), capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 process(es), 8 devices" in res.stdout
+    assert "4 process(es), 8 devices" in res.stdout
     la = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 3
