@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rice_jax.labelling import clustering, feature_store
+from rice_jax.losses import l2_normalize
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records, synthetic
 
@@ -50,8 +51,8 @@ def test_handcrafted_kmeans_recovers_categories(syn, tmp_path):
 
 def test_chunked_assignment_equals_unchunked():
     r = np.random.default_rng(0)
-    feats = clustering._normalize(r.standard_normal((1000, 16)).astype(np.float32))
-    centers = clustering._normalize(r.standard_normal((37, 16)).astype(np.float32))
+    feats = l2_normalize(r.standard_normal((1000, 16)).astype(np.float32))
+    centers = l2_normalize(r.standard_normal((37, 16)).astype(np.float32))
     a, ia = clustering.assign(feats, centers, chunk=1000)
     b, ib = clustering.assign(feats, centers, chunk=33)
     np.testing.assert_array_equal(a, b)

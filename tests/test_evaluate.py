@@ -20,7 +20,7 @@ def test_probe_above_chance_on_informative_features_and_chance_when_shuffled(eva
     src = records.RecordSource(eval_dir)
     items = [{"image": i, "feat": clustering.handcrafted_features(crop), "category": int(src[i].category[r])}
              for i, r, crop in clustering._iter_object_crops(src)]
-    tr, te = evaluate._split(items)
+    tr, te = evaluate.split_by_image(items)
     y = np.array([t["category"] for t in te])
     pred, _, _ = evaluate._probe(tr, te, "category")
     assert np.mean(pred == y) > 0.4          # 12 classes: chance is ~0.08
