@@ -464,8 +464,9 @@ def main(argv=None):
 
     distributed.add_flags(ap)
     ap.add_argument("--levels", type=int, default=1, choices=(1, 2),
-                    help="2 = hierarchical k-means (about sqrt(K) coarse clusters, then fine ones inside each): for "
-                         "K >= 1M when a flat pass is too slow (jax backend)")
+                    help="2 = hierarchical k-means (about sqrt(K) coarse clusters, then fine ones inside each; jax "
+                         "backend). Each fine level compiles and checkpoints on its own (~1000 of each a pass at "
+                         "K = 1M): prefer flat with bf16 scoring on accelerators (docs/data.md)")
     ap.add_argument("--topk", type=int, default=1,
                     help=f"also write each region's T nearest clusters, per shard under {TOPK_DIR}/ (multi-label use; jax backend)")
     a = ap.parse_args(argv)
