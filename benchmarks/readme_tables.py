@@ -297,16 +297,20 @@ def kmeans() -> str:
                  f"{p['flops_per_pass_2B_x_1M_x_1024']:.2g} FLOPs: {p['this_machine_hours_per_pass']:,.0f} h on this "
                  f"machine at the rate measured here ({r['jax_flop_rate'] / 1e9:.0f} GFLOP/s), "
                  f"{p['v5p_256_chips_minutes_per_pass_at_50pct']:.1f} min on 256 TPU v5p chips ({p['assumption']}) "
-                 "with `--score-precision bfloat16`, the scoring that projection assumes; the float32 default "
-                 "multiplies at HIGHEST precision, about six bf16 passes on a TPU's matrix unit, so ≈ 6× that."]
+                 "with bf16 scoring (`--score-precision auto`'s choice on TPU/GPU), the scoring that projection "
+                 "assumes; float32 multiplies at HIGHEST precision, about six bf16 passes on a TPU's matrix unit, "
+                 "so ≈ 6× that."]
     pr = load_result("kmeans_precision")
     if pr:
         runs = pr["runs"]
         fmt = lambda key, f: ", ".join(f.format(x[key]) for x in runs)
-        rows += ["", f"bf16 scoring vs float32, same features and init, N = {pr['N']:,}, D = {pr['D']}, "
+        plain = (f", plain bf16 scores (no rescoring) {fmt('plain_bf16_agreement', '{:.4f}')}"
+                 if "plain_bf16_agreement" in runs[0] else "")
+        rows += ["", f"bf16 scoring (bf16 matmuls, each row's two best centres rescored in float32) vs float32, same "
+                     f"features and init, N = {pr['N']:,}, D = {pr['D']}, "
                      f"K = {pr['K']:,}, {pr['passes']} passes, {len(runs)} seeds (`--precision`, backend "
                      f"{pr['backend']}): assignment agreement {fmt('assignment_agreement', '{:.4f}')} (given the "
-                     f"same centres), final inertia bf16 / fp32 {fmt('inertia_ratio_bf16_over_fp32', '{:.4f}')}, "
+                     f"same centres{plain}), final inertia bf16 / fp32 {fmt('inertia_ratio_bf16_over_fp32', '{:.4f}')}, "
                      f"speed-up {fmt('speedup', '{:.2f}')}× (a CPU has no bf16 matrix unit; the speed-up on "
                      "accelerators is not measured here)."]
     return "\n".join(rows)
