@@ -66,8 +66,10 @@ def test_bad_arguments_are_clear(syn, tmp_path):
     d = _copy(syn, tmp_path / "b")
     with pytest.raises(ValueError, match="between 1 and the number of object regions"):
         clustering.run(d, 10**6, log=lambda s: None)
-    with pytest.raises(ValueError, match="unknown extractor"):
+    with pytest.raises(ValueError, match="--extractor 'clip': use handcrafted, oracle, hf:DIR"):
         clustering.make_extractor("clip")
+    with pytest.raises(ValueError, match="--dtype float16: use one of"):
+        clustering.make_extractor("handcrafted", dtype="float16")
 
 
 def test_vit_extractor_from_local_hf_dir(syn, tmp_path):
