@@ -47,3 +47,23 @@ def mesh(devices):
 @pytest.fixture(scope="session")
 def mesh_1x8(devices):
     return sharding.make_mesh(data=1, fsdp=8)
+
+
+def _weight(item) -> float:
+    """Seconds a test is expected to take: ``@pytest.mark.slow(seconds=N)`` where it was measured,
+    30 for another slow test, 1 for the rest."""
+    m = item.get_closest_marker("slow")
+    return 1.0 if m is None else float(m.kwargs.get("seconds", 30))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heaviest modules first, and a module's heaviest tests before its quick ones. Two workers
+    share the suite by work stealing: a long test that started last would run alone at the end.
+    Modules stay contiguous, so their fixtures are built once."""
+    total: dict = {}
+    first: dict = {}
+    for i, item in enumerate(items):
+        name = item.module.__name__
+        total[name] = total.get(name, 0.0) + _weight(item)
+        first.setdefault(name, i)
+    items.sort(key=lambda it: (-total[it.module.__name__], first[it.module.__name__], -_weight(it)))

@@ -382,7 +382,7 @@ print(json.dumps({"startup_few_s": t_few, "startup_many_s": t_many, "resumed_fro
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_three_thousand_shards_train_and_resume_under_256_descriptors(tmp_path):
     """Issue 40's scale test on CPU: 3,000 one-record shards, trained by 2 Grain workers with the hard
     RLIMIT_NOFILE at 256 per process (unbounded readers and label maps would need 6,000 in each

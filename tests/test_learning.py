@@ -20,7 +20,7 @@ def _config():
     return get_config("tiny")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=150)
 def test_short_run_lifts_region_probes_above_random_init(tmp_path):
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
     synthetic.build(str(train_dir), 2048, seed=7, num_shards=2)
@@ -39,6 +39,8 @@ def test_short_run_lifts_region_probes_above_random_init(tmp_path):
     model = backbones.load(f"ckpt:{tmp_path / 'run'}", regions=True)   # the RICE model, region tokens as trained
     trained = evaluate.evaluate_backbone(model, eval_dir, size)
     random = evaluate.evaluate_backbone(evaluate.random_like(model, 0), eval_dir, size)
+    print("trained vs random:", {k: (round(trained[k], 3), round(random[k], 3)) for k in
+                                 ("region_token_linear_acc", "region_linear_acc")})
     assert trained["region_token_linear_acc"] > random["region_token_linear_acc"] + 0.12, (trained, random)
     assert trained["region_linear_acc"] > random["region_linear_acc"] + 0.06, (trained, random)
 

@@ -359,7 +359,7 @@ def _free_port():
     return port
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 def test_sigterm_to_one_host_stops_both_at_the_same_step(data_dir, tmp_path):
     total = 40
     c = small_config(data_dir, steps=total, every=1000)

@@ -168,7 +168,7 @@ def _final_params(workdir):
     return state["params"], step
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_kill9_resume_is_bitwise_identical(data_dir, tmp_path):
     c = small_config(data_dir, steps=24, every=4)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
@@ -310,7 +310,7 @@ def test_gradient_accumulation_matches_the_full_batch(data_dir, axis_type):
         train.check_grad_accum(c, 8)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_four_processes_match_one_process(data_dir, tmp_path):
     """4 processes x 2 CPU devices (gloo) reproduce the 1-process 8-device losses."""
     c = small_config(data_dir, steps=6, every=100)
@@ -328,6 +328,7 @@ def test_four_processes_match_one_process(data_dir, tmp_path):
     np.testing.assert_allclose(lb, la, rtol=1e-4)
 
 
+@pytest.mark.slow(seconds=55)
 @pytest.mark.parametrize("variant", ["b16", "l14_336"])
 def test_runlocal_variants_train_on_cpu(data_dir, tmp_path, variant):
     """The paper configs' own model width, heads, patch, region layers, loss and two-stage schedule,
