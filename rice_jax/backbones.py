@@ -84,9 +84,7 @@ def load(spec: str, *, regions: bool = False, seed: int = 0, **runtime):
     if s.scheme == "preset":
         return ViT(get_preset(s.where, **runtime), rngs=nnx.Rngs(seed))
     if s.scheme == "ckpt":
-        if s.regions:
-            return load_checkpoint_rice(s.where, **runtime)
-        if regions and checkpoint.read_meta(s.where).get("region_layers", 0):
+        if s.regions or (regions and checkpoint.read_meta(s.where).get("region_layers", 0)):
             return load_checkpoint_rice(s.where, **runtime)
         return load_checkpoint_backbone(s.where, **runtime)
     return hf.load_hf(s.where, from_hub=s.scheme == "hub", **runtime)

@@ -18,8 +18,9 @@ worker copies paths, not labels.
 Labels are keyed by a record's position in its shard, so they are only valid for the records they
 were made from. Opening reads the one index file (not 40k shard marks: one open per process at
 any shard count) and checks every shard's fingerprint in it against the manifest (names, record
-counts, the clustering run); reading checks each record's region count against the label offsets. A mismatch (records re-mined or re-imported after clustering) stops with one line
-naming the shard and the command to rerun.
+counts, the clustering run); reading checks each record's region count against the label
+offsets. A mismatch (records re-mined or re-imported after clustering) stops with one line naming
+the shard and the command to rerun.
 """
 from __future__ import annotations
 

@@ -539,8 +539,8 @@ class RecordSource:
     raises :class:`DamagedShardError` naming it, or, with ``skip_damaged=True``, is left out and
     listed in :attr:`skipped`. A shard whose size is right but whose record count is not (rare:
     rewritten in place with other records) is caught when it is first read, with the same one-line
-    error; ``check="open"`` opens every shard up front instead, so such a shard can be skipped too. Index ``i`` runs over the kept records; :meth:`dataset_index` maps it
-    to the record's index in the whole dataset (what sidecars such as cluster labels are keyed by)
+    error; ``check="open"`` opens every shard up front instead, so such a shard can be skipped too.
+    Index ``i`` runs over the kept records; :meth:`dataset_index` maps it to the record's index in the whole dataset (what sidecars such as cluster labels are keyed by)
     and errors name ``file:local_index``.
     """
 

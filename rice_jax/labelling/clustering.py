@@ -40,12 +40,12 @@ import numpy as np
 from PIL import Image
 
 from rice_jax import backbones, cli, distributed, errors, storage
-from rice_jax.labelling import feature_store
 from rice_jax.data import labels as labels_store
 from rice_jax.data import pipeline, records
+from rice_jax.labelling import feature_store
 from rice_jax.labelling.features import RegionFeatures, TransformersRegionFeatures
+from rice_jax.labelling.kmeans import PRECISIONS, HierarchicalKMeans, MeshKMeans, resolve_precision
 from rice_jax.losses import l2_normalize
-from rice_jax.labelling.kmeans import PRECISIONS, resolve_precision, HierarchicalKMeans, MeshKMeans
 
 CENTERS_FILE = "centers.npy"
 TOPK_DIR = "cluster_topk"   # <shard>.npz per record shard: (record in shard, region) ids, [n, T] clusters, scores

@@ -558,7 +558,8 @@ class HierarchicalKMeans:
                  batch_size: int = 16384, seed: int = 0, log: Callable[[str], None] = print,
                  checkpoint_dir: Optional[str] = None, precision: str = "auto"):
         self.k, self.dim, self.metric, self.mesh, self.seed, self.log = k, dim, metric, mesh, seed, log
-        self.checkpoint_dir, self.precision = checkpoint_dir, precision
+        # Resolved here: the fine levels' state is named by it, so "auto" must not mean two things.
+        self.checkpoint_dir, self.precision = checkpoint_dir, resolve_precision(precision)
         self.k1 = int(k1 or max(1, round(math.sqrt(k))))
         if not 1 <= self.k1 <= k:
             raise errors.InputError(f"k1 {self.k1} must be in [1, K={k}]")
